@@ -1,0 +1,102 @@
+"""HCL (ReviewKD's hierarchical context loss, SPEC section 1) at the shapes of real configurations.
+
+Per sample C×H×W, shallow → deep, the last level being the pooled 1×1 feature
+(SPEC "Shapes that real configurations use"). Student features require grad,
+teacher features do not. Minimum traffic: the forward reads fs and ft; the
+backward reads both again and writes the gradient of fs.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from harness import Case, shape_label
+
+Level = Tuple[int, int, int]  # C, H, W
+
+PAIRS = {
+    "resnet56→resnet20": [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64, 1, 1)],
+    "resnet32x4→resnet8x4": [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256, 1, 1)],
+    "wrn_40_2→wrn_16_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8), (128, 1, 1)],
+    "ResNet34→ResNet18": [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (512, 1, 1)],
+    "ResNet50→MobileNetV1": [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7), (2048, 1, 1)],
+}
+# Tiny, for --quick: includes H = 7 (overlapping adaptive-pool bins) and a 1×1 level.
+TINY = [(8, 8, 8), (16, 7, 7), (16, 1, 1)]
+
+# (pair, batch, dtype) per device. CPU batches keep the default run near a minute on
+# 2 cores; batch 64 at resnet32x4→resnet8x4 is where the CPU targets are stated.
+CPU_PLAN = [
+    ("resnet56→resnet20", 64, torch.float32),
+    ("resnet32x4→resnet8x4", 64, torch.float32),
+    ("wrn_40_2→wrn_16_2", 64, torch.float32),
+    ("ResNet34→ResNet18", 16, torch.float32),
+]
+CUDA_PLAN = [
+    ("resnet56→resnet20", 64, torch.float32),
+    ("resnet56→resnet20", 128, torch.float32),
+    ("resnet32x4→resnet8x4", 64, torch.float32),
+    ("resnet32x4→resnet8x4", 128, torch.float32),
+    ("wrn_40_2→wrn_16_2", 64, torch.float32),
+    ("wrn_40_2→wrn_16_2", 128, torch.float32),
+    ("ResNet34→ResNet18", 64, torch.float32),
+    ("ResNet50→MobileNetV1", 64, torch.float32),
+    ("resnet32x4→resnet8x4", 128, torch.bfloat16),
+    ("ResNet50→MobileNetV1", 64, torch.bfloat16),
+]
+DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _kdkernels() -> Tuple[Optional[object], Optional[str], str]:
+    """(kdkernels.hcl_loss or None, its name in kdkernels.backends, why missing)."""
+    try:
+        import kdkernels
+
+        fn = kdkernels.hcl_loss
+    except Exception as exc:
+        return None, None, f"kdkernels.hcl_loss is not importable: {type(exc).__name__}: {exc}"
+    try:
+        from kdkernels.ops import hcl as ops_hcl
+
+        op_name = getattr(ops_hcl, "OP", "hcl_loss")
+    except Exception:
+        op_name = "hcl_loss"
+    return fn, op_name, ""
+
+
+def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, device: str,
+          reference, kd, backend_op, why: str) -> Case:
+    shapes = [(batch, c, h, w) for c, h, w in levels]
+    numel = sum(n * c * h * w for n, c, h, w in shapes)
+    esize = torch.empty((), dtype=dtype).element_size()
+
+    def make_inputs():
+        fs = [torch.randn(s, device=device, dtype=dtype).requires_grad_() for s in shapes]
+        ft = [torch.randn(s, device=device, dtype=dtype) for s in shapes]
+        return fs, ft
+
+    inner = ", ".join(shape_label(l) for l in levels)
+    return Case(
+        name=f"{label} b{batch}",
+        shape=f"{batch}×[{inner}]",
+        make_inputs=make_inputs,
+        reference=reference,
+        kdkernels=(lambda fs, ft, backend=None: kd(fs, ft, backend=backend)) if kd is not None else None,
+        backend_op=backend_op,
+        bytes_fwd=2 * numel * esize,  # read fs, ft
+        bytes_bwd=3 * numel * esize,  # read fs, ft; write d loss / d fs
+        dtype=DTYPE_LABEL[dtype],
+        note=why,
+    )
+
+
+def cases(device: str, quick: bool) -> List[Case]:
+    from kdkernels.reference.hcl import hcl_loss as reference
+
+    kd, backend_op, why = _kdkernels()
+    if quick:
+        plan = [("tiny", TINY, 2, torch.float32)]
+    else:
+        plan = [(p, PAIRS[p], b, dt) for p, b, dt in (CUDA_PLAN if device == "cuda" else CPU_PLAN)]
+    return [_case(label, levels, b, dt, device, reference, kd, backend_op, why) for label, levels, b, dt in plan]

@@ -1,0 +1,459 @@
+// HCL on CPU (SPEC section 1; formulas in common/hcl.h).
+//
+// Every bin edge of every pool splits each axis of a plane into "segments"; a
+// bin is then a rectangle of segment cells (bins overlap, so one pool's sums
+// cannot be built from another's, but cell sums serve them all). Per plane:
+// cell sums of d and sum d^2, then the bins' sums from the cells, then
+//   forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
+//   backward  one gradient term per cell (the bins covering it), then
+//             grad = g (2 coef_mse d + term) over the plane again (from cache).
+// Two ways to get there, chosen by shape only:
+//   * PlaneKernel (rows of 32 or more): one plane at a time; each row adds d
+//     into a per-column array (and d^2 into another: elementwise, so it
+//     vectorises without reassociation), folded into cells at the end of each
+//     row segment.
+//   * BatchKernel (short rows): 8 planes at a time, one per vector lane, so the
+//     per-plane bookkeeping runs 8-wide instead of in short scalar chains.
+// Threads own whole planes (a fixed split); a plane's result never depends on
+// the thread count or on which batch or lane it fell in.
+#include <algorithm>
+#include <vector>
+
+#include "../common/adaptive_pool.h"
+#include "../common/dtype.h"
+#include "../common/hcl.h"
+#include "../common/parallel.h"
+
+namespace kdk {
+namespace {
+
+// Below this many elements per thread, starting a thread costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 32768;
+
+// Sorted distinct bin edges along one axis; segment s is [edges[s], edges[s+1]).
+struct Axis {
+  std::vector<int64_t> edges;
+  int64_t segments() const { return int64_t(edges.size()) - 1; }
+  int64_t edge_index(int64_t x) const {
+    return int64_t(std::lower_bound(edges.begin(), edges.end(), x) - edges.begin());
+  }
+};
+
+Axis make_axis(int64_t length, const HclCoefs& coefs) {
+  Axis axis;
+  axis.edges = {0, length};
+  for (int j = 0; j < coefs.npools; ++j) {
+    const int64_t l = hcl_pool_size(coefs.npools, j);
+    for (int64_t i = 0; i < l; ++i) {
+      axis.edges.push_back(pool_bin_start(i, length, l));
+      axis.edges.push_back(pool_bin_end(i, length, l));
+    }
+  }
+  std::sort(axis.edges.begin(), axis.edges.end());
+  axis.edges.erase(std::unique(axis.edges.begin(), axis.edges.end()), axis.edges.end());
+  return axis;
+}
+
+// Everything about one plane shape that does not depend on the data. Cell
+// (rs, cs) is index rs * nc + cs; each bin is a list of cells.
+struct Plan {
+  int64_t H = 0, W = 0;
+  Axis rows, cols;
+  std::vector<int32_t> bin_begin;   // bin b covers cells bin_cells[bin_begin[b] .. bin_begin[b + 1])
+  std::vector<int32_t> bin_cells;
+  std::vector<double> bin_loss;     // coef_j / area^2: the bin adds bin_loss * S^2 to the plane's loss
+  std::vector<double> bin_grad;     // 2 coef_j / area^2: the bin adds bin_grad * S to each pixel it covers
+  std::vector<int32_t> cell_begin;  // cell c lies in bins cell_bins[cell_begin[c] .. cell_begin[c + 1])
+  std::vector<int32_t> cell_bins;
+  int64_t bins() const { return int64_t(bin_begin.size()) - 1; }
+  int64_t cells() const { return rows.segments() * cols.segments(); }
+};
+
+Plan make_plan(int64_t H, int64_t W, const HclCoefs& coefs) {
+  Plan plan;
+  plan.H = H;
+  plan.W = W;
+  plan.rows = make_axis(H, coefs);
+  plan.cols = make_axis(W, coefs);
+  const int64_t nc = plan.cols.segments();
+  std::vector<std::vector<int32_t>> of_cell(plan.cells());
+  plan.bin_begin.push_back(0);
+  for (int j = 0; j < coefs.npools; ++j) {  // bins pool by pool, then row-major (i, k)
+    const int64_t l = hcl_pool_size(coefs.npools, j);
+    for (int64_t i = 0; i < l; ++i) {
+      const int64_t rs = pool_bin_start(i, H, l), re = pool_bin_end(i, H, l);
+      for (int64_t k = 0; k < l; ++k) {
+        const int64_t cs = pool_bin_start(k, W, l), ce = pool_bin_end(k, W, l);
+        const int32_t b = int32_t(plan.bin_begin.size() - 1);
+        for (int64_t r = plan.rows.edge_index(rs); r < plan.rows.edge_index(re); ++r)
+          for (int64_t c = plan.cols.edge_index(cs); c < plan.cols.edge_index(ce); ++c) {
+            plan.bin_cells.push_back(int32_t(r * nc + c));
+            of_cell[r * nc + c].push_back(b);
+          }
+        plan.bin_begin.push_back(int32_t(plan.bin_cells.size()));
+        const double area = double((re - rs) * (ce - cs));
+        plan.bin_loss.push_back(coefs.pool[j] / (area * area));
+        plan.bin_grad.push_back(2.0 * coefs.pool[j] / (area * area));
+      }
+    }
+  }
+  plan.cell_begin.push_back(0);
+  for (const auto& bins : of_cell) {
+    plan.cell_bins.insert(plan.cell_bins.end(), bins.begin(), bins.end());
+    plan.cell_begin.push_back(int32_t(plan.cell_bins.size()));
+  }
+  return plan;
+}
+
+// colsum[c] (=, or += when ADD) d[r, c] over one row; colsq[c] likewise with d^2 when SQ.
+template <typename T, bool ADD, bool SQ, bool SQ_ADD>
+inline void row_sums(const T* __restrict a, const T* __restrict b, int64_t W, acc_t<T>* __restrict colsum,
+                     acc_t<T>* __restrict colsq) {
+  using A = acc_t<T>;
+  for (int64_t c = 0; c < W; ++c) {
+    const A d = Scalar<T>::load(a[c]) - Scalar<T>::load(b[c]);
+    colsum[c] = ADD ? colsum[c] + d : d;
+    if (SQ) colsq[c] = SQ_ADD ? colsq[c] + d * d : d * d;
+  }
+}
+
+// sum (a - b)^2 over n elements in 8 interleaved lanes (a fixed order).
+template <typename T>
+acc_t<T> sum_squares(const T* __restrict a, const T* __restrict b, int64_t n) {
+  using A = acc_t<T>;
+  A lane[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const A d = Scalar<T>::load(a[i + k]) - Scalar<T>::load(b[i + k]);
+      lane[k] += d * d;
+    }
+  for (int k = 0; i < n; ++i, ++k) {
+    const A d = Scalar<T>::load(a[i]) - Scalar<T>::load(b[i]);
+    lane[k] += d * d;
+  }
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+// Rows of 32 or more: one plane at a time (per-thread scratch).
+template <typename T>
+class PlaneKernel {
+ public:
+  using A = acc_t<T>;
+
+  PlaneKernel(const Plan& plan, const HclCoefs& coefs)
+      : plan_(plan),
+        W_(plan.W),
+        nr_(plan.rows.segments()),
+        nc_(plan.cols.segments()),
+        mse_(A(coefs.mse)),
+        colsum_(plan.W),
+        colsq_(plan.W),
+        cells_(plan.cells()),
+        terms_(plan.bins()),
+        bin_loss_(plan.bin_loss.begin(), plan.bin_loss.end()),
+        bin_grad_(plan.bin_grad.begin(), plan.bin_grad.end()) {}
+
+  A forward(const T* fs, const T* ft) {
+    const A sq = cell_sums<true>(fs, ft);
+    const A* cells = cells_.data();
+    const int32_t* list = plan_.bin_cells.data();
+    A pooled = A(0);
+    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
+      A s = A(0);
+      for (int32_t t = plan_.bin_begin[b]; t < plan_.bin_begin[b + 1]; ++t) s += cells[list[t]];
+      pooled += bin_loss_[b] * (s * s);
+    }
+    return mse_ * sq + pooled;
+  }
+
+  void backward(const T* fs, const T* ft, A g, T* __restrict grad) {
+    cell_sums<false>(fs, ft);
+    // bin b adds g * bin_grad * S_b to every pixel it covers: gather that per cell.
+    A* cells = cells_.data();
+    A* terms = terms_.data();
+    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
+      A s = A(0);
+      for (int32_t t = plan_.bin_begin[b]; t < plan_.bin_begin[b + 1]; ++t) s += cells[plan_.bin_cells[t]];
+      terms[b] = bin_grad_[b] * s;
+    }
+    for (int64_t cell = 0, n = nr_ * nc_; cell < n; ++cell) {
+      A s = A(0);
+      for (int32_t t = plan_.cell_begin[cell]; t < plan_.cell_begin[cell + 1]; ++t) s += terms[plan_.cell_bins[t]];
+      cells[cell] = g * s;
+    }
+    const A a = g * (mse_ + mse_);
+    A* __restrict add = colsum_.data();
+    for (int64_t rs = 0; rs < nr_; ++rs) {
+      for (int64_t cs = 0; cs < nc_; ++cs)
+        for (int64_t c = plan_.cols.edges[cs]; c < plan_.cols.edges[cs + 1]; ++c) add[c] = cells[rs * nc_ + cs];
+      for (int64_t r = plan_.rows.edges[rs]; r < plan_.rows.edges[rs + 1]; ++r) {
+        const T* __restrict x = fs + r * W_;
+        const T* __restrict y = ft + r * W_;
+        T* __restrict out = grad + r * W_;
+        for (int64_t c = 0; c < W_; ++c) {
+          const A d = Scalar<T>::load(x[c]) - Scalar<T>::load(y[c]);
+          out[c] = Scalar<T>::store(a * d + add[c]);
+        }
+      }
+    }
+  }
+
+ private:
+  // cells_[rs * nc + cs] = sum of d over the cell; returns sum d^2 when WITH_SQ.
+  template <bool WITH_SQ>
+  A cell_sums(const T* fs, const T* ft) {
+    A* colsum = colsum_.data();
+    A* colsq = colsq_.data();
+    for (int64_t rs = 0; rs < nr_; ++rs) {
+      const int64_t r0 = plan_.rows.edges[rs], r1 = plan_.rows.edges[rs + 1];
+      if (rs == 0)
+        row_sums<T, false, WITH_SQ, false>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
+      else
+        row_sums<T, false, WITH_SQ, true>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
+      for (int64_t r = r0 + 1; r < r1; ++r)
+        row_sums<T, true, WITH_SQ, true>(fs + r * W_, ft + r * W_, W_, colsum, colsq);
+      for (int64_t cs = 0; cs < nc_; ++cs) {
+        A s = A(0);
+        for (int64_t c = plan_.cols.edges[cs]; c < plan_.cols.edges[cs + 1]; ++c) s += colsum[c];
+        cells_[rs * nc_ + cs] = s;
+      }
+    }
+    A sq = A(0);
+    if (WITH_SQ)
+      for (int64_t c = 0; c < W_; ++c) sq += colsq[c];
+    return sq;
+  }
+
+  const Plan& plan_;
+  const int64_t W_, nr_, nc_;
+  const A mse_;
+  std::vector<A> colsum_, colsq_, cells_, terms_, bin_loss_, bin_grad_;
+};
+
+// P-wide lane operations of BatchKernel. Every load comes before every store,
+// so that the compiler can use vector instructions without proving no-alias.
+template <typename A, int64_t P>
+inline void lanes_add(A* s, const A* x) {
+  A sv[P], xv[P];
+  for (int64_t l = 0; l < P; ++l) sv[l] = s[l], xv[l] = x[l];
+  for (int64_t l = 0; l < P; ++l) s[l] = sv[l] + xv[l];
+}
+
+template <typename A, int64_t P>
+inline void lanes_add_sq(A* s, const A* x) {
+  A sv[P], xv[P];
+  for (int64_t l = 0; l < P; ++l) sv[l] = s[l], xv[l] = x[l];
+  for (int64_t l = 0; l < P; ++l) s[l] = sv[l] + xv[l] * xv[l];
+}
+
+template <typename A, int64_t P>
+inline void lanes_axpy(A* x, A a, const A* t) {  // x = a x + t
+  A xv[P], tv[P];
+  for (int64_t l = 0; l < P; ++l) xv[l] = x[l], tv[l] = t[l];
+  for (int64_t l = 0; l < P; ++l) x[l] = a * xv[l] + tv[l];
+}
+
+// Short rows: P planes at a time, transposed into d_[e * P + lane], so that
+// everything done once per plane (cell and bin sums, the loss, the gradient
+// terms) runs as P-wide elementwise loops instead of short scalar chains.
+// Lanes never mix: a plane's result does not depend on its lane.
+template <typename T>
+class BatchKernel {
+ public:
+  using A = acc_t<T>;
+  static constexpr int64_t P = 8;
+
+  BatchKernel(const Plan& plan, const HclCoefs& coefs)
+      : plan_(plan),
+        HW_(plan.H * plan.W),
+        mse_(A(coefs.mse)),
+        d_(HW_ * P),
+        cells_(plan.cells() * P),
+        terms_(plan.bins() * P),
+        cell_of_(HW_),
+        bin_loss_(plan.bin_loss.begin(), plan.bin_loss.end()),
+        bin_grad_(plan.bin_grad.begin(), plan.bin_grad.end()) {
+    const int64_t nc = plan.cols.segments();
+    for (int64_t rs = 0; rs < plan.rows.segments(); ++rs)
+      for (int64_t r = plan.rows.edges[rs]; r < plan.rows.edges[rs + 1]; ++r)
+        for (int64_t cs = 0; cs < nc; ++cs)
+          for (int64_t c = plan.cols.edges[cs]; c < plan.cols.edges[cs + 1]; ++c)
+            cell_of_[r * plan.W + c] = int32_t(rs * nc + cs);
+  }
+
+  // partial[l] for the n <= P planes starting at fs, ft.
+  void forward(const T* fs, const T* ft, int64_t n, A* partial) {
+    load(fs, ft, n);
+    A sq[P] = {};
+    for (int64_t e = 0; e < HW_; ++e) lanes_add_sq<A, P>(sq, &d_[e * P]);
+    cell_sums();
+    A pooled[P] = {};
+    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
+      A s[P];
+      bin_sum(b, s);
+      for (int64_t l = 0; l < P; ++l) pooled[l] += bin_loss_[b] * (s[l] * s[l]);
+    }
+    for (int64_t l = 0; l < n; ++l) partial[l] = mse_ * sq[l] + pooled[l];
+  }
+
+  // grad of the n <= P planes starting at fs, ft.
+  void backward(const T* fs, const T* ft, int64_t n, A g, T* grad) {
+    load(fs, ft, n);
+    cell_sums();
+    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
+      A s[P];
+      bin_sum(b, s);
+      for (int64_t l = 0; l < P; ++l) terms_[b * P + l] = bin_grad_[b] * s[l];
+    }
+    for (int64_t cell = 0, nc = plan_.cells(); cell < nc; ++cell) {
+      A s[P] = {};
+      for (int32_t t = plan_.cell_begin[cell]; t < plan_.cell_begin[cell + 1]; ++t)
+        lanes_add<A, P>(s, &terms_[int64_t(plan_.cell_bins[t]) * P]);
+      for (int64_t l = 0; l < P; ++l) cells_[cell * P + l] = g * s[l];
+    }
+    // grad = a d + the cell's term, computed P-wide in place of d, then written plane by plane.
+    const A a = g * (mse_ + mse_);
+    for (int64_t e = 0; e < HW_; ++e) lanes_axpy<A, P>(&d_[e * P], a, &cells_[int64_t(cell_of_[e]) * P]);
+    const A* __restrict x = d_.data();
+    for (int64_t l = 0; l < n; ++l) {
+      T* __restrict out = grad + l * HW_;
+#pragma GCC unroll 4
+      for (int64_t e = 0; e < HW_; ++e) out[e] = Scalar<T>::store(x[e * P + l]);
+    }
+  }
+
+ private:
+  void load(const T* fs, const T* ft, int64_t n) {
+    A* __restrict d = d_.data();
+    for (int64_t l = 0; l < P; ++l) {
+      if (l < n) {
+        const T* __restrict a = fs + l * HW_;
+        const T* __restrict b = ft + l * HW_;
+#pragma GCC unroll 4
+        for (int64_t e = 0; e < HW_; ++e) d[e * P + l] = Scalar<T>::load(a[e]) - Scalar<T>::load(b[e]);
+      } else {
+        for (int64_t e = 0; e < HW_; ++e) d[e * P + l] = A(0);
+      }
+    }
+  }
+
+  void cell_sums() {
+    const int64_t nc = plan_.cols.segments(), W = plan_.W;
+    for (int64_t rs = 0; rs < plan_.rows.segments(); ++rs)
+      for (int64_t cs = 0; cs < nc; ++cs) {
+        A s[P] = {};
+        for (int64_t r = plan_.rows.edges[rs]; r < plan_.rows.edges[rs + 1]; ++r)
+          for (int64_t c = plan_.cols.edges[cs]; c < plan_.cols.edges[cs + 1]; ++c)
+            lanes_add<A, P>(s, &d_[(r * W + c) * P]);
+        for (int64_t l = 0; l < P; ++l) cells_[(rs * nc + cs) * P + l] = s[l];
+      }
+  }
+
+  void bin_sum(int64_t b, A* s) const {
+    for (int64_t l = 0; l < P; ++l) s[l] = A(0);
+    for (int32_t t = plan_.bin_begin[b]; t < plan_.bin_begin[b + 1]; ++t)
+      lanes_add<A, P>(s, &cells_[int64_t(plan_.bin_cells[t]) * P]);
+  }
+
+  const Plan& plan_;
+  const int64_t HW_;
+  const A mse_;
+  std::vector<A> d_, cells_, terms_;
+  std::vector<int32_t> cell_of_;
+  std::vector<A> bin_loss_, bin_grad_;
+};
+
+// BatchKernel for short rows (PlaneKernel's per-row work does not pay off there),
+// as long as its P-plane scratch stays small.
+bool use_batches(int64_t H, int64_t W) { return W < 32 && H * W <= 16384; }
+
+void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
+  for (uintptr_t p : ptrs)
+    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
+}
+
+}  // namespace
+
+void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partial_ptr, int64_t planes, int64_t H,
+                 int64_t W, const HclCoefs& coefs, int64_t num_threads) {
+  hcl_check_sizes("hcl_fwd_cpu", planes, H, W);
+  dispatch_dtype(dtype, "hcl_fwd_cpu", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (planes == 0) return;
+    check_pointers("hcl_fwd_cpu", {partial_ptr});
+    A* partial = reinterpret_cast<A*>(partial_ptr);
+    const int64_t HW = H * W;
+    if (HW == 0) {
+      std::fill(partial, partial + planes, A(0));
+      return;
+    }
+    check_pointers("hcl_fwd_cpu", {fs_ptr, ft_ptr});
+    const T* fs = reinterpret_cast<const T*>(fs_ptr);
+    const T* ft = reinterpret_cast<const T*>(ft_ptr);
+    const Plan plan = make_plan(H, W, coefs);
+    const int64_t threads = choose_threads(num_threads, planes, planes * HW, kMinElementsPerThread);
+    parallel_for(planes, threads, [&](int64_t p0, int64_t p1) {
+      if (coefs.npools == 0) {  // plain MSE: no bins to track
+        const A mse = A(coefs.mse);
+        if (HW == 1) {  // the pooled 1 x 1 level: one element per plane
+          for (int64_t p = p0; p < p1; ++p) {
+            const A d = Scalar<T>::load(fs[p]) - Scalar<T>::load(ft[p]);
+            partial[p] = mse * (d * d);
+          }
+          return;
+        }
+        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * sum_squares(fs + p * HW, ft + p * HW, HW);
+        return;
+      }
+      if (use_batches(H, W)) {
+        BatchKernel<T> kernel(plan, coefs);
+        for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
+          kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), partial + p);
+        return;
+      }
+      PlaneKernel<T> kernel(plan, coefs);
+      for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+    });
+  });
+}
+
+void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_ptr, uintptr_t grad_ptr,
+                 int64_t planes, int64_t H, int64_t W, const HclCoefs& coefs, int64_t num_threads) {
+  hcl_check_sizes("hcl_bwd_cpu", planes, H, W);
+  dispatch_dtype(dtype, "hcl_bwd_cpu", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    const int64_t HW = H * W;
+    if (planes == 0 || HW == 0) return;
+    check_pointers("hcl_bwd_cpu", {fs_ptr, ft_ptr, gout_ptr, grad_ptr});
+    const T* fs = reinterpret_cast<const T*>(fs_ptr);
+    const T* ft = reinterpret_cast<const T*>(ft_ptr);
+    T* grad = reinterpret_cast<T*>(grad_ptr);
+    const A g = *reinterpret_cast<const A*>(gout_ptr);
+    const Plan plan = make_plan(H, W, coefs);
+    const int64_t threads = choose_threads(num_threads, planes, planes * HW, kMinElementsPerThread);
+    parallel_for(planes, threads, [&](int64_t p0, int64_t p1) {
+      if (coefs.npools == 0) {  // plain MSE: elementwise over the whole chunk
+        const A a = g * A(2.0 * coefs.mse);
+        const T* __restrict x = fs + p0 * HW;
+        const T* __restrict y = ft + p0 * HW;
+        T* __restrict out = grad + p0 * HW;
+        const int64_t n = (p1 - p0) * HW;
+        for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
+        return;
+      }
+      if (use_batches(H, W)) {
+        BatchKernel<T> kernel(plan, coefs);
+        for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
+          kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), g, grad + p * HW);
+        return;
+      }
+      PlaneKernel<T> kernel(plan, coefs);
+      for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+    });
+  });
+}
+
+}  // namespace kdk

@@ -1,0 +1,384 @@
+// HCL on CUDA (SPEC section 1; formulas in common/hcl.h).
+//
+// A group of G = TX * TY threads (a power of two, 1..256) owns one (n, c) plane;
+// a 256-thread block holds 256 / G groups, so tiny planes share a block. Thread
+// (tx, ty) of a group handles the columns c = tx, tx + TX, ... and, for each, the
+// rows r = ty, ty + TY, ... (TX >= W unless W > 256, so usually one column):
+//
+//   * per element it adds d to the row-bin sums of its column (the bins of each
+//     pool whose row range covers r: a register per row bin, 4 + 2 + 1 at most)
+//     and d^2 to a register;
+//   * per column it folds those row-bin sums into the (i, k) bin sums of the
+//     column bins k that cover c (21 registers at most).
+//
+// Bins overlap and several may cover one index, so membership is a compare on
+// each bin edge, never an index computation. The group then reduces its
+// registers with an xor-butterfly of shuffles (every lane ends with the same,
+// fixed-order sum: fp addition is commutative) and, for G > 32, the warps'
+// results in shared memory summed in warp order. No atomics: deterministic.
+//
+// The backward recomputes the bin sums the same way, turns them into the
+// gradient terms f = g * 2 coef S / area^2, folds those per column into one
+// term per row bin, and writes grad in a second read of the plane (from L2).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "../common/adaptive_pool.h"
+#include "../common/dtype.h"
+#include "../common/hcl.h"
+
+namespace kdk {
+namespace hcl_detail {
+
+// Register layout for NP kept pools (a suffix of 4, 2, 1).
+template <int NP>
+struct Layout {
+  static constexpr bool has4 = NP >= 3, has2 = NP >= 2, has1 = NP >= 1;
+  // row-bin sums of one column: pool 4 at R4..R4+3, pool 2 at R2..R2+1, pool 1 at R1
+  static constexpr int R4 = 0, R2 = has4 ? 4 : 0, R1 = R2 + (has2 ? 2 : 0);
+  static constexpr int rows = R1 + (has1 ? 1 : 0);
+  // bin sums, row-major (i, k) per pool: pool 4 at B4.., pool 2 at B2.., pool 1 at B1
+  static constexpr int B4 = 0, B2 = has4 ? 16 : 0, B1 = B2 + (has2 ? 4 : 0);
+  static constexpr int bins = B1 + (has1 ? 1 : 0);
+  // index of each pool's coefficient in HclCoefs::pool
+  static constexpr int J4 = 0, J2 = has4 ? 1 : 0, J1 = J2 + (has2 ? 1 : 0);
+};
+
+}  // namespace hcl_detail
+
+namespace {
+
+using hcl_detail::Layout;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int64_t kMaxBlocks = int64_t(65535) * 16;  // beyond this the blocks stride over the planes
+
+struct Shape {
+  int64_t planes;
+  int H, W;
+  int tx_bits, ty_bits;  // TX = 1 << tx_bits threads along W, TY = 1 << ty_bits along H
+};
+
+// Bit i set <=> bin i of pool L covers index x of an axis of `length`.
+template <int L>
+__device__ __forceinline__ unsigned bins_covering(int x, int length) {
+  unsigned mask = 0;
+#pragma unroll
+  for (int i = 0; i < L; ++i) mask |= unsigned(pool_bin_covers<int>(i, x, length, L)) << i;
+  return mask;
+}
+
+template <int L, typename A>
+__device__ __forceinline__ void add_masked(A* acc, unsigned mask, A v) {
+#pragma unroll
+  for (int i = 0; i < L; ++i) acc[i] += ((mask >> i) & 1u) ? v : A(0);
+}
+
+// This thread's share of one plane: v[0] += sum d^2 (WITH_SQ), v[OFF + b] += bin sums.
+template <typename T, int NP, bool WITH_SQ, int N>
+__device__ __forceinline__ void thread_sums(const T* __restrict__ fs, const T* __restrict__ ft, int H, int W,
+                                            int tx, int ty, int TX, int TY, acc_t<T> (&v)[N]) {
+  using A = acc_t<T>;
+  using Lay = Layout<NP>;
+  constexpr int OFF = WITH_SQ ? 1 : 0;
+  for (int c = tx; c < W; c += TX) {
+    A rows[Lay::rows > 0 ? Lay::rows : 1];
+#pragma unroll
+    for (int i = 0; i < (Lay::rows > 0 ? Lay::rows : 1); ++i) rows[i] = A(0);
+#pragma unroll 4
+    for (int r = ty; r < H; r += TY) {
+      const int off = r * W + c;
+      const A d = Scalar<T>::load(fs[off]) - Scalar<T>::load(ft[off]);
+      if (WITH_SQ) v[0] += d * d;
+      if constexpr (Lay::has4) add_masked<4>(rows + Lay::R4, bins_covering<4>(r, H), d);
+      if constexpr (Lay::has2) add_masked<2>(rows + Lay::R2, bins_covering<2>(r, H), d);
+      if constexpr (Lay::has1) rows[Lay::R1] += d;
+    }
+    if constexpr (Lay::has4) {
+      const unsigned cols = bins_covering<4>(c, W);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) add_masked<4>(v + OFF + Lay::B4 + 4 * i, cols, rows[Lay::R4 + i]);
+    }
+    if constexpr (Lay::has2) {
+      const unsigned cols = bins_covering<2>(c, W);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) add_masked<2>(v + OFF + Lay::B2 + 2 * i, cols, rows[Lay::R2 + i]);
+    }
+    if constexpr (Lay::has1) v[OFF + Lay::B1] += rows[Lay::R1];
+  }
+}
+
+// Sum of v over the group of `group_size` consecutive threads (a power of two);
+// every thread of the group gets the same, bitwise identical result. All threads
+// of the block must call it (it may __syncthreads); smem holds kWarps * N values.
+template <typename A, int N>
+__device__ __forceinline__ void group_allreduce(A (&v)[N], int group_size, A* smem) {
+  const int width = group_size < 32 ? group_size : 32;
+  for (int offset = 1; offset < width; offset <<= 1) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] += __shfl_xor_sync(0xffffffffu, v[n], offset);
+  }
+  if (group_size > 32) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+#pragma unroll
+      for (int n = 0; n < N; ++n) smem[warp * N + n] = v[n];
+    }
+    __syncthreads();
+    const int warps = group_size >> 5, first = warp - warp % warps;
+#pragma unroll
+    for (int n = 0; n < N; ++n) {
+      A s = smem[first * N + n];
+      for (int w = 1; w < warps; ++w) s += smem[(first + w) * N + n];
+      v[n] = s;
+    }
+    __syncthreads();  // smem is reused by the next tile
+  }
+}
+
+__device__ __forceinline__ int bin_len(int i, int length, int l) {
+  return pool_bin_end<int>(i, length, l) - pool_bin_start<int>(i, length, l);
+}
+
+// sum over the L x L bins of (S / area)^2.
+template <int L, typename A>
+__device__ __forceinline__ A pooled_sq(const A* S, int H, int W) {
+  A acc = A(0);
+#pragma unroll
+  for (int i = 0; i < L; ++i)
+#pragma unroll
+    for (int k = 0; k < L; ++k) {
+      const A mean = S[i * L + k] / A(bin_len(i, H, L) * bin_len(k, W, L));
+      acc += mean * mean;
+    }
+  return acc;
+}
+
+// S <- scale * S / area^2 over the L x L bins.
+template <int L, typename A>
+__device__ __forceinline__ void to_grad_terms(A* S, A scale, int H, int W) {
+#pragma unroll
+  for (int i = 0; i < L; ++i)
+#pragma unroll
+    for (int k = 0; k < L; ++k) {
+      const A area = A(bin_len(i, H, L) * bin_len(k, W, L));
+      S[i * L + k] = scale * S[i * L + k] / (area * area);
+    }
+}
+
+// Row-bin terms of column c: q[i] = sum over column bins k covering c of f(i, k).
+template <int L, typename A>
+__device__ __forceinline__ void fold_columns(A* q, const A* f, int c, int W) {
+  const unsigned cols = bins_covering<L>(c, W);
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    A t = A(0);
+#pragma unroll
+    for (int k = 0; k < L; ++k) t += ((cols >> k) & 1u) ? f[i * L + k] : A(0);
+    q[i] = t;
+  }
+}
+
+template <typename T, int NP>
+__global__ void __launch_bounds__(kThreads)
+    hcl_fwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, acc_t<T>* __restrict__ partial, Shape s,
+                   HclCoefs coefs) {
+  using A = acc_t<T>;
+  using Lay = Layout<NP>;
+  constexpr int N = 1 + Lay::bins;  // v[0] = sum d^2, v[1 + b] = bin sums
+  __shared__ A smem[kWarps * N];
+  const int bits = s.tx_bits + s.ty_bits, G = 1 << bits, TX = 1 << s.tx_bits, TY = 1 << s.ty_bits;
+  const int group = threadIdx.x >> bits, lt = threadIdx.x & (G - 1);
+  const int tx = lt & (TX - 1), ty = lt >> s.tx_bits;
+  const int groups = kThreads >> bits;
+  const int64_t HW = int64_t(s.H) * s.W;
+  const int64_t tiles = (s.planes + groups - 1) / groups;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t plane = tile * groups + group;
+    A v[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) v[n] = A(0);
+    if (plane < s.planes) thread_sums<T, NP, true>(fs + plane * HW, ft + plane * HW, s.H, s.W, tx, ty, TX, TY, v);
+    group_allreduce(v, G, smem);
+    if (plane < s.planes && lt == 0) {
+      A out = A(coefs.mse) * v[0];
+      if constexpr (Lay::has4) out += A(coefs.pool[Lay::J4]) * pooled_sq<4>(v + 1 + Lay::B4, s.H, s.W);
+      if constexpr (Lay::has2) out += A(coefs.pool[Lay::J2]) * pooled_sq<2>(v + 1 + Lay::B2, s.H, s.W);
+      if constexpr (Lay::has1) out += A(coefs.pool[Lay::J1]) * pooled_sq<1>(v + 1 + Lay::B1, s.H, s.W);
+      partial[plane] = out;
+    }
+  }
+}
+
+template <typename T, int NP>
+__global__ void __launch_bounds__(kThreads)
+    hcl_bwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, const acc_t<T>* __restrict__ gout,
+                   T* __restrict__ grad, Shape s, HclCoefs coefs) {
+  using A = acc_t<T>;
+  using Lay = Layout<NP>;
+  constexpr int N = Lay::bins > 0 ? Lay::bins : 1;
+  constexpr int NR = Lay::rows > 0 ? Lay::rows : 1;
+  __shared__ A smem[kWarps * N];
+  const int bits = s.tx_bits + s.ty_bits, G = 1 << bits, TX = 1 << s.tx_bits, TY = 1 << s.ty_bits;
+  const int group = threadIdx.x >> bits, lt = threadIdx.x & (G - 1);
+  const int tx = lt & (TX - 1), ty = lt >> s.tx_bits;
+  const int groups = kThreads >> bits;
+  const int64_t HW = int64_t(s.H) * s.W;
+  const int64_t tiles = (s.planes + groups - 1) / groups;
+  const A g = *gout;
+  const A a = g * A(2.0 * coefs.mse);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t plane = tile * groups + group;
+    A f[N];
+#pragma unroll
+    for (int n = 0; n < N; ++n) f[n] = A(0);
+    if constexpr (Lay::bins > 0) {
+      if (plane < s.planes)
+        thread_sums<T, NP, false>(fs + plane * HW, ft + plane * HW, s.H, s.W, tx, ty, TX, TY, f);
+      group_allreduce(f, G, smem);
+      if constexpr (Lay::has4) to_grad_terms<4>(f + Lay::B4, g * A(2.0 * coefs.pool[Lay::J4]), s.H, s.W);
+      if constexpr (Lay::has2) to_grad_terms<2>(f + Lay::B2, g * A(2.0 * coefs.pool[Lay::J2]), s.H, s.W);
+      if constexpr (Lay::has1) to_grad_terms<1>(f + Lay::B1, g * A(2.0 * coefs.pool[Lay::J1]), s.H, s.W);
+    }
+    if (plane >= s.planes) continue;  // no block-wide sync below
+    const T* __restrict__ x = fs + plane * HW;
+    const T* __restrict__ y = ft + plane * HW;
+    T* __restrict__ out = grad + plane * HW;
+    for (int c = tx; c < s.W; c += TX) {
+      A q[NR];
+#pragma unroll
+      for (int i = 0; i < NR; ++i) q[i] = A(0);
+      if constexpr (Lay::has4) fold_columns<4>(q + Lay::R4, f + Lay::B4, c, s.W);
+      if constexpr (Lay::has2) fold_columns<2>(q + Lay::R2, f + Lay::B2, c, s.W);
+      if constexpr (Lay::has1) q[Lay::R1] = f[Lay::B1];
+#pragma unroll 4
+      for (int r = ty; r < s.H; r += TY) {
+        const int off = r * s.W + c;
+        const A d = Scalar<T>::load(x[off]) - Scalar<T>::load(y[off]);
+        A t = A(0);
+        if constexpr (Lay::has4) {
+          const unsigned m = bins_covering<4>(r, s.H);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) t += ((m >> i) & 1u) ? q[Lay::R4 + i] : A(0);
+        }
+        if constexpr (Lay::has2) {
+          const unsigned m = bins_covering<2>(r, s.H);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) t += ((m >> i) & 1u) ? q[Lay::R2 + i] : A(0);
+        }
+        if constexpr (Lay::has1) t += q[Lay::R1];
+        out[off] = Scalar<T>::store(a * d + t);
+      }
+    }
+  }
+}
+
+int log2_ceil(int64_t x) {
+  int b = 0;
+  while ((int64_t(1) << b) < x) ++b;
+  return b;
+}
+
+// One column per thread when W <= 256; about 8 rows per thread; at most 256 threads per plane.
+Shape make_shape(int64_t planes, int64_t H, int64_t W) {
+  Shape s;
+  s.planes = planes;
+  s.H = int(H);
+  s.W = int(W);
+  s.tx_bits = log2_ceil(std::min<int64_t>(W, kThreads));
+  s.ty_bits = std::min(log2_ceil((H + 7) / 8), 8 - s.tx_bits);
+  return s;
+}
+
+unsigned grid_for(const Shape& s) {
+  const int64_t groups = kThreads >> (s.tx_bits + s.ty_bits);
+  const int64_t tiles = (s.planes + groups - 1) / groups;
+  return unsigned(std::min(tiles, kMaxBlocks));
+}
+
+void check_launch(const char* where) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(where) + ": CUDA error " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+}
+
+void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
+  for (uintptr_t p : ptrs)
+    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
+}
+
+template <typename T, int NP>
+void launch_fwd(const Shape& s, const T* fs, const T* ft, acc_t<T>* partial, const HclCoefs& coefs,
+                cudaStream_t stream) {
+  hcl_fwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, partial, s, coefs);
+}
+
+template <typename T, int NP>
+void launch_bwd(const Shape& s, const T* fs, const T* ft, const acc_t<T>* gout, T* grad, const HclCoefs& coefs,
+                cudaStream_t stream) {
+  hcl_bwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, gout, grad, s, coefs);
+}
+
+}  // namespace
+
+void hcl_fwd_cuda(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partial_ptr, int64_t planes, int64_t H,
+                  int64_t W, const HclCoefs& coefs, uintptr_t stream_ptr) {
+  const char* where = "hcl_fwd_cuda";
+  hcl_check_sizes(where, planes, H, W);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  dispatch_dtype(dtype, where, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (planes == 0) return;
+    check_pointers(where, {partial_ptr});
+    A* partial = reinterpret_cast<A*>(partial_ptr);
+    if (H * W == 0) {
+      cudaMemsetAsync(partial, 0, size_t(planes) * sizeof(A), stream);
+      check_launch(where);
+      return;
+    }
+    check_pointers(where, {fs_ptr, ft_ptr});
+    const T* fs = reinterpret_cast<const T*>(fs_ptr);
+    const T* ft = reinterpret_cast<const T*>(ft_ptr);
+    const Shape s = make_shape(planes, H, W);
+    switch (coefs.npools) {
+      case 0: launch_fwd<T, 0>(s, fs, ft, partial, coefs, stream); break;
+      case 1: launch_fwd<T, 1>(s, fs, ft, partial, coefs, stream); break;
+      case 2: launch_fwd<T, 2>(s, fs, ft, partial, coefs, stream); break;
+      default: launch_fwd<T, 3>(s, fs, ft, partial, coefs, stream); break;
+    }
+    check_launch(where);
+  });
+}
+
+void hcl_bwd_cuda(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_ptr, uintptr_t grad_ptr,
+                  int64_t planes, int64_t H, int64_t W, const HclCoefs& coefs, uintptr_t stream_ptr) {
+  const char* where = "hcl_bwd_cuda";
+  hcl_check_sizes(where, planes, H, W);
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
+  dispatch_dtype(dtype, where, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    if (planes == 0 || H * W == 0) return;
+    check_pointers(where, {fs_ptr, ft_ptr, gout_ptr, grad_ptr});
+    const T* fs = reinterpret_cast<const T*>(fs_ptr);
+    const T* ft = reinterpret_cast<const T*>(ft_ptr);
+    const A* gout = reinterpret_cast<const A*>(gout_ptr);
+    T* grad = reinterpret_cast<T*>(grad_ptr);
+    const Shape s = make_shape(planes, H, W);
+    switch (coefs.npools) {
+      case 0: launch_bwd<T, 0>(s, fs, ft, gout, grad, coefs, stream); break;
+      case 1: launch_bwd<T, 1>(s, fs, ft, gout, grad, coefs, stream); break;
+      case 2: launch_bwd<T, 2>(s, fs, ft, gout, grad, coefs, stream); break;
+      default: launch_bwd<T, 3>(s, fs, ft, gout, grad, coefs, stream); break;
+    }
+    check_launch(where);
+  });
+}
+
+}  // namespace kdk

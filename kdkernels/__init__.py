@@ -1,0 +1,13 @@
+"""kdkernels: fused kernels for knowledge distillation.
+
+Public functional API (``torch.nn.functional`` style):
+
+- :func:`hcl_loss` — ReviewKD's hierarchical context loss.
+
+Modules live in :mod:`kdkernels.nn`; backends in :mod:`kdkernels.backends`.
+"""
+from ._version import __version__
+from .ops import hcl_loss
+from . import backends, nn, reference
+
+__all__ = ["__version__", "hcl_loss", "backends", "nn", "reference"]

@@ -1,0 +1,327 @@
+r"""The few-sample pipeline: capture, solve, merge (SPEC section 5).
+
+For each block (student conv, its BN or None, teacher module), the aligned
+signal S is the output of the student BN (or of the conv when there is no BN),
+i.e. before the nonlinearity, and the target T is the output of the teacher
+module; both are (N, C, H, W) with equal C, H, W and are caught with forward
+hooks. FSKD fits a 1x1 conv Q with Q S ~ T (:func:`solve`) and merges it into
+the conv (:func:`absorb`, the BN folded in and replaced by ``nn.Identity``), so
+the student keeps its architecture, parameter count and FLOPs.
+
+Schedules:
+
+* ``"greedy"`` (the paper's order): blocks one by one, in the order the student
+  runs them; block k's S is computed with blocks < k already merged. One pass
+  over the data per block, each stopped right after the block's point.
+* ``"independent"``: one pass collects every block from the unmodified
+  student, then one batched solve, then every merge.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ._checks import check_alpha, check_choice, shape_str
+from ._hooks import Hooks, StopForward, find_module, first_tensor, replace_module
+from ._progress import progress as progress_bar
+from .merge import absorb, check_bn, plain_conv_class
+from .solve import solve
+from .stats import GramStats
+
+SCHEDULES = ("greedy", "independent")
+
+
+@dataclass
+class _Block:
+    """One aligned point: resolved modules and the names to report."""
+
+    conv_name: str
+    bn_name: Optional[str]
+    teacher_name: str
+    conv: nn.Module
+    bn: Optional[nn.Module]
+    target: nn.Module
+
+    @property
+    def point(self) -> nn.Module:
+        return self.bn if self.bn is not None else self.conv
+
+    @property
+    def label(self) -> str:
+        return f"block ({self.bn_name or self.conv_name!r} -> teacher {self.teacher_name!r})"
+
+
+def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], batches: Iterable, *,
+            schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+            inplace: bool = False, progress: bool = True, all_reduce: bool = False) -> nn.Module:
+    """Align student blocks to the teacher from a few unlabeled samples, and merge.
+
+    Args:
+        student, teacher: the networks (any devices; inputs are moved to each).
+        blocks: ``(student_conv_name, student_bn_name_or_None, teacher_module_name)``
+            triples, module names as in ``named_modules()``.
+        batches: a re-iterable of input tensors (N, ...) or of tuples whose first
+            element is the input (e.g. a DataLoader); a one-shot iterator is
+            read into a list first.
+        schedule: ``"greedy"`` or ``"independent"`` (module docstring).
+        alpha: relative ridge toward Q = I (see :func:`solve`).
+        num_samples: use only the first ``num_samples`` inputs of ``batches``.
+        inplace: modify ``student`` itself instead of a deep copy.
+        progress: show a progress bar over batches.
+        all_reduce: sum the statistics over ``torch.distributed`` ranks before solving.
+
+    Returns:
+        the student with every Q merged (BN folded and replaced by ``nn.Identity``).
+        Both models run in eval mode under ``no_grad``; their train/eval flags
+        are restored afterwards.
+
+    Raises ``ValueError`` for unknown names, a point whose channels or spatial
+    size differ from the teacher's, a module that is never (or more than once)
+    called, or anything between the conv and its BN (e.g. a ReLU, also an
+    in-place one) that would make the merge wrong.
+    """
+    for model, what in ((student, "student"), (teacher, "teacher")):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
+    check_choice(schedule, "schedule", SCHEDULES)
+    alpha = check_alpha(alpha)
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                    or num_samples < 1):
+        raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
+    specs = _parse_blocks(blocks)
+    data = _reiterable(batches)
+
+    if not inplace:
+        student = copy.deepcopy(student)
+    resolved = [_resolve(student, teacher, *spec) for spec in specs]
+    modes: Dict[nn.Module, bool] = {m: m.training for m in (*student.modules(), *teacher.modules())}
+    student.eval()
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            resolved = _probe(student, teacher, resolved, _first_input(data))
+            if schedule == "independent":
+                stats = _collect(student, teacher, resolved, data, num_samples, progress,
+                                 "fskd independent")
+                _merge(student, resolved, stats, alpha, all_reduce, modes)
+            else:
+                for k, blk in enumerate(resolved):
+                    stats = _collect(student, teacher, [blk], data, num_samples, progress,
+                                     f"fskd greedy {k + 1}/{len(resolved)}")
+                    _merge(student, [blk], stats, alpha, all_reduce, modes)
+    finally:
+        for m in (*student.modules(), *teacher.modules()):
+            if m in modes:
+                m.training = modes[m]
+    return student
+
+
+# ------------------------------------------------------------------ arguments
+def _parse_blocks(blocks) -> List[tuple]:
+    if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)):
+        raise TypeError("blocks must be a list of (student_conv, student_bn_or_None, teacher_module) "
+                        f"tuples, got {type(blocks).__name__}")
+    if not blocks:
+        raise ValueError("blocks is empty: name at least one (student_conv, student_bn, teacher) triple")
+    specs = []
+    for i, b in enumerate(blocks):
+        if not isinstance(b, (list, tuple)) or len(b) != 3:
+            raise ValueError(f"blocks[{i}] must be a (student_conv, student_bn_or_None, "
+                             f"teacher_module) triple, got {b!r}")
+        specs.append(tuple(b))
+    convs = [s[0] for s in specs]
+    for name in convs:
+        if convs.count(name) > 1:
+            raise ValueError(f"student conv {name!r} appears in more than one block")
+    return specs
+
+
+def _reiterable(batches):
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of input tensors, got {type(batches).__name__}") from None
+    data = list(it) if it is batches else batches  # a one-shot iterator: keep what it yields
+    if isinstance(data, (list, tuple)) and not data:
+        raise ValueError("batches is empty")
+    return data
+
+
+def _resolve(student, teacher, conv_name, bn_name, teacher_name) -> _Block:
+    conv = find_module(student, conv_name, "student conv")
+    plain_conv_class(conv)
+    if conv.groups != 1:
+        raise ValueError(f"student conv {conv_name!r} is grouped (groups={conv.groups}): a dense Q "
+                         f"cannot be merged into it")
+    bn = None
+    if bn_name is not None:
+        bn = find_module(student, bn_name, "student BN")
+        check_bn(bn, conv.out_channels, name=f"student BN {bn_name!r}")
+    target = find_module(teacher, teacher_name, "teacher module")
+    return _Block(conv_name, bn_name, teacher_name, conv, bn, target)
+
+
+def _inputs(data, num_samples: Optional[int]):
+    """Input tensors from ``data``, cut to ``num_samples`` samples in total."""
+    seen = 0
+    for batch in data:
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"batches must yield tensors or (input, ...) tuples, got {type(x).__name__}")
+        if num_samples is not None:
+            x = x[: num_samples - seen]
+        seen += x.shape[0]
+        yield x
+        if num_samples is not None and seen >= num_samples:
+            return
+
+
+def _first_input(data) -> torch.Tensor:
+    for x in _inputs(data, None):
+        if x.shape[0] > 0:
+            return x
+    raise ValueError("batches holds no samples")
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> None:
+    param = next(model.parameters(), None)
+    try:
+        model(x if param is None else x.to(param.device))
+    except StopForward:
+        pass
+
+
+# --------------------------------------------------------------------- probe
+def _probe(student, teacher, blocks: List[_Block], x: torch.Tensor) -> List[_Block]:
+    """Run two samples through both models with checking hooks.
+
+    Checks that every point and target runs exactly once, that each BN reads
+    its conv's output unmodified, and that S and T agree in channels and size.
+    Returns the blocks in the order the student runs them.
+    """
+    x = x[:2]
+    calls: Dict[int, List[int]] = {}  # id(module) -> call positions
+    shapes: Dict[int, torch.Size] = {}
+    conv_out: Dict[int, tuple] = {}
+    errors: List[str] = []
+    clock = [0]
+
+    def record(module, _inp, out):
+        clock[0] += 1
+        calls.setdefault(id(module), []).append(clock[0])
+        shapes[id(module)] = first_tensor(out, type(module).__name__).shape
+
+    with Hooks() as hooks:
+        seen = set()
+        for b in blocks:
+            for m in (b.target, b.point):
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    hooks.forward(m, record)
+            if b.bn is not None:
+                hooks.forward(b.conv, _remember_output(conv_out))
+                hooks.pre(b.bn, _check_bn_input(conv_out, b, errors))
+        _run(teacher, x)
+        _run(student, x)
+    if errors:
+        raise ValueError(errors[0])
+
+    for b in blocks:
+        for m, where in ((b.point, f"student module {b.bn_name or b.conv_name!r}"),
+                         (b.target, f"teacher module {b.teacher_name!r}")):
+            n = len(calls.get(id(m), []))
+            if n != 1:
+                raise ValueError(f"{where} ran {n} times in one forward pass; FSKD needs exactly one call")
+        s, t = shapes[id(b.point)], shapes[id(b.target)]
+        if len(s) != len(t) or s[1] != t[1] or s[2:] != t[2:]:
+            raise ValueError(
+                f"{b.label}: student output {shape_str(s)} and teacher output {shape_str(t)} "
+                f"must have the same channels and spatial size")
+    return sorted(blocks, key=lambda b: calls[id(b.point)][0])
+
+
+def _remember_output(conv_out):
+    def hook(module, _inp, out):
+        conv_out[id(module)] = (out, out._version)
+    return hook
+
+
+def _check_bn_input(conv_out, block: _Block, errors: List[str]):
+    def hook(_module, args):
+        rec = conv_out.get(id(block.conv))
+        inp = args[0] if args else None
+        between = f"between conv {block.conv_name!r} and BN {block.bn_name!r}"
+        if rec is None:
+            errors.append(f"BN {block.bn_name!r} ran before conv {block.conv_name!r}: "
+                          f"it does not normalise that conv's output")
+        elif inp is not rec[0]:
+            errors.append(f"something runs {between} (e.g. a ReLU or pooling): the BN does not read "
+                          f"the conv's output, so Q cannot be merged into the conv")
+        elif inp._version != rec[1]:
+            errors.append(f"the conv output is modified in place {between} (e.g. ReLU(inplace=True)): "
+                          f"Q cannot be merged through a nonlinearity")
+    return hook
+
+
+# ------------------------------------------------------------ collect, merge
+def _collect(student, teacher, blocks: List[_Block], data, num_samples, show, desc) -> List[GramStats]:
+    """One pass over the data: teacher targets, then student points, into GramStats."""
+    stats = [GramStats(b.conv.out_channels) for b in blocks]
+    targets: Dict[int, torch.Tensor] = {}
+    count = {"t": 0, "s": 0}
+    n = len(blocks)
+
+    def teacher_hook(j, b):
+        def hook(_m, _inp, out):
+            targets[j] = first_tensor(out, b.teacher_name).detach().clone()
+            count["t"] += 1
+            if count["t"] == n:
+                raise StopForward
+        return hook
+
+    def student_hook(j, b):
+        def hook(_m, _inp, out):
+            s = first_tensor(out, b.bn_name or b.conv_name)
+            t = targets[j].to(s.device)
+            if s.shape != t.shape:
+                raise ValueError(f"{b.label}: student output {shape_str(s)} and teacher output "
+                                 f"{shape_str(t)} differ in this batch")
+            stats[j].update(s, t)
+            count["s"] += 1
+            if count["s"] == n:
+                raise StopForward
+        return hook
+
+    total = len(data) if num_samples is None and hasattr(data, "__len__") else None
+    with Hooks() as hooks:
+        for j, b in enumerate(blocks):
+            hooks.forward(b.target, teacher_hook(j, b))
+            hooks.forward(b.point, student_hook(j, b))
+        for x in progress_bar(_inputs(data, num_samples), total=total, desc=desc, enabled=show):
+            if x.shape[0] == 0:
+                continue
+            targets.clear()
+            count["t"] = count["s"] = 0
+            _run(teacher, x)
+            _run(student, x)
+    return stats
+
+
+def _merge(student, blocks: List[_Block], stats: List[GramStats], alpha, all_reduce, modes) -> None:
+    if all_reduce:
+        for st in stats:
+            st.all_reduce()
+    qs = solve(stats, alpha=alpha, prior="identity", names=[b.label for b in blocks])
+    for b, q in zip(blocks, qs):
+        merged = absorb(b.conv, q, b.bn)
+        merged.training = modes.get(b.conv, False)
+        modes[merged] = merged.training
+        replace_module(student, b.conv_name, merged)
+        if b.bn_name is not None:
+            ident = nn.Identity()
+            modes[ident] = modes.get(b.bn, False)
+            replace_module(student, b.bn_name, ident)

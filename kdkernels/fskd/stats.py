@@ -1,0 +1,250 @@
+r"""Streaming second moments for FSKD (SPEC section 5).
+
+For one block, the student signal ``s`` (N, Cs, H, W) and the teacher target
+``t`` (N, Ct, H, W) are read as M = N*H*W samples ("pixels are samples"). The
+normal equations of the 1x1 conv Q need only
+
+    G  = sum_p s_p s_p^T      (Cs, Cs)
+    Hc = sum_p t_p s_p^T      (Ct, Cs)
+
+and the pixel count, all of which are sums over batches and over ranks.
+
+Numerics. Pre-activation features have channel means that are large next to
+their spread, so a plain fp32 ``s @ s.T`` loses the spread to rounding and the
+Gram matrix it gives is not even positive definite. Here every update
+
+1. subtracts a per-channel shift c (the first batch's channel means), giving
+   z = x - c, exact in fp32 when x is near c (Sterbenz);
+2. copies the shifted rows into one stacked (K, M) buffer
+   Z = [z_s; 1; z_t] with K = Cs + 1 + Ct (the row of ones carries the counts
+   and the channel sums through the same product);
+3. computes, tile by tile over the pixels, P = Z @ Z[:Cs+1].T in fp32 with TF32
+   off: ONE batched GEMM that reads s and t once and yields, as blocks of the
+   (K, Cs+1) result, sum z_s z_s^T, sum z_t z_s^T, sum z_s, sum z_t and M;
+4. adds the tiles in fp64 and restores the uncentred sums in fp64:
+   with row shift a = [c_s; 0; c_t] and column shift b = [c_s; 0],
+
+       sum (z + a)(z' + b)^T = P + P[:, Cs] b^T + a P[Cs, :] + M a b^T,
+
+   accumulated into one fp64 (K, Cs+1) running sum.
+
+Because the running sums are uncentred fp64, ranks with different shifts can
+simply add them (``all_reduce``). fp64 inputs are multiplied in fp64.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional, Union
+
+import torch
+
+from ._checks import check_channels, check_float_tensor, shape_str
+
+#: pixels per fp32 tile product; tile sums are added in fp64
+TILE_PIXELS = 4096
+
+
+@contextlib.contextmanager
+def ieee_fp32_matmul(device: torch.device):
+    """Full-precision fp32 matmul on ``device`` (TF32 / bf16 off), restored afterwards.
+
+    Only the new per-backend precision flags are touched (read, set, restored),
+    so a program that uses either the legacy or the new API keeps working.
+    """
+    if device.type == "cuda":
+        backend = torch.backends.cuda.matmul
+    elif device.type == "cpu":
+        backend = getattr(torch.backends, "mkldnn", None)
+        backend = getattr(backend, "matmul", None)
+    else:
+        backend = None
+    if backend is not None and hasattr(backend, "fp32_precision"):
+        saved = backend.fp32_precision
+        backend.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            backend.fp32_precision = saved
+    elif device.type == "cuda":  # torch without the per-backend flags
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    else:
+        yield
+
+
+class GramStats:
+    r"""Running G = sum s s^T, Hc = sum t s^T and pixel count for one block.
+
+    Args:
+        c_in: student channels Cs.
+        c_out: teacher channels Ct (default: ``c_in``).
+        device: where the fp64 sums live; default the device of the first
+            ``update``.
+
+    Attributes (fp64, views of one running buffer):
+        G (Cs, Cs), Hc (Ct, Cs), sum_s (Cs,), sum_t (Ct,), and ``count`` (int, M).
+
+    ``update`` reads s and t once (see the module docstring for the numerics)
+    and never synchronises with the device.
+    """
+
+    def __init__(self, c_in: int, c_out: Optional[int] = None, *,
+                 device: Union[str, torch.device, None] = None):
+        self.c_in = check_channels(c_in, "c_in")
+        self.c_out = check_channels(c_in if c_out is None else c_out, "c_out")
+        self._device = None if device is None else torch.device(device)
+        self._acc: Optional[torch.Tensor] = None  # (K, Cs + 1) fp64, uncentred sums
+        self._shift64: Optional[torch.Tensor] = None  # (K,) row shift [c_s; 0; c_t]
+        self._work: Optional[torch.Tensor] = None  # stacked work buffer, reused
+        self.count = 0
+        if self._device is not None:
+            self._allocate(self._device)
+
+    # ---------------------------------------------------------------- state
+    @property
+    def device(self) -> Optional[torch.device]:
+        """Device of the sums (None until the first update when not given)."""
+        return self._device
+
+    def _allocate(self, device: torch.device) -> torch.Tensor:
+        k = self.c_in + 1 + self.c_out
+        self._acc = torch.zeros(k, self.c_in + 1, dtype=torch.float64, device=device)
+        self._device = device
+        return self._acc
+
+    def _sums(self) -> torch.Tensor:
+        return self._allocate(self._device or torch.device("cpu")) if self._acc is None else self._acc
+
+    @property
+    def G(self) -> torch.Tensor:
+        """(Cs, Cs) fp64: sum over pixels of s s^T."""
+        return self._sums()[: self.c_in, : self.c_in]
+
+    @property
+    def Hc(self) -> torch.Tensor:
+        """(Ct, Cs) fp64: sum over pixels of t s^T."""
+        return self._sums()[self.c_in + 1:, : self.c_in]
+
+    @property
+    def sum_s(self) -> torch.Tensor:
+        """(Cs,) fp64: sum over pixels of s."""
+        return self._sums()[: self.c_in, self.c_in]
+
+    @property
+    def sum_t(self) -> torch.Tensor:
+        """(Ct,) fp64: sum over pixels of t."""
+        return self._sums()[self.c_in + 1:, self.c_in]
+
+    def __repr__(self) -> str:
+        return (f"GramStats(c_in={self.c_in}, c_out={self.c_out}, count={self.count}, "
+                f"device={self._device})")
+
+    # --------------------------------------------------------------- update
+    def _check(self, s, t):
+        check_float_tensor(s, "s")
+        check_float_tensor(t, "t")
+        if s.dim() not in (2, 4):
+            raise ValueError(f"s must be (N, C, H, W) or (N, C), got shape {shape_str(s)}")
+        if t.dim() != s.dim() or t.shape[0] != s.shape[0] or t.shape[2:] != s.shape[2:]:
+            raise ValueError(
+                f"s and t must have the same batch and spatial sizes, got s {shape_str(s)} "
+                f"and t {shape_str(t)}")
+        if s.shape[1] != self.c_in:
+            raise ValueError(f"s has {s.shape[1]} channels (shape {shape_str(s)}), "
+                             f"but GramStats(c_in={self.c_in})")
+        if t.shape[1] != self.c_out:
+            raise ValueError(f"t has {t.shape[1]} channels (shape {shape_str(t)}), "
+                             f"but GramStats(c_out={self.c_out})")
+        if s.device != t.device:
+            raise ValueError(f"s and t must be on one device, got s on {s.device} and t on {t.device}")
+        if self._device is not None and s.device != self._device:
+            raise ValueError(f"s and t are on {s.device}, but these statistics live on {self._device}")
+
+    def update(self, s: torch.Tensor, t: torch.Tensor) -> "GramStats":
+        """Add one batch: s (N, Cs, H, W) and t (N, Ct, H, W) (or (N, C) each).
+
+        fp16/bf16/fp32 inputs are multiplied in fp32, fp64 in fp64; the sums are fp64.
+        Returns ``self``.
+        """
+        self._check(s, t)
+        cs, ct = self.c_in, self.c_out
+        n = s.shape[0]
+        hw = math.prod(s.shape[2:])
+        m = n * hw
+        if m == 0:
+            return self
+        s3 = s.detach().reshape(n, cs, hw)
+        t3 = t.detach().reshape(n, ct, hw)
+        acc = self._acc if self._acc is not None else self._allocate(s.device)
+        dtype = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+        k = cs + 1 + ct
+        if self._shift64 is None:
+            # first batch's channel means, rounded once to the compute dtype so that
+            # the value subtracted and the value restored are the same number
+            shift = torch.zeros(k, dtype=dtype, device=s.device)
+            shift[:cs] = s3.mean(dim=(0, 2), dtype=dtype)
+            shift[cs + 1:] = t3.mean(dim=(0, 2), dtype=dtype)
+            self._shift64 = shift.to(torch.float64)
+        shift = self._shift64.to(dtype)
+
+        # stacked, shifted buffer Z = [z_s; 1; z_t], (K, tiles * tile)
+        tiles = -(-m // TILE_PIXELS)
+        tile = -(-m // tiles)
+        buf = self._buffer(k, tiles * tile, dtype, s.device)
+        torch.sub(s3.transpose(0, 1), shift[:cs, None, None], out=buf[:cs, :m].view(cs, n, hw))
+        buf[cs, :m] = 1
+        torch.sub(t3.transpose(0, 1), shift[cs + 1:, None, None], out=buf[cs + 1:, :m].view(ct, n, hw))
+        buf[:, m:] = 0
+
+        # one batched GEMM over the pixel tiles: (tiles, K, tile) @ (tiles, tile, Cs+1)
+        zt = buf.view(k, tiles, tile).transpose(0, 1)
+        with ieee_fp32_matmul(s.device):
+            prod = torch.bmm(zt, zt[:, : cs + 1].transpose(1, 2))
+        p = prod[0].to(torch.float64) if tiles == 1 else prod.sum(0, dtype=torch.float64)
+
+        # restore the uncentred sums in fp64, as one rank-2 update:
+        # P[:, Cs] b^T + a P[Cs, :] + M a b^T = [P[:, Cs] + M a, a] @ [b, P[Cs, :]]^T
+        a = shift.to(torch.float64)  # row shift (K,)
+        b = a[: cs + 1]  # column shift [c_s; 0]
+        u = torch.stack((p[:, cs] + m * a, a), dim=1)  # (K, 2)
+        v = torch.stack((b, p[cs, :]), dim=0)  # (2, Cs+1)
+        p.addmm_(u, v)
+        acc.add_(p)
+        self.count += m
+        return self
+
+    def _buffer(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The stacked (rows, cols) work buffer, kept between updates of one shape
+        (a fresh CPU allocation costs as much as filling it, in page faults)."""
+        buf = self._work
+        if buf is None or buf.shape != (rows, cols) or buf.dtype != dtype or buf.device != device:
+            buf = self._work = torch.empty(rows, cols, dtype=dtype, device=device)
+        return buf
+
+    # ----------------------------------------------------------- distributed
+    def all_reduce(self, group=None) -> "GramStats":
+        """Sum G, Hc, the channel sums and the count over the ranks of ``group``.
+
+        One ``all_reduce`` of one fp64 buffer, then one host read of the count.
+        Call it once, after the last ``update`` and before ``solve``. A rank that
+        saw no data takes part with zeros (on CUDA for NCCL, else on the CPU).
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("GramStats.all_reduce needs an initialised torch.distributed process group")
+        if self._acc is None:
+            dev = self._device
+            if dev is None:
+                nccl = dist.get_backend(group) == "nccl"
+                dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            self._allocate(dev)
+        dist.all_reduce(self._acc, op=dist.ReduceOp.SUM, group=group)
+        self.count = int(round(float(self._acc[self.c_in, self.c_in])))
+        return self
+

@@ -1,0 +1,150 @@
+r"""``torch.ops.kdkernels.hcl_loss``: the fused hierarchical context loss (SPEC section 1).
+
+Every backend computes, per level, with c0 = 1/(tot*N*C*H*W) and the ratios
+r_l = w_l*H*W/l^2 of :func:`level_plan` (exact in any float format)::
+
+    loss_level = c0 * sum over planes of ( sum(d^2) + sum_l r_l * sum_bins (S_l/area_l)^2 )
+    d loss / d fs = grad_output * c0 * 2 * ( d + sum_l r_l * scatter_l(S_l / area_l^2) )
+
+Kernels write one partial per (n, c) plane, in the accumulation dtype; the
+host sums them (deterministically) and applies c0. The forward saves only its
+inputs; the backward recomputes the bin sums.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends
+from .._checks import as_tensor_list, check_feature_pairs
+from ..reference import hcl as reference
+from ._common import DTYPE_CODE, acc_dtype, stream_of
+
+OP = "hcl_loss"
+backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
+
+
+def level_plan(shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[float, ...], float]:
+    """(pools, ratios r_l, c0) of one (N, C, H, W) level."""
+    n, c, h, w = shape
+    pools, weights, tot = reference.hcl_level_plan(h)
+    ratios = tuple(wt * h * w / (l * l) for l, wt in zip(pools, weights))
+    return pools, ratios, 1.0 / (tot * n * c * h * w)
+
+
+def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
+    if backend == "triton":
+        from ..triton import hcl as tri
+
+        tri.hcl_fwd(fs, ft, partial, pools, ratios)
+        return
+    n, c, h, w = fs.shape
+    C = _native.native()
+    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), partial.data_ptr(),
+            n * c, h, w, 1.0, list(pools), list(ratios))
+    if backend == "cpp":
+        C.hcl_fwd_cpu(*args, torch.get_num_threads())
+    else:
+        C.hcl_fwd_cuda(*args, stream_of(fs))
+
+
+def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
+    if backend == "triton":
+        from ..triton import hcl as tri
+
+        tri.hcl_bwd(fs, ft, g, grad, pools, ratios)
+        return
+    n, c, h, w = fs.shape
+    C = _native.native()
+    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), g.data_ptr(), grad.data_ptr(),
+            n * c, h, w, 1.0, list(pools), list(ratios))
+    if backend == "cpp":
+        C.hcl_bwd_cpu(*args, torch.get_num_threads())
+    else:
+        C.hcl_bwd_cuda(*args, stream_of(fs))
+
+
+@torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
+def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tensor:
+    """Fused HCL forward: lists of (N, C, H, W) -> 0-dim loss in the inputs' dtype."""
+    acc = acc_dtype(fstudent[0].dtype)
+    total = None
+    for fs, ft in zip(fstudent, fteacher):
+        fs, ft = fs.contiguous(), ft.contiguous()
+        pools, ratios, c0 = level_plan(fs.shape)
+        partial = torch.empty(fs.shape[0] * fs.shape[1], dtype=acc, device=fs.device)
+        _fwd_level(backend, fs, ft, partial, pools, ratios)
+        level = partial.sum() * c0
+        total = level if total is None else total + level
+    return total.to(fstudent[0].dtype)
+
+
+@hcl_loss_op.register_fake
+def _(fstudent, fteacher, backend):
+    return fstudent[0].new_empty(())
+
+
+@torch.library.custom_op("kdkernels::hcl_loss_backward", mutates_args=())
+def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Tensor],
+                         backend: str) -> List[Tensor]:
+    """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output."""
+    acc = acc_dtype(fstudent[0].dtype)
+    g_acc = grad.to(acc).reshape(1)
+    grads = []
+    for fs, ft in zip(fstudent, fteacher):
+        fs, ft = fs.contiguous(), ft.contiguous()
+        pools, ratios, c0 = level_plan(fs.shape)
+        out = torch.empty_like(fs)
+        _bwd_level(backend, fs, ft, g_acc * c0, out, pools, ratios)
+        grads.append(out)
+    return grads
+
+
+@hcl_loss_backward_op.register_fake
+def _(grad, fstudent, fteacher, backend):
+    return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fstudent]
+
+
+def _setup_context(ctx, inputs, output):
+    fstudent, fteacher, backend = inputs
+    ctx.levels = len(fstudent)
+    ctx.backend = backend
+    ctx.save_for_backward(*fstudent, *fteacher)
+
+
+def _backward(ctx, grad):
+    saved = ctx.saved_tensors
+    fs, ft = list(saved[: ctx.levels]), list(saved[ctx.levels:])
+    grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, ctx.backend)
+    grads_t = [-g for g in grads] if ctx.needs_input_grad[1] else None
+    return list(grads), grads_t, None
+
+
+hcl_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
+    """ReviewKD's hierarchical context loss, fused (SPEC section 1).
+
+    Args:
+        fstudent: a (N, C, H, W) tensor or a list of them, one per level.
+        fteacher: the same number of tensors, pairwise of the same shape,
+            dtype and device (no gradient unless it requires one).
+        backend: ``None`` (use $KDKERNELS_BACKEND, default ``"auto"``), or one of
+            ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
+
+    Returns:
+        0-dim tensor in the inputs' dtype: sum over levels of
+        ``(mse(d) + sum_j w_j * mse(P_l_j(d))) / (1 + sum_j w_j)``, d = fs - ft,
+        pools l from (4, 2, 1) kept when l < H, w_j = 2^-(j+1).
+        Accumulated in float32 (float64 for float64 inputs).
+    """
+    fs = as_tensor_list(fstudent, OP, "fstudent")
+    ft = as_tensor_list(fteacher, OP, "fteacher")
+    check_feature_pairs(fs, ft, OP)
+    chosen = backends.choose_backend(OP, fs[0].device, backend)
+    if chosen == "torch":
+        return reference.hcl_loss(fs, ft)
+    return torch.ops.kdkernels.hcl_loss(fs, ft, chosen)

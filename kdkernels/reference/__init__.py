@@ -1,0 +1,8 @@
+"""Plain-PyTorch implementations of every op: the spec as code.
+
+They are the CPU fallback when no faster backend serves, and the oracle the
+tests compare every kernel against. Each follows shared SPEC.md exactly.
+"""
+from .hcl import hcl_loss, hcl_level_plan
+
+__all__ = ["hcl_loss", "hcl_level_plan"]

@@ -1,0 +1,70 @@
+"""Smoke test of the benchmark harness: the quick CPU run of HCL writes its CSV and chart.
+
+No timing assertions: only that every provider and mode produced rows, that the
+correctness guard passed, and that the files appear.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+COLUMNS = ["op", "case", "shape", "dtype", "provider", "mode", "metric", "value", "q20", "q80",
+           "note", "device", "device_name", "threads", "torch", "triton", "kdkernels", "commit", "date"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, RUN, "--quick", "--ops", "hcl", "--device", "cpu", "--out", str(out), "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    return proc, out
+
+
+def test_quick_run_succeeds(quick_run):
+    proc, _ = quick_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "hcl" in proc.stdout and "Summary" in proc.stdout
+
+
+def test_csv_has_every_provider_and_mode(quick_run):
+    _, out = quick_run
+    path = out / "results.csv"
+    assert path.exists()
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    hcl = [r for r in rows if r["op"] == "hcl"]
+    assert hcl and all(r["device"] == "cpu" for r in hcl)
+    for provider in ("eager", "compile", "kdkernels"):
+        ok = [r for r in hcl if r["provider"] == provider and r["metric"] == "ok"]
+        assert ok and all(r["value"] == "1" for r in ok), (provider, ok)
+        for mode in ("forward", "backward", "full"):
+            times = [r for r in hcl if (r["provider"], r["mode"], r["metric"]) == (provider, mode, "time_ms")]
+            assert times, (provider, mode)
+            for r in times:
+                assert float(r["value"]) > 0 and float(r["q20"]) <= float(r["value"]) <= float(r["q80"])
+            assert any(r["provider"] == provider and r["mode"] == mode and r["metric"] == "peak_mem_mib"
+                       for r in hcl), (provider, mode)
+    assert any(r["metric"] == "speedup_vs_eager" for r in hcl)
+    assert any(r["metric"] == "speedup_vs_compile" for r in hcl)
+    assert any(r["provider"] == "compile" and r["metric"] == "compile_s" for r in hcl)
+    assert any(r["op"] == "_machine" and r["metric"] == "copy_bandwidth_gbs" and float(r["value"]) > 0 for r in rows)
+
+
+def test_chart_and_table_written(quick_run):
+    _, out = quick_run
+    pytest.importorskip("matplotlib")
+    png = out / "hcl.png"
+    assert png.exists() and png.stat().st_size > 1000
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert (out / "hcl.txt").exists()

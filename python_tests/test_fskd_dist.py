@@ -1,0 +1,76 @@
+"""GramStats.all_reduce across 2 gloo processes on CPU equals single-process statistics."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kdkernels import fskd
+
+WORLD = 2
+
+
+def rank_data(rank):
+    """Rank-local features with rank-dependent means (so the ranks' shifts differ)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    s = torch.randn(3 + rank, 5, 6, 4, generator=g) + 10.0 * (rank + 1)
+    t = torch.randn(3 + rank, 3, 6, 4, generator=g) - 2.0 * rank
+    return s, t
+
+
+def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        s, t = rank_data(rank)
+        st = fskd.GramStats(5, 3)
+        st.update(s[:2], t[:2]).update(s[2:], t[2:])
+        st.all_reduce()
+        late = fskd.GramStats(5, 3)  # only rank 0 has data for this one
+        if rank == 0:
+            late.update(s, t)
+        late.all_reduce()
+        q = fskd.solve(st, alpha=1e-4, prior="zero")
+        torch.save({"G": st.G, "Hc": st.Hc, "sum_s": st.sum_s, "sum_t": st.sum_t, "count": st.count,
+                    "late_G": late.G, "late_count": late.count, "q": q},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this build")
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+    # what each rank holds before the reduction, recomputed here with the same updates
+    per_rank = []
+    for rank in range(WORLD):
+        s, t = rank_data(rank)
+        per_rank.append(fskd.GramStats(5, 3).update(s[:2], t[:2]).update(s[2:], t[2:]))
+    single = fskd.GramStats(5, 3)  # one process seeing all the data
+    for rank in range(WORLD):
+        single.update(*rank_data(rank))
+    only0 = fskd.GramStats(5, 3).update(*rank_data(0))
+    exact = fskd.GramStats(5, 3)  # fp64 features: fp64 products
+    for rank in range(WORLD):
+        exact.update(*(x.double() for x in rank_data(rank)))
+    q64 = fskd.solve(exact, alpha=1e-4, prior="zero")
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["count"] == single.count == (3 + 4) * 24
+        for key in ("G", "Hc", "sum_s", "sum_t"):
+            summed = getattr(per_rank[0], key) + getattr(per_rank[1], key)
+            assert torch.equal(got[key], summed), key  # a sum of two fp64 numbers is exact
+            want = getattr(single, key)  # differs only by fp32 rounding of other shifts
+            assert float((got[key] - want).norm() / want.norm()) < 1e-6, key
+        assert got["late_count"] == only0.count and torch.equal(got["late_G"], only0.G)
+        assert float((got["q"] - q64).norm() / q64.norm()) < 1e-6

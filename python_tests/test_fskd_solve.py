@@ -1,0 +1,179 @@
+"""kdkernels.fskd.solve: the batched fp64 ridge solve against float64 numpy."""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from kdkernels import fskd
+
+solve_mod = importlib.import_module("kdkernels.fskd.solve")  # the module, not the function
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert np.isfinite(a).all(), "result has NaN/inf"
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def problem(cs, ct, m, seed, dtype=torch.float64, mean=0.0):
+    """Features as (M, C, 1, 1) pixels, T = A S + noise; returns (s, t, stats)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(m, cs, generator=g, dtype=torch.float64) + mean
+    t = s @ torch.randn(cs, ct, generator=g, dtype=torch.float64) + 0.1 * torch.randn(m, ct, generator=g, dtype=torch.float64)
+    s, t = s.to(dtype)[:, :, None, None], t.to(dtype)[:, :, None, None]
+    return s, t, fskd.GramStats(cs, ct).update(s, t)
+
+
+def lstsq_q(s, t):
+    """Q (Ct, Cs) = argmin ||Q S - T|| by float64 numpy."""
+    S = s.double().flatten(1).numpy()
+    T = t.double().flatten(1).numpy()
+    return np.linalg.lstsq(S, T, rcond=None)[0].T
+
+
+def ridge_q(G, H, alpha, q0):
+    c = G.shape[0]
+    lam = alpha * np.trace(G) / c
+    return np.linalg.solve(G + lam * np.eye(c), (H + lam * q0).T).T
+
+
+def test_matches_numpy_lstsq_alpha0():
+    cases = [(5, 5), (12, 7), (3, 16), (31, 31)]  # different widths in one batch
+    probs = [problem(cs, ct, 400, seed=i) for i, (cs, ct) in enumerate(cases)]
+    qs = fskd.solve([p[2] for p in probs], alpha=0.0, prior="zero")
+    assert isinstance(qs, list) and len(qs) == 4
+    for (s, t, _), q, (cs, ct) in zip(probs, qs, cases):
+        assert q.shape == (ct, cs) and q.dtype == torch.float64
+        assert rel_err(q, lstsq_q(s, t)) < 1e-8
+
+
+def test_identity_prior_alpha0_is_plain_least_squares():
+    s, t, st = problem(9, 9, 300, seed=5)
+    q = fskd.solve(st, alpha=0)  # one GramStats in, one tensor out
+    assert isinstance(q, torch.Tensor)
+    assert rel_err(q, lstsq_q(s, t)) < 1e-8
+
+
+def test_fp32_features_match_lstsq_of_the_same_values():
+    s, t, st = problem(16, 16, 2000, seed=6, dtype=torch.float32, mean=3.0)
+    assert rel_err(fskd.solve(st, alpha=0), lstsq_q(s, t)) < 1e-5
+
+
+def test_ill_conditioned_large_means_plain_fp32_fails_gramstats_succeeds():
+    g = torch.Generator().manual_seed(0)
+    c, m = 32, 4096
+    mu = 1000 * (1 + torch.rand(c, generator=g))
+    x = (mu[:, None] + torch.randn(c, m, generator=g)).float()  # (C, M), pre-ReLU-like
+    a = torch.randn(c, c, generator=g) / c ** 0.5
+    y = (a @ (x - mu[:, None]) + 0.1 * torch.randn(c, m, generator=g) + mu[:, None]).float()
+    # plain fp32 Gram: not positive definite any more
+    _, info = torch.linalg.cholesky_ex(x @ x.T)
+    assert int(info) > 0
+    st = fskd.GramStats(c).update(x.T[:, :, None, None], y.T[:, :, None, None])
+    q = fskd.solve(st, alpha=0)
+    ref = np.linalg.lstsq(x.double().numpy().T, y.double().numpy().T, rcond=None)[0].T
+    assert rel_err(q, ref) < 1e-5
+
+
+def test_rank_deficient_is_finite_and_equals_ridge():
+    s, t, st = problem(24, 24, 10, seed=7)  # M = 10 pixels < C = 24
+    with pytest.warns(RuntimeWarning, match=r"10 pixels for 24 channels: underdetermined"):
+        q = fskd.solve(st, alpha=1e-3)
+    G, H = st.G.numpy(), st.Hc.numpy()
+    assert rel_err(q, ridge_q(G, H, 1e-3, np.eye(24))) < 1e-9
+    s, t, st = problem(8, 5, 6, seed=8)
+    with pytest.warns(RuntimeWarning):
+        q = fskd.solve(st, alpha=1e-2, prior="zero")
+    assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-2, np.zeros((5, 8)))) < 1e-9
+
+
+@pytest.mark.parametrize("prior", ["identity", "zero"])
+def test_padded_batch_equals_per_block_solves(prior):
+    widths = [(3, 3), (17, 17), (8, 8), (1, 1)] if prior == "identity" else [(3, 6), (17, 2), (8, 8)]
+    stats = [problem(cs, ct, 60, seed=10 + i)[2] for i, (cs, ct) in enumerate(widths)]
+    batched = fskd.solve(stats, alpha=1e-3, prior=prior)
+    for st, q in zip(stats, batched):
+        alone = fskd.solve(st, alpha=1e-3, prior=prior)
+        assert rel_err(q, alone) < 1e-12
+        q0 = np.eye(st.c_out, st.c_in) if prior == "identity" else np.zeros((st.c_out, st.c_in))
+        assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-3, q0)) < 1e-9
+
+
+def test_dead_channels_keep_their_prior():
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(50, 6, 2, 2, generator=g, dtype=torch.float64)
+    s[:, 2] = 0  # a dead channel (e.g. pruned, or always below the ReLU threshold)
+    t = torch.randn(50, 6, 2, 2, generator=g, dtype=torch.float64)
+    st = fskd.GramStats(6).update(s, t)
+    for prior, col in (("identity", np.eye(6)[:, 2]), ("zero", np.zeros(6))):
+        q = fskd.solve(st, alpha=0.0, prior=prior).numpy()
+        assert np.isfinite(q).all()
+        assert np.array_equal(q[:, 2], col)
+        live = [0, 1, 3, 4, 5]
+        S = s.transpose(0, 1).reshape(6, -1).numpy()[live].T
+        T = t.transpose(0, 1).reshape(6, -1).numpy().T
+        assert rel_err(q[:, live], np.linalg.lstsq(S, T, rcond=None)[0].T) < 1e-8
+    empty = fskd.GramStats(3).update(torch.zeros(2, 3, 2, 2), torch.randn(2, 3, 2, 2))
+    assert np.array_equal(fskd.solve(empty).numpy(), np.eye(3))  # all dead: Q = Q0
+
+
+def test_jitter_retries_only_the_failed_entries(monkeypatch):
+    good_g = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    bad_g = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-13]], dtype=torch.float64)  # indefinite by a hair
+    h = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    sizes = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a, **k: sizes.append(a.shape[0]) or real(a, **k))
+    q_good, q_bad = solve_mod.ridge_solve([good_g, bad_g], [h, h], 0.0, False)
+    assert sizes[0] == 2 and len(sizes) >= 2 and all(n == 1 for n in sizes[1:])
+    assert rel_err(q_good, h.numpy() @ np.linalg.inv(good_g.numpy())) < 1e-14
+    assert torch.isfinite(q_bad).all()
+
+
+def test_unrecoverable_blocks_raise_with_their_name():
+    g = torch.eye(3, dtype=torch.float64)
+    h = torch.ones(3, 3, dtype=torch.float64)
+    with pytest.raises(torch.linalg.LinAlgError, match=r"second: Cholesky of G \+ lam\*I failed"):
+        solve_mod.ridge_solve([g, -g], [h, h], 0.0, False, names=["first", "second"])
+    nan_g = g.clone()
+    nan_g[0, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"block 1: the statistics contain NaN or inf"):
+        solve_mod.ridge_solve([g, nan_g], [h, h], 1e-4, True)
+    _, _, st = problem(4, 4, 30, seed=12)
+    st.G[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf"):
+        fskd.solve(st)
+
+
+def test_never_calls_lstsq(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("torch.linalg.lstsq must not be used")
+    monkeypatch.setattr(torch.linalg, "lstsq", boom)
+    _, _, st = problem(6, 6, 3, seed=13)
+    with pytest.warns(RuntimeWarning):
+        assert torch.isfinite(fskd.solve(st, alpha=1e-4)).all()
+
+
+def test_bad_arguments():
+    _, _, st = problem(4, 3, 20, seed=14)
+    with pytest.raises(ValueError, match=r"prior='identity' needs.*Cs=4, Ct=3"):
+        fskd.solve(st)
+    with pytest.raises(ValueError, match=r"alpha must be a finite float >= 0, got -1.0"):
+        fskd.solve(st, alpha=-1.0, prior="zero")
+    with pytest.raises(TypeError, match=r"alpha must be a float"):
+        fskd.solve(st, alpha="big", prior="zero")
+    with pytest.raises(ValueError, match=r"prior must be one of 'identity', 'zero', got 'eye'"):
+        fskd.solve(st, prior="eye")
+    with pytest.raises(ValueError, match=r"block 0: no samples"):
+        fskd.solve(fskd.GramStats(3))
+    with pytest.raises(TypeError, match=r"stats\[1\] must be a GramStats, got Tensor"):
+        fskd.solve([st, torch.eye(3)], prior="zero")
+    with pytest.raises(TypeError, match=r"stats must be a GramStats or a list"):
+        fskd.solve(torch.eye(3))
+    with pytest.raises(ValueError, match=r"stats is empty"):
+        fskd.solve([])
+    on_meta = fskd.GramStats(4, 3, device="meta")
+    on_meta.count = 20
+    with pytest.raises(ValueError, match=r"one device"):
+        fskd.solve([st, on_meta], prior="zero")

@@ -1,0 +1,168 @@
+"""kdkernels.fskd.GramStats: streaming fp64 sums from shifted fp32 tile products."""
+import pytest
+import torch
+
+from kdkernels import fskd
+from kdkernels.fskd import stats as stats_mod
+
+
+def rel_err(a, b):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    assert torch.isfinite(a).all(), "result has NaN/inf"
+    return float((a - b).norm() / b.norm())
+
+
+def exact(s, t):
+    """fp64 G, Hc, sum_s, sum_t of (N, C, ...) features, the plain way."""
+    n, cs, ct = s.shape[0], s.shape[1], t.shape[1]
+    s2 = s.double().reshape(n, cs, -1).transpose(0, 1).reshape(cs, -1)
+    t2 = t.double().reshape(n, ct, -1).transpose(0, 1).reshape(ct, -1)
+    return s2 @ s2.T, t2 @ s2.T, s2.sum(1), t2.sum(1)
+
+
+def centred(g, a, b, m):
+    """sum (x - mean)(y - mean)^T from uncentred sums: what the solve actually sees."""
+    return g - torch.outer(a, b) / m
+
+
+@pytest.mark.parametrize("shape_s, ct", [
+    ((1, 3, 1, 1), 3),       # batch 1, one pixel
+    ((2, 5, 7, 7), 4),       # Cs != Ct
+    ((3, 7, 13, 5), 7),      # non-square, prime sizes
+    ((2, 3, 50, 50), 2),     # 5000 pixels: two tiles
+    ((11, 6), 6),            # (N, C) features
+])
+def test_matches_fp64_sums(shape_s, ct):
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(shape_s, generator=g, dtype=torch.float64) + 3.0
+    t = torch.randn((shape_s[0], ct) + tuple(shape_s[2:]), generator=g, dtype=torch.float64) - 2.0
+    st = fskd.GramStats(shape_s[1], ct)
+    st.update(s[:1], t[:1]).update(s[1:], t[1:])  # streaming over two batches
+    G, H, a, b = exact(s, t)
+    m = s.numel() // shape_s[1]
+    assert st.count == m
+    assert st.G.dtype == torch.float64 and st.G.shape == (shape_s[1], shape_s[1])
+    assert st.Hc.shape == (ct, shape_s[1])
+    for got, want in ((st.G, G), (st.Hc, H), (st.sum_s, a), (st.sum_t, b)):
+        assert rel_err(got, want) < 1e-12
+
+
+def test_fp32_large_means_keep_the_spread():
+    # pre-ReLU-like: mean 1000, spread 1. The centred Gram is what the solve needs.
+    g = torch.Generator().manual_seed(1)
+    cs, m = 16, 3000
+    mu = 1000 * (1 + torch.rand(cs, 1, 1, generator=g))
+    s = (mu + torch.randn(m // 30, cs, 5, 6, generator=g)).float()
+    t = (0.5 * s + torch.randn(s.shape, generator=g)).float()
+    st = fskd.GramStats(cs)
+    for chunk in range(0, s.shape[0], 25):
+        st.update(s[chunk:chunk + 25], t[chunk:chunk + 25])
+    G, H, a, b = exact(s, t)
+    want_g, want_h = centred(G, a, a, m), centred(H, b, a, m)
+    assert rel_err(centred(st.G, st.sum_s, st.sum_s, st.count), want_g) < 1e-5
+    assert rel_err(centred(st.Hc, st.sum_t, st.sum_s, st.count), want_h) < 1e-5
+    # the plain fp32 Gram loses the spread entirely
+    s2 = s.transpose(0, 1).reshape(cs, -1)
+    naive = (s2 @ s2.T).double()
+    assert rel_err(centred(naive, a, a, m), want_g) > 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs(dtype):
+    g = torch.Generator().manual_seed(2)
+    s = (torch.randn(4, 6, 5, 5, generator=g) + 4).to(dtype)
+    t = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
+    st = fskd.GramStats(6, 3).update(s, t)
+    G, H, a, b = exact(s, t)  # of the very same rounded values
+    assert rel_err(st.G, G) < 1e-6
+    assert rel_err(st.Hc, H) < 1e-5
+    assert rel_err(st.sum_t, b) < 1e-5
+
+
+def test_mixed_dtypes_and_channels_last():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(3, 4, 6, 6, generator=g).to(memory_format=torch.channels_last)
+    t = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    st = fskd.GramStats(4).update(s, t)
+    G, H, _, _ = exact(s, t)
+    assert rel_err(st.G, G) < 1e-12 and rel_err(st.Hc, H) < 1e-12  # fp64 path
+
+
+def test_empty_batch_and_device_argument():
+    st = fskd.GramStats(3, device="cpu")
+    assert st.device == torch.device("cpu") and st.count == 0
+    st.update(torch.randn(0, 3, 4, 4), torch.randn(0, 3, 4, 4))
+    assert st.count == 0 and float(st.G.abs().sum()) == 0.0
+    assert "count=0" in repr(st)
+
+
+def test_update_runs_with_ieee_fp32_matmul_and_restores_flags(monkeypatch):
+    backend = torch.backends.mkldnn.matmul
+    if not hasattr(backend, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision flag")
+    seen = []
+    real_bmm = torch.bmm
+
+    def spy(*args, **kwargs):
+        seen.append(backend.fp32_precision)
+        return real_bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    saved = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        fskd.GramStats(2).update(torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3))
+        assert seen == ["ieee"]
+        assert backend.fp32_precision == "bf16"
+    finally:
+        backend.fp32_precision = saved
+
+
+def test_one_gemm_per_update(monkeypatch):
+    calls = []
+    real_bmm, real_mm = torch.bmm, torch.matmul
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append("bmm") or real_bmm(*a, **k))
+    monkeypatch.setattr(torch, "matmul", lambda *a, **k: calls.append("matmul") or real_mm(*a, **k))
+    fskd.GramStats(5, 3).update(torch.randn(2, 5, 70, 70), torch.randn(2, 3, 70, 70))  # 3 tiles
+    assert calls == ["bmm"]
+
+
+@pytest.mark.parametrize("s, t, match", [
+    (torch.randn(2, 3, 4), torch.randn(2, 3, 4), r"s must be \(N, C, H, W\) or \(N, C\), got shape \(2, 3, 4\)"),
+    (torch.randn(2, 4, 5, 5), torch.randn(2, 3, 5, 5), r"s has 4 channels \(shape \(2, 4, 5, 5\)\)"),
+    (torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5), r"t has 4 channels"),
+    (torch.randn(2, 3, 5, 5), torch.randn(2, 3, 4, 5), r"same batch and spatial sizes.*\(2, 3, 4, 5\)"),
+    (torch.randn(2, 3, 5, 5), torch.randn(3, 3, 5, 5), r"same batch"),
+    (torch.randn(2, 3, 5, 5), torch.randn(2, 3, 5, 5, device="meta"), r"one device"),
+])
+def test_bad_shapes(s, t, match):
+    with pytest.raises(ValueError, match=match):
+        fskd.GramStats(3).update(s, t)
+
+
+def test_bad_types_and_arguments():
+    st = fskd.GramStats(3)
+    with pytest.raises(TypeError, match=r"s must be float16.*torch.int64"):
+        st.update(torch.ones(2, 3, 4, 4, dtype=torch.long), torch.randn(2, 3, 4, 4))
+    with pytest.raises(TypeError, match=r"t must be a torch.Tensor, got list"):
+        st.update(torch.randn(2, 3, 4, 4), [1.0])
+    with pytest.raises(ValueError, match=r"c_in must be >= 1, got 0"):
+        fskd.GramStats(0)
+    with pytest.raises(TypeError, match=r"c_out must be an int"):
+        fskd.GramStats(3, 2.5)
+    on_meta = fskd.GramStats(3, device="meta")
+    with pytest.raises(ValueError, match=r"statistics live on meta"):
+        on_meta.update(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"process group"):
+        st.all_reduce()
+
+
+def test_tile_size_does_not_change_the_result(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(3, 4, 9, 9, generator=g, dtype=torch.float64) * 2 + 5
+    t = torch.randn(3, 2, 9, 9, generator=g, dtype=torch.float64)
+    one = fskd.GramStats(4, 2).update(s, t)
+    monkeypatch.setattr(stats_mod, "TILE_PIXELS", 7)  # 35 tiles, the last one padded
+    many = fskd.GramStats(4, 2).update(s, t)
+    assert rel_err(many.G, one.G) < 1e-13 and rel_err(many.Hc, one.Hc) < 1e-13
+    assert rel_err(many.sum_s, one.sum_s) < 1e-13 and many.count == one.count == 243

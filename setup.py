@@ -1,0 +1,185 @@
+"""Builds the native library ``kdkernels._C`` (metadata lives in pyproject.toml).
+
+The extension includes no torch headers: it needs only pybind11 at build time,
+so an isolated ``pip install .`` works and one build serves every torch version.
+
+Environment:
+  KDKERNELS_CUDA=auto|1|0     compile csrc/cuda/*.cu: when nvcc is found (auto, the
+                              default), always (1: error without nvcc), never (0)
+  KDKERNELS_CUDA_ARCHS=80;90  SASS for each listed arch, PTX for the highest
+  CUDA_HOME / CUDA_PATH       where the toolkit is (default: from nvcc on PATH)
+  MAX_JOBS                    parallel compile jobs (default: all cores)
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+os.chdir(ROOT)  # sources are given relative to the project root
+# Portable flags only (no -march=native): the wheel must run on any x86-64 / aarch64.
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+              "--expt-relaxed-constexpr", "-DKDKERNELS_WITH_CUDA"]
+
+
+def _log(msg: str) -> None:
+    print(f"kdkernels: {msg}", flush=True)
+
+
+def _jobs() -> int:
+    return int(os.environ.get("MAX_JOBS", "0")) or (os.cpu_count() or 1)
+
+
+def _cuda_mode() -> str:
+    mode = os.environ.get("KDKERNELS_CUDA", "auto").strip().lower()
+    aliases = {"": "auto", "auto": "auto", "1": "1", "on": "1", "yes": "1", "true": "1",
+               "0": "0", "off": "0", "no": "0", "false": "0"}
+    if mode not in aliases:
+        raise SystemExit(f"KDKERNELS_CUDA={mode!r}: expected auto, 1 or 0")
+    return aliases[mode]
+
+
+def _cuda_archs() -> list[str]:
+    raw = os.environ.get("KDKERNELS_CUDA_ARCHS", "80;90")
+    archs = []
+    for item in re.split(r"[;,\s]+", raw.strip()):
+        if not item:
+            continue
+        arch = item.lower().replace("sm_", "").replace("compute_", "").replace(".", "")
+        if not re.fullmatch(r"\d{2,3}[af]?", arch):
+            raise SystemExit(f"KDKERNELS_CUDA_ARCHS: cannot read {item!r} (expected e.g. 80;90)")
+        if arch not in archs:
+            archs.append(arch)
+    if not archs:
+        raise SystemExit("KDKERNELS_CUDA_ARCHS is empty")
+    return sorted(archs, key=lambda a: (int(re.match(r"\d+", a).group()), a))
+
+
+def _find_cuda() -> tuple[str | None, str | None]:
+    """(nvcc, CUDA home) or (None, None)."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = None
+    if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        nvcc = os.path.join(home, "bin", "nvcc")
+    else:
+        nvcc = shutil.which("nvcc")
+        home = None
+    if nvcc is None:
+        return None, None
+    if home is None:
+        # nvcc on PATH may be a wrapper script: ask it where it really lives.
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True).stderr
+            here = re.search(r"_HERE_=(\S+)", out)
+            home = os.path.dirname(os.path.normpath(here.group(1))) if here else None
+        except OSError:
+            home = None
+        if not home or not os.path.isdir(os.path.join(home, "include")):
+            home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return nvcc, home
+
+
+def _cuda_lib_dir(home: str) -> str | None:
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
+                os.path.join("targets", "sbsa-linux", "lib")):
+        if os.path.isfile(os.path.join(home, sub, "libcudart_static.a")):
+            return os.path.join(home, sub)
+    return None
+
+
+class BuildExt(build_ext):
+    """build_ext that first compiles csrc/cuda/*.cu with nvcc and links the objects in."""
+
+    def build_extensions(self) -> None:
+        ext = self.extensions[0]
+        flags = list(self.compiler.compiler_so[1:]) + list(ext.extra_compile_args)
+        ext.define_macros.append(("KDKERNELS_CXX_FLAGS", '"%s"' % " ".join(flags).replace('"', "'")))
+        mode = _cuda_mode()
+        if mode != "0":
+            nvcc, home = _find_cuda()
+            if nvcc is None:
+                if mode == "1":
+                    raise SystemExit("KDKERNELS_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+                _log("nvcc not found: building the CPU kernels only (KDKERNELS_CUDA=1 makes this an error)")
+            else:
+                try:
+                    self._add_cuda(ext, nvcc, home)
+                except (RuntimeError, OSError) as exc:
+                    if mode == "1":
+                        raise SystemExit(f"CUDA build failed: {exc}")
+                    _log(f"CUDA build failed, building the CPU kernels only: {exc}")
+        else:
+            _log("KDKERNELS_CUDA=0: building the CPU kernels only")
+        super().build_extensions()
+
+    def _add_cuda(self, ext, nvcc: str, home: str) -> None:
+        lib_dir = _cuda_lib_dir(home)
+        if lib_dir is None:
+            raise RuntimeError(f"libcudart_static.a not found under {home}")
+        archs = _cuda_archs()
+        gencode = []
+        for arch in archs:
+            gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        headers = glob.glob(os.path.join("csrc", "common", "*.h"))
+        out_dir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(out_dir, exist_ok=True)
+        pool = max(1, min(_jobs(), len(sources)))
+        threads = max(1, _jobs() // pool)
+        base = [nvcc, *NVCC_FLAGS, *gencode, "--threads", str(threads), "-I", "csrc"]
+        _log(f"CUDA {home}: sm_{', sm_'.join(archs)} + PTX compute_{archs[-1]}; {len(sources)} file(s)")
+
+        def compile_one(src: str) -> str:
+            obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
+            cmd = [*base, "-c", src, "-o", obj]
+            stamp = obj + ".cmd"
+            newest = max(os.path.getmtime(p) for p in [src, *headers])
+            if (os.path.exists(obj) and os.path.getmtime(obj) >= newest and os.path.exists(stamp)
+                    and open(stamp).read() == " ".join(cmd)):
+                return obj
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {src}:\n{' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+            if proc.stderr.strip():
+                sys.stderr.write(proc.stderr)
+            with open(stamp, "w") as f:
+                f.write(" ".join(cmd))
+            return obj
+
+        with ThreadPoolExecutor(pool) as ex:
+            objects = list(ex.map(compile_one, sources))
+        ext.extra_objects += objects
+        ext.include_dirs.append(os.path.join(home, "include"))
+        ext.library_dirs.append(lib_dir)
+        # Static runtime: importing _C needs no libcudart.so and no GPU; its
+        # symbols stay private so they never mix with torch's own runtime.
+        ext.libraries += ["cudart_static", "dl", "rt", "pthread"]
+        ext.extra_link_args += ["-Wl,--exclude-libs,ALL"]
+        ext.define_macros += [("KDKERNELS_WITH_CUDA", None),
+                              ("KDKERNELS_CUDA_ARCHS", '"%s"' % ";".join(archs))]
+
+
+ext_modules = [
+    Pybind11Extension(
+        "kdkernels._C",
+        ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+        include_dirs=["csrc"],
+        depends=sorted(glob.glob("csrc/common/*.h")),
+        extra_compile_args=CXX_FLAGS,
+        cxx_std=17,
+    )
+]
+
+ParallelCompile("MAX_JOBS", default=0).install()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
