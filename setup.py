@@ -66,26 +66,24 @@ def _cuda_archs() -> list[str]:
 
 
 def _find_cuda() -> tuple[str | None, str | None]:
-    """(nvcc, CUDA home) or (None, None)."""
+    """(nvcc, CUDA home): $CUDA_HOME/bin/nvcc (or $CUDA_PATH), else nvcc on PATH; (None, None) if neither."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = None
     if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
-        nvcc = os.path.join(home, "bin", "nvcc")
-    else:
-        nvcc = shutil.which("nvcc")
-        home = None
+        return os.path.join(home, "bin", "nvcc"), home
+    nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None, None
-    if home is None:
-        # nvcc on PATH may be a wrapper script: ask it where it really lives.
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True).stderr
-            here = re.search(r"_HERE_=(\S+)", out)
-            home = os.path.dirname(os.path.normpath(here.group(1))) if here else None
-        except OSError:
-            home = None
-        if not home or not os.path.isdir(os.path.join(home, "include")):
-            home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    # nvcc on PATH may be a wrapper script: ask it where it really lives.
+    home = None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+        here = re.search(r"_HERE_=(\S+)", out)
+        home = os.path.dirname(os.path.normpath(here.group(1))) if here else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not home or not os.path.isdir(os.path.join(home, "include")):
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
     return nvcc, home
 
 
@@ -130,7 +128,8 @@ class BuildExt(build_ext):
         gencode = []
         for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
-        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        ptx = re.match(r"\d+", archs[-1]).group()  # PTX without the a/f suffix: it must JIT on later GPUs
+        gencode += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
         sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         headers = glob.glob(os.path.join("csrc", "common", "*.h"))
         out_dir = os.path.join(self.build_temp, "cuda")
@@ -138,7 +137,7 @@ class BuildExt(build_ext):
         pool = max(1, min(_jobs(), len(sources)))
         threads = max(1, _jobs() // pool)
         base = [nvcc, *NVCC_FLAGS, *gencode, "--threads", str(threads), "-I", "csrc"]
-        _log(f"CUDA {home}: sm_{', sm_'.join(archs)} + PTX compute_{archs[-1]}; {len(sources)} file(s)")
+        _log(f"CUDA {home}: sm_{', sm_'.join(archs)} + PTX compute_{ptx}; {len(sources)} file(s)")
 
         def compile_one(src: str) -> str:
             obj = os.path.join(out_dir, os.path.splitext(os.path.basename(src))[0] + ".o")
@@ -175,7 +174,7 @@ ext_modules = [
         "kdkernels._C",
         ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
         include_dirs=["csrc"],
-        depends=sorted(glob.glob("csrc/common/*.h")),
+        depends=sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cuda/*.cu")),
         extra_compile_args=CXX_FLAGS,
         cxx_std=17,
     )

@@ -153,8 +153,8 @@ def main():
     head = "| method | " + " | ".join(f"{k}/class" for k in args.shots) + " |"
     print(head)
     print("|" + "---|" * (len(args.shots) + 1))
-    print(f"| teacher | " + " | ".join(f"{acc_t:.1f}" for _ in args.shots) + " |")
-    print(f"| pruned student | " + " | ".join(f"{acc_s:.1f}" for _ in args.shots) + " |")
+    print("| teacher | " + " | ".join(f"{acc_t:.1f}" for _ in args.shots) + " |")
+    print("| pruned student | " + " | ".join(f"{acc_s:.1f}" for _ in args.shots) + " |")
     for name, by_k in rows.items():
         print(f"| {name} | " + " | ".join(f"{by_k[k][0]:.1f} +- {by_k[k][1]:.1f}" for k in args.shots) + " |")
     print(f"\n({time.time() - t0:.0f} s on {torch.get_num_threads()} CPU threads)")

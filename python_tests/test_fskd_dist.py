@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from kdkernels import fskd
 
@@ -18,6 +19,19 @@ def rank_data(rank):
     s = torch.randn(3 + rank, 5, 6, 4, generator=g) + 10.0 * (rank + 1)
     t = torch.randn(3 + rank, 3, 6, 4, generator=g) - 2.0 * rank
     return s, t
+
+
+def tiny_pair():
+    """(student, teacher): conv+BN nets differing in their conv weights."""
+    torch.manual_seed(5)
+    teacher = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    student = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU()).eval()
+    return student, teacher
+
+
+def rank_images(rank):
+    g = torch.Generator().manual_seed(200 + rank)
+    return [torch.randn(2 + rank, 3, 5, 5, generator=g) for _ in range(2)]
 
 
 def _worker(rank, port, out_dir):
@@ -33,8 +47,12 @@ def _worker(rank, port, out_dir):
             late.update(s, t)
         late.all_reduce()
         q = fskd.solve(st, alpha=1e-4, prior="zero")
+        student, teacher = tiny_pair()
+        merged = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(rank), all_reduce=True,
+                              progress=False)
         torch.save({"G": st.G, "Hc": st.Hc, "sum_s": st.sum_s, "sum_t": st.sum_t, "count": st.count,
-                    "late_G": late.G, "late_count": late.count, "q": q},
+                    "late_G": late.G, "late_count": late.count, "q": q,
+                    "merged_w": merged[0].weight.detach(), "merged_b": merged[0].bias.detach()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -64,6 +82,8 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
     for rank in range(WORLD):
         exact.update(*(x.double() for x in rank_data(rank)))
     q64 = fskd.solve(exact, alpha=1e-4, prior="zero")
+    student, teacher = tiny_pair()
+    one = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(0) + rank_images(1), progress=False)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["count"] == single.count == (3 + 4) * 24
@@ -74,3 +94,6 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
             assert float((got[key] - want).norm() / want.norm()) < 1e-6, key
         assert got["late_count"] == only0.count and torch.equal(got["late_G"], only0.G)
         assert float((got["q"] - q64).norm() / q64.norm()) < 1e-6
+        # distill(all_reduce=True) on each rank's images == distill on all images in one process
+        for key, want in (("merged_w", one[0].weight.detach()), ("merged_b", one[0].bias.detach())):
+            assert float((got[key] - want).norm() / want.norm()) < 1e-5, key

@@ -12,8 +12,8 @@ from kdkernels import fskd
 
 
 def rel_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     assert torch.isfinite(a).all(), "result has NaN/inf"
-    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm())
 
 
@@ -98,7 +98,7 @@ def mixed_student(teacher, blocks, seed=1):
         parent, _, leaf = conv_name.rpartition(".")
         setattr(student.get_submodule(parent), leaf, fskd.absorb(conv, p, bn))
         parent, _, leaf = bn_name.rpartition(".")
-        setattr(student.get_submodule(parent), leaf, identity_bn(c))
+        setattr(student.get_submodule(parent), leaf, identity_bn(c).to(conv.weight.device))
     return student
 
 
@@ -113,12 +113,12 @@ def out_err(a, b, x):
 
 
 @pytest.mark.parametrize("make, blocks", [(vgg, VGG_BLOCKS), (ResNetLike, RES_BLOCKS)], ids=["vgg", "resnet"])
-def test_greedy_recovers_a_mixed_student_exactly(make, blocks):
-    teacher = make()
+def test_greedy_recovers_a_mixed_student_exactly(make, blocks, device):
+    teacher = make().to(device)
     student = mixed_student(teacher, blocks)
-    x = data(1, 16, seed=9)[0]
+    x = data(1, 16, seed=9)[0].to(device)
     assert out_err(student, teacher, x) > 1e-2
-    out = fskd.distill(student, teacher, blocks, data(), alpha=0.0, progress=False)
+    out = fskd.distill(student, teacher, blocks, data(), alpha=0.0, progress=False)  # CPU batches
     assert out_err(out, teacher, x) < 1e-4
     for conv_name, bn_name, _ in blocks:
         assert isinstance(out.get_submodule(bn_name), nn.Identity)
@@ -128,9 +128,9 @@ def test_greedy_recovers_a_mixed_student_exactly(make, blocks):
 
 
 @pytest.mark.parametrize("make, blocks", [(vgg, VGG_BLOCKS), (ResNetLike, RES_BLOCKS)], ids=["vgg", "resnet"])
-def test_independent_schedule(make, blocks):
-    teacher = make()
-    x = data(1, 16, seed=9)[0]
+def test_independent_schedule(make, blocks, device):
+    teacher = make().to(device)
+    x = data(1, 16, seed=9)[0].to(device)
     # one mixed block (the deepest): its input is the teacher's, so one pass is exact
     student = mixed_student(teacher, blocks[-1:])
     out = fskd.distill(student, teacher, blocks, data(), schedule="independent", alpha=0.0, progress=False)

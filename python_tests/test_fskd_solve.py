@@ -10,19 +10,23 @@ from kdkernels import fskd
 solve_mod = importlib.import_module("kdkernels.fskd.solve")  # the module, not the function
 
 
+def as_np(x):
+    return x.detach().cpu().double().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float64)
+
+
 def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    a, b = as_np(a), as_np(b)
     assert np.isfinite(a).all(), "result has NaN/inf"
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def problem(cs, ct, m, seed, dtype=torch.float64, mean=0.0):
-    """Features as (M, C, 1, 1) pixels, T = A S + noise; returns (s, t, stats)."""
+def problem(cs, ct, m, seed, dtype=torch.float64, mean=0.0, device="cpu"):
+    """Features as (M, C, 1, 1) pixels, T = A S + noise; returns (s, t, stats) (s, t on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(m, cs, generator=g, dtype=torch.float64) + mean
     t = s @ torch.randn(cs, ct, generator=g, dtype=torch.float64) + 0.1 * torch.randn(m, ct, generator=g, dtype=torch.float64)
     s, t = s.to(dtype)[:, :, None, None], t.to(dtype)[:, :, None, None]
-    return s, t, fskd.GramStats(cs, ct).update(s, t)
+    return s, t, fskd.GramStats(cs, ct).update(s.to(device), t.to(device))
 
 
 def lstsq_q(s, t):
@@ -38,13 +42,13 @@ def ridge_q(G, H, alpha, q0):
     return np.linalg.solve(G + lam * np.eye(c), (H + lam * q0).T).T
 
 
-def test_matches_numpy_lstsq_alpha0():
+def test_matches_numpy_lstsq_alpha0(device):
     cases = [(5, 5), (12, 7), (3, 16), (31, 31)]  # different widths in one batch
-    probs = [problem(cs, ct, 400, seed=i) for i, (cs, ct) in enumerate(cases)]
+    probs = [problem(cs, ct, 400, seed=i, device=device) for i, (cs, ct) in enumerate(cases)]
     qs = fskd.solve([p[2] for p in probs], alpha=0.0, prior="zero")
     assert isinstance(qs, list) and len(qs) == 4
     for (s, t, _), q, (cs, ct) in zip(probs, qs, cases):
-        assert q.shape == (ct, cs) and q.dtype == torch.float64
+        assert q.shape == (ct, cs) and q.dtype == torch.float64 and q.device.type == device.type
         assert rel_err(q, lstsq_q(s, t)) < 1e-8
 
 
@@ -55,12 +59,12 @@ def test_identity_prior_alpha0_is_plain_least_squares():
     assert rel_err(q, lstsq_q(s, t)) < 1e-8
 
 
-def test_fp32_features_match_lstsq_of_the_same_values():
-    s, t, st = problem(16, 16, 2000, seed=6, dtype=torch.float32, mean=3.0)
+def test_fp32_features_match_lstsq_of_the_same_values(device):
+    s, t, st = problem(16, 16, 2000, seed=6, dtype=torch.float32, mean=3.0, device=device)
     assert rel_err(fskd.solve(st, alpha=0), lstsq_q(s, t)) < 1e-5
 
 
-def test_ill_conditioned_large_means_plain_fp32_fails_gramstats_succeeds():
+def test_ill_conditioned_large_means_plain_fp32_fails_gramstats_succeeds(device):
     g = torch.Generator().manual_seed(0)
     c, m = 32, 4096
     mu = 1000 * (1 + torch.rand(c, generator=g))
@@ -70,7 +74,7 @@ def test_ill_conditioned_large_means_plain_fp32_fails_gramstats_succeeds():
     # plain fp32 Gram: not positive definite any more
     _, info = torch.linalg.cholesky_ex(x @ x.T)
     assert int(info) > 0
-    st = fskd.GramStats(c).update(x.T[:, :, None, None], y.T[:, :, None, None])
+    st = fskd.GramStats(c).update(x.T[:, :, None, None].to(device), y.T[:, :, None, None].to(device))
     q = fskd.solve(st, alpha=0)
     ref = np.linalg.lstsq(x.double().numpy().T, y.double().numpy().T, rcond=None)[0].T
     assert rel_err(q, ref) < 1e-5
@@ -89,15 +93,24 @@ def test_rank_deficient_is_finite_and_equals_ridge():
 
 
 @pytest.mark.parametrize("prior", ["identity", "zero"])
-def test_padded_batch_equals_per_block_solves(prior):
-    widths = [(3, 3), (17, 17), (8, 8), (1, 1)] if prior == "identity" else [(3, 6), (17, 2), (8, 8)]
-    stats = [problem(cs, ct, 60, seed=10 + i)[2] for i, (cs, ct) in enumerate(widths)]
+def test_padded_batch_equals_per_block_solves(prior, monkeypatch, device):
+    # groups by width (>= 0.8 x the widest): {17, 16, 14}, {8, 7}, {3}, {1} / {17, 15}, {8}, {3}
+    if prior == "identity":
+        widths, n_groups = [(3, 3), (17, 17), (8, 8), (16, 16), (1, 1), (14, 14), (7, 7)], 4
+    else:
+        widths, n_groups = [(3, 6), (17, 2), (8, 8), (15, 19)], 3
+    stats = [problem(cs, ct, 60, seed=10 + i, device=device)[2] for i, (cs, ct) in enumerate(widths)]
+    sizes = []
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a, **k: sizes.append(tuple(a.shape)) or real(a, **k))
     batched = fskd.solve(stats, alpha=1e-3, prior=prior)
+    assert len(sizes) == n_groups and sizes[0] == (3 if prior == "identity" else 2, 17, 17)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", real)
     for st, q in zip(stats, batched):
         alone = fskd.solve(st, alpha=1e-3, prior=prior)
         assert rel_err(q, alone) < 1e-12
         q0 = np.eye(st.c_out, st.c_in) if prior == "identity" else np.zeros((st.c_out, st.c_in))
-        assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-3, q0)) < 1e-9
+        assert rel_err(q, ridge_q(as_np(st.G), as_np(st.Hc), 1e-3, q0)) < 1e-9
 
 
 def test_dead_channels_keep_their_prior():
@@ -177,3 +190,17 @@ def test_bad_arguments():
     on_meta.count = 20
     with pytest.raises(ValueError, match=r"one device"):
         fskd.solve([st, on_meta], prior="zero")
+
+
+def test_solve_syncs_once_on_cuda(device):
+    if device.type != "cuda":
+        pytest.skip("host syncs are only observable on CUDA (KDKERNELS_TEST_DEVICE=cuda)")
+    stats = [problem(c, c, 50, seed=20 + i, device=device)[2] for i, c in enumerate([8, 8, 16, 30, 31])]
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            qs = fskd.solve(stats)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len([w for w in record if "synchroniz" in str(w.message)]) == 1  # the final error check
+    assert all(torch.isfinite(q).all() for q in qs)

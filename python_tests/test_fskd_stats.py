@@ -7,7 +7,7 @@ from kdkernels.fskd import stats as stats_mod
 
 
 def rel_err(a, b):
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     assert torch.isfinite(a).all(), "result has NaN/inf"
     return float((a - b).norm() / b.norm())
 
@@ -32,10 +32,10 @@ def centred(g, a, b, m):
     ((2, 3, 50, 50), 2),     # 5000 pixels: two tiles
     ((11, 6), 6),            # (N, C) features
 ])
-def test_matches_fp64_sums(shape_s, ct):
+def test_matches_fp64_sums(shape_s, ct, device):
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(shape_s, generator=g, dtype=torch.float64) + 3.0
-    t = torch.randn((shape_s[0], ct) + tuple(shape_s[2:]), generator=g, dtype=torch.float64) - 2.0
+    s = (torch.randn(shape_s, generator=g, dtype=torch.float64) + 3.0).to(device)
+    t = (torch.randn((shape_s[0], ct) + tuple(shape_s[2:]), generator=g, dtype=torch.float64) - 2.0).to(device)
     st = fskd.GramStats(shape_s[1], ct)
     st.update(s[:1], t[:1]).update(s[1:], t[1:])  # streaming over two batches
     G, H, a, b = exact(s, t)
@@ -47,13 +47,13 @@ def test_matches_fp64_sums(shape_s, ct):
         assert rel_err(got, want) < 1e-12
 
 
-def test_fp32_large_means_keep_the_spread():
+def test_fp32_large_means_keep_the_spread(device):
     # pre-ReLU-like: mean 1000, spread 1. The centred Gram is what the solve needs.
     g = torch.Generator().manual_seed(1)
     cs, m = 16, 3000
     mu = 1000 * (1 + torch.rand(cs, 1, 1, generator=g))
-    s = (mu + torch.randn(m // 30, cs, 5, 6, generator=g)).float()
-    t = (0.5 * s + torch.randn(s.shape, generator=g)).float()
+    s = (mu + torch.randn(m // 30, cs, 5, 6, generator=g)).float().to(device)
+    t = (0.5 * s.cpu() + torch.randn(s.shape, generator=g)).float().to(device)
     st = fskd.GramStats(cs)
     for chunk in range(0, s.shape[0], 25):
         st.update(s[chunk:chunk + 25], t[chunk:chunk + 25])
@@ -62,16 +62,16 @@ def test_fp32_large_means_keep_the_spread():
     assert rel_err(centred(st.G, st.sum_s, st.sum_s, st.count), want_g) < 1e-5
     assert rel_err(centred(st.Hc, st.sum_t, st.sum_s, st.count), want_h) < 1e-5
     # the plain fp32 Gram loses the spread entirely
-    s2 = s.transpose(0, 1).reshape(cs, -1)
+    s2 = s.cpu().transpose(0, 1).reshape(cs, -1)
     naive = (s2 @ s2.T).double()
     assert rel_err(centred(naive, a, a, m), want_g) > 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs(dtype):
+def test_low_precision_inputs(dtype, device):
     g = torch.Generator().manual_seed(2)
-    s = (torch.randn(4, 6, 5, 5, generator=g) + 4).to(dtype)
-    t = torch.randn(4, 3, 5, 5, generator=g).to(dtype)
+    s = (torch.randn(4, 6, 5, 5, generator=g) + 4).to(device, dtype)
+    t = torch.randn(4, 3, 5, 5, generator=g).to(device, dtype)
     st = fskd.GramStats(6, 3).update(s, t)
     G, H, a, b = exact(s, t)  # of the very same rounded values
     assert rel_err(st.G, G) < 1e-6
@@ -96,10 +96,10 @@ def test_empty_batch_and_device_argument():
     assert "count=0" in repr(st)
 
 
-def test_update_runs_with_ieee_fp32_matmul_and_restores_flags(monkeypatch):
-    backend = torch.backends.mkldnn.matmul
+def test_update_runs_with_ieee_fp32_matmul_and_restores_flags(monkeypatch, device):
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else torch.backends.mkldnn.matmul
     if not hasattr(backend, "fp32_precision"):
-        pytest.skip("this torch has no per-backend fp32_precision flag")
+        pytest.skip(f"torch {torch.__version__} has no per-backend fp32_precision flag")
     seen = []
     real_bmm = torch.bmm
 
@@ -109,13 +109,26 @@ def test_update_runs_with_ieee_fp32_matmul_and_restores_flags(monkeypatch):
 
     monkeypatch.setattr(torch, "bmm", spy)
     saved = backend.fp32_precision
-    backend.fp32_precision = "bf16"
+    backend.fp32_precision = "tf32" if device.type == "cuda" else "bf16"
     try:
-        fskd.GramStats(2).update(torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3))
+        fskd.GramStats(2).update(torch.randn(2, 2, 3, 3, device=device), torch.randn(2, 2, 3, 3, device=device))
         assert seen == ["ieee"]
-        assert backend.fp32_precision == "bf16"
+        assert backend.fp32_precision == ("tf32" if device.type == "cuda" else "bf16")
     finally:
         backend.fp32_precision = saved
+
+
+def test_update_never_syncs_on_cuda(device):
+    if device.type != "cuda":
+        pytest.skip("host syncs are only observable on CUDA (KDKERNELS_TEST_DEVICE=cuda)")
+    s, t = torch.randn(4, 8, 9, 9, device=device), torch.randn(4, 8, 9, 9, device=device)
+    st = fskd.GramStats(8)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        st.update(s, t).update(s, t)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert st.count == 2 * 4 * 81
 
 
 def test_one_gemm_per_update(monkeypatch):

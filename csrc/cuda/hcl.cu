@@ -158,9 +158,20 @@ __device__ __forceinline__ A pooled_sq(const A* S, int H, int W) {
   return acc;
 }
 
+// The plane's loss from its reduced sums: v[0] = sum d^2, v[1 + b] = bin sums.
+template <int NP, typename A>
+__device__ __forceinline__ A plane_loss(const A* v, int H, int W, const HclCoefs& coefs) {
+  using Lay = Layout<NP>;
+  A out = A(coefs.mse) * v[0];
+  if constexpr (Lay::has4) out += A(coefs.pool[Lay::J4]) * pooled_sq<4>(v + 1 + Lay::B4, H, W);
+  if constexpr (Lay::has2) out += A(coefs.pool[Lay::J2]) * pooled_sq<2>(v + 1 + Lay::B2, H, W);
+  if constexpr (Lay::has1) out += A(coefs.pool[Lay::J1]) * pooled_sq<1>(v + 1 + Lay::B1, H, W);
+  return out;
+}
+
 // S <- scale * S / area^2 over the L x L bins.
 template <int L, typename A>
-__device__ __forceinline__ void to_grad_terms(A* S, A scale, int H, int W) {
+__device__ __forceinline__ void scale_by_area(A* S, A scale, int H, int W) {
 #pragma unroll
   for (int i = 0; i < L; ++i)
 #pragma unroll
@@ -170,7 +181,16 @@ __device__ __forceinline__ void to_grad_terms(A* S, A scale, int H, int W) {
     }
 }
 
-// Row-bin terms of column c: q[i] = sum over column bins k covering c of f(i, k).
+// Bin sums -> gradient terms f_b = g * 2 coef_j * S_b / area_b^2, in place.
+template <int NP, typename A>
+__device__ __forceinline__ void grad_terms(A* f, A g, int H, int W, const HclCoefs& coefs) {
+  using Lay = Layout<NP>;
+  if constexpr (Lay::has4) scale_by_area<4>(f + Lay::B4, g * A(2.0 * coefs.pool[Lay::J4]), H, W);
+  if constexpr (Lay::has2) scale_by_area<2>(f + Lay::B2, g * A(2.0 * coefs.pool[Lay::J2]), H, W);
+  if constexpr (Lay::has1) scale_by_area<1>(f + Lay::B1, g * A(2.0 * coefs.pool[Lay::J1]), H, W);
+}
+
+// Row-bin terms of column c: q[i] = sum over the column bins k covering c of f(i, k).
 template <int L, typename A>
 __device__ __forceinline__ void fold_columns(A* q, const A* f, int c, int W) {
   const unsigned cols = bins_covering<L>(c, W);
@@ -183,34 +203,81 @@ __device__ __forceinline__ void fold_columns(A* q, const A* f, int c, int W) {
   }
 }
 
+// This thread's share of one plane's gradient: grad = a d + sum of the terms f
+// of the bins covering each pixel (a = 2 g coef_mse).
+template <typename T, int NP>
+__device__ __forceinline__ void thread_grad(const T* __restrict__ fs, const T* __restrict__ ft, T* __restrict__ grad,
+                                            int H, int W, int tx, int ty, int TX, int TY, const acc_t<T>* f,
+                                            acc_t<T> a) {
+  using A = acc_t<T>;
+  using Lay = Layout<NP>;
+  constexpr int NR = Lay::rows > 0 ? Lay::rows : 1;
+  for (int c = tx; c < W; c += TX) {
+    A q[NR];
+#pragma unroll
+    for (int i = 0; i < NR; ++i) q[i] = A(0);
+    if constexpr (Lay::has4) fold_columns<4>(q + Lay::R4, f + Lay::B4, c, W);
+    if constexpr (Lay::has2) fold_columns<2>(q + Lay::R2, f + Lay::B2, c, W);
+    if constexpr (Lay::has1) q[Lay::R1] = f[Lay::B1];
+#pragma unroll 4
+    for (int r = ty; r < H; r += TY) {
+      const int off = r * W + c;
+      const A d = Scalar<T>::load(fs[off]) - Scalar<T>::load(ft[off]);
+      A t = A(0);
+      if constexpr (Lay::has4) {
+        const unsigned m = bins_covering<4>(r, H);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) t += ((m >> i) & 1u) ? q[Lay::R4 + i] : A(0);
+      }
+      if constexpr (Lay::has2) {
+        const unsigned m = bins_covering<2>(r, H);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) t += ((m >> i) & 1u) ? q[Lay::R2 + i] : A(0);
+      }
+      if constexpr (Lay::has1) t += q[Lay::R1];
+      grad[off] = Scalar<T>::store(a * d + t);
+    }
+  }
+}
+
+// Thread (group, tx, ty) of the block for shape s.
+struct ThreadPos {
+  int group, lane, tx, ty, TX, TY, G, groups;
+};
+
+__device__ __forceinline__ ThreadPos thread_pos(const Shape& s, int thread) {
+  ThreadPos t;
+  const int bits = s.tx_bits + s.ty_bits;
+  t.G = 1 << bits;
+  t.TX = 1 << s.tx_bits;
+  t.TY = 1 << s.ty_bits;
+  t.groups = kThreads >> bits;
+  t.group = thread >> bits;
+  t.lane = thread & (t.G - 1);
+  t.tx = t.lane & (t.TX - 1);
+  t.ty = t.lane >> s.tx_bits;
+  return t;
+}
+
 template <typename T, int NP>
 __global__ void __launch_bounds__(kThreads)
     hcl_fwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, acc_t<T>* __restrict__ partial, Shape s,
                    HclCoefs coefs) {
   using A = acc_t<T>;
-  using Lay = Layout<NP>;
-  constexpr int N = 1 + Lay::bins;  // v[0] = sum d^2, v[1 + b] = bin sums
+  constexpr int N = 1 + Layout<NP>::bins;  // v[0] = sum d^2, v[1 + b] = bin sums
   __shared__ A smem[kWarps * N];
-  const int bits = s.tx_bits + s.ty_bits, G = 1 << bits, TX = 1 << s.tx_bits, TY = 1 << s.ty_bits;
-  const int group = threadIdx.x >> bits, lt = threadIdx.x & (G - 1);
-  const int tx = lt & (TX - 1), ty = lt >> s.tx_bits;
-  const int groups = kThreads >> bits;
+  const ThreadPos t = thread_pos(s, threadIdx.x);
   const int64_t HW = int64_t(s.H) * s.W;
-  const int64_t tiles = (s.planes + groups - 1) / groups;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t plane = tile * groups + group;
+  const int64_t tiles = (s.planes + t.groups - 1) / t.groups;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform over the block
+    const int64_t plane = tile * t.groups + t.group;
     A v[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) v[n] = A(0);
-    if (plane < s.planes) thread_sums<T, NP, true>(fs + plane * HW, ft + plane * HW, s.H, s.W, tx, ty, TX, TY, v);
-    group_allreduce(v, G, smem);
-    if (plane < s.planes && lt == 0) {
-      A out = A(coefs.mse) * v[0];
-      if constexpr (Lay::has4) out += A(coefs.pool[Lay::J4]) * pooled_sq<4>(v + 1 + Lay::B4, s.H, s.W);
-      if constexpr (Lay::has2) out += A(coefs.pool[Lay::J2]) * pooled_sq<2>(v + 1 + Lay::B2, s.H, s.W);
-      if constexpr (Lay::has1) out += A(coefs.pool[Lay::J1]) * pooled_sq<1>(v + 1 + Lay::B1, s.H, s.W);
-      partial[plane] = out;
-    }
+    if (plane < s.planes)
+      thread_sums<T, NP, true>(fs + plane * HW, ft + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, v);
+    group_allreduce(v, t.G, smem);
+    if (plane < s.planes && t.lane == 0) partial[plane] = plane_loss<NP>(v, s.H, s.W, coefs);
   }
 }
 
@@ -219,61 +286,27 @@ __global__ void __launch_bounds__(kThreads)
     hcl_bwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, const acc_t<T>* __restrict__ gout,
                    T* __restrict__ grad, Shape s, HclCoefs coefs) {
   using A = acc_t<T>;
-  using Lay = Layout<NP>;
-  constexpr int N = Lay::bins > 0 ? Lay::bins : 1;
-  constexpr int NR = Lay::rows > 0 ? Lay::rows : 1;
+  constexpr int N = Layout<NP>::bins > 0 ? Layout<NP>::bins : 1;
   __shared__ A smem[kWarps * N];
-  const int bits = s.tx_bits + s.ty_bits, G = 1 << bits, TX = 1 << s.tx_bits, TY = 1 << s.ty_bits;
-  const int group = threadIdx.x >> bits, lt = threadIdx.x & (G - 1);
-  const int tx = lt & (TX - 1), ty = lt >> s.tx_bits;
-  const int groups = kThreads >> bits;
+  const ThreadPos t = thread_pos(s, threadIdx.x);
   const int64_t HW = int64_t(s.H) * s.W;
-  const int64_t tiles = (s.planes + groups - 1) / groups;
+  const int64_t tiles = (s.planes + t.groups - 1) / t.groups;
   const A g = *gout;
   const A a = g * A(2.0 * coefs.mse);
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t plane = tile * groups + group;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform over the block
+    const int64_t plane = tile * t.groups + t.group;
     A f[N];
 #pragma unroll
     for (int n = 0; n < N; ++n) f[n] = A(0);
-    if constexpr (Lay::bins > 0) {
+    if constexpr (Layout<NP>::bins > 0) {
       if (plane < s.planes)
-        thread_sums<T, NP, false>(fs + plane * HW, ft + plane * HW, s.H, s.W, tx, ty, TX, TY, f);
-      group_allreduce(f, G, smem);
-      if constexpr (Lay::has4) to_grad_terms<4>(f + Lay::B4, g * A(2.0 * coefs.pool[Lay::J4]), s.H, s.W);
-      if constexpr (Lay::has2) to_grad_terms<2>(f + Lay::B2, g * A(2.0 * coefs.pool[Lay::J2]), s.H, s.W);
-      if constexpr (Lay::has1) to_grad_terms<1>(f + Lay::B1, g * A(2.0 * coefs.pool[Lay::J1]), s.H, s.W);
+        thread_sums<T, NP, false>(fs + plane * HW, ft + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, f);
+      group_allreduce(f, t.G, smem);
+      grad_terms<NP>(f, g, s.H, s.W, coefs);
     }
-    if (plane >= s.planes) continue;  // no block-wide sync below
-    const T* __restrict__ x = fs + plane * HW;
-    const T* __restrict__ y = ft + plane * HW;
-    T* __restrict__ out = grad + plane * HW;
-    for (int c = tx; c < s.W; c += TX) {
-      A q[NR];
-#pragma unroll
-      for (int i = 0; i < NR; ++i) q[i] = A(0);
-      if constexpr (Lay::has4) fold_columns<4>(q + Lay::R4, f + Lay::B4, c, s.W);
-      if constexpr (Lay::has2) fold_columns<2>(q + Lay::R2, f + Lay::B2, c, s.W);
-      if constexpr (Lay::has1) q[Lay::R1] = f[Lay::B1];
-#pragma unroll 4
-      for (int r = ty; r < s.H; r += TY) {
-        const int off = r * s.W + c;
-        const A d = Scalar<T>::load(x[off]) - Scalar<T>::load(y[off]);
-        A t = A(0);
-        if constexpr (Lay::has4) {
-          const unsigned m = bins_covering<4>(r, s.H);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) t += ((m >> i) & 1u) ? q[Lay::R4 + i] : A(0);
-        }
-        if constexpr (Lay::has2) {
-          const unsigned m = bins_covering<2>(r, s.H);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) t += ((m >> i) & 1u) ? q[Lay::R2 + i] : A(0);
-        }
-        if constexpr (Lay::has1) t += q[Lay::R1];
-        out[off] = Scalar<T>::store(a * d + t);
-      }
-    }
+    if (plane < s.planes)
+      thread_grad<T, NP>(fs + plane * HW, ft + plane * HW, grad + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, f,
+                         a);
   }
 }
 

@@ -7,7 +7,8 @@ its parameter count and FLOPs.
 
 * :class:`GramStats` - streaming G = sum s s^T and Hc = sum t s^T (shifted fp32
   tile products, fp64 running sums), ``all_reduce`` across ranks.
-* :func:`solve` - every block's ridge problem in one batched fp64 Cholesky.
+* :func:`solve` - every block's ridge problem in batched fp64 Cholesky calls
+  (one per group of similar widths, identity padding inside a group).
 * :func:`absorb` - q o bn o conv as one conv (BN folded, fp64, cast back).
 * :func:`distill` - the whole pipeline with forward hooks, greedy or independent.
 

@@ -286,6 +286,8 @@ def _collect(student, teacher, blocks: List[_Block], data, num_samples, show, de
     def student_hook(j, b):
         def hook(_m, _inp, out):
             s = first_tensor(out, b.bn_name or b.conv_name)
+            if j not in targets:
+                raise ValueError(f"{b.label}: the teacher module did not run on this batch")
             t = targets[j].to(s.device)
             if s.shape != t.shape:
                 raise ValueError(f"{b.label}: student output {shape_str(s)} and teacher output "

@@ -205,16 +205,18 @@ class GramStats:
         zt = buf.view(k, tiles, tile).transpose(0, 1)
         with ieee_fp32_matmul(s.device):
             prod = torch.bmm(zt, zt[:, : cs + 1].transpose(1, 2))
-        p = prod[0].to(torch.float64) if tiles == 1 else prod.sum(0, dtype=torch.float64)
+        # tile sums in fp64 (column Cs: sum z over rows, row Cs: sum z over columns, [Cs, Cs]: M)
+        col = prod[:, :, cs].sum(0, dtype=torch.float64)  # (K,)
+        row = prod[:, cs, :].sum(0, dtype=torch.float64)  # (Cs+1,)
 
-        # restore the uncentred sums in fp64, as one rank-2 update:
+        # restore the uncentred sums in fp64, the correction as one rank-2 update:
         # P[:, Cs] b^T + a P[Cs, :] + M a b^T = [P[:, Cs] + M a, a] @ [b, P[Cs, :]]^T
         a = shift.to(torch.float64)  # row shift (K,)
         b = a[: cs + 1]  # column shift [c_s; 0]
-        u = torch.stack((p[:, cs] + m * a, a), dim=1)  # (K, 2)
-        v = torch.stack((b, p[cs, :]), dim=0)  # (2, Cs+1)
-        p.addmm_(u, v)
-        acc.add_(p)
+        u = torch.stack((col + m * a, a), dim=1)  # (K, 2)
+        v = torch.stack((b, row), dim=0)  # (2, Cs+1)
+        acc.add_(prod[0] if tiles == 1 else prod.sum(0, dtype=torch.float64))
+        acc.addmm_(u, v)
         self.count += m
         return self
 

@@ -47,7 +47,8 @@ def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, rat
     if backend == "cpp":
         C.hcl_fwd_cpu(*args, torch.get_num_threads())
     else:
-        C.hcl_fwd_cuda(*args, stream_of(fs))
+        with torch.cuda.device(fs.device):
+            C.hcl_fwd_cuda(*args, stream_of(fs))
 
 
 def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
@@ -63,7 +64,8 @@ def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, po
     if backend == "cpp":
         C.hcl_bwd_cpu(*args, torch.get_num_threads())
     else:
-        C.hcl_bwd_cuda(*args, stream_of(fs))
+        with torch.cuda.device(fs.device):
+            C.hcl_bwd_cuda(*args, stream_of(fs))
 
 
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
@@ -118,7 +120,8 @@ def _backward(ctx, grad):
     saved = ctx.saved_tensors
     fs, ft = list(saved[: ctx.levels]), list(saved[ctx.levels:])
     grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, ctx.backend)
-    grads_t = [-g for g in grads] if ctx.needs_input_grad[1] else None
+    # needs_input_grad[1] is a list with one flag per teacher level
+    grads_t = [-g if need else None for g, need in zip(grads, ctx.needs_input_grad[1])]
     return list(grads), grads_t, None
 
 

@@ -1,0 +1,37 @@
+"""Comparison helpers that say what went wrong (NaN/inf apart, first bad indices)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE = torch.device(os.environ.get("KDKERNELS_TEST_DEVICE", "cpu"))
+
+# relative-error bounds against a float64 reference (DESIGN.md "Tests")
+REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are exactly zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "output") -> None:
+    """Shapes equal, non-finite values in the same places, relative error below ``tol``."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    o_bad, r_bad = ~torch.isfinite(o), ~torch.isfinite(r)
+    if not torch.equal(o_bad, r_bad):
+        idx = (o_bad != r_bad).nonzero()[:5].tolist()
+        raise AssertionError(f"{what}: non-finite values differ from the reference at {idx}")
+    err = rel_error(o[~o_bad], r[~r_bad]) if o_bad.any() else rel_error(o, r)
+    if not err < tol:  # `not <` so that a NaN error fails
+        diff = (o - r).abs()
+        worst = diff.flatten().topk(min(5, diff.numel())).indices.tolist()
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} >= {tol:.1e}; worst flat indices {worst}, "
+            f"values {[o.flatten()[i].item() for i in worst]} vs {[r.flatten()[i].item() for i in worst]}"
+        )

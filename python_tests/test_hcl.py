@@ -1,0 +1,250 @@
+"""HCL (SPEC section 1): every backend against the float64 reference, and the op's contracts."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from kdkernels import backends
+from kdkernels.reference import hcl as ref
+
+from _util import DEVICE, REL_TOL, assert_rel_close
+
+BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
+FAST = [b for b in BACKENDS if b != "torch"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 32)] + [
+    (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6)]
+GRAD_OUT = 1.7
+
+
+def _cases():
+    """(backend, dtype, shape); the CPU Triton interpreter gets the large planes in fp32 only."""
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for shape in SHAPES:
+                slow = backend == "triton" and DEVICE.type == "cpu" and shape[2] * shape[3] > 256
+                if not slow or dtype == torch.float32:
+                    yield pytest.param(backend, dtype, shape,
+                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+
+
+def _features(shapes, dtype, seed=0, teacher_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    fs = [torch.randn(s, generator=g).to(DEVICE, dtype).requires_grad_() for s in shapes]
+    ft = [(torch.randn(s, generator=g) * 0.5 + 0.1).to(DEVICE, dtype).requires_grad_(teacher_grad)
+          for s in shapes]
+    return fs, ft
+
+
+def _reference(fs, ft):
+    """float64 reference loss and gradients w.r.t. both sides (times GRAD_OUT)."""
+    fs64 = [f.detach().double().requires_grad_() for f in fs]
+    ft64 = [f.detach().double().requires_grad_() for f in ft]
+    loss = ref.hcl_loss(fs64, ft64)
+    (loss * GRAD_OUT).backward()
+    return loss, [f.grad for f in fs64], [f.grad for f in ft64]
+
+
+def test_expected_backends_are_available():
+    """CI must really run the fused kernels: a missing _C or Triton is a failure, not a skip."""
+    have = backends.available_backends("hcl_loss", DEVICE)
+    missing = [b for b in BACKENDS if b not in have]
+    assert not missing, f"backends {missing} unavailable: {backends.backend_status('hcl_loss', DEVICE)}"
+
+
+@pytest.mark.parametrize("backend, dtype, shape", list(_cases()))
+def test_matches_reference(backend, dtype, shape):
+    fs, ft = _features([shape], dtype)
+    loss = kdkernels.hcl_loss(fs, ft, backend=backend)
+    assert loss.dtype == dtype and loss.shape == ()
+    (loss * GRAD_OUT).backward()
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    tol = REL_TOL[dtype]
+    if backend == "torch" and dtype in (torch.float16, torch.bfloat16):
+        tol = 5e-2  # the reference itself pools in low precision
+    assert_rel_close(loss, ref_loss, tol, "loss")
+    assert_rel_close(fs[0].grad, ref_gs[0], tol, "grad fstudent")
+    assert ft[0].grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multilevel_with_teacher_grad(backend):
+    shapes = [(2, 4, 14, 14), (2, 8, 7, 7), (2, 8, 4, 4), (2, 8, 1, 1)]
+    fs, ft = _features(shapes, torch.float32, seed=1, teacher_grad=True)
+    loss = kdkernels.hcl_loss(fs, ft, backend=backend)
+    (loss * GRAD_OUT).backward()
+    ref_loss, ref_gs, ref_gt = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    for k in range(len(shapes)):
+        assert_rel_close(fs[k].grad, ref_gs[k], 1e-5, f"grad fstudent[{k}]")
+        assert_rel_close(ft[k].grad, ref_gt[k], 1e-5, f"grad fteacher[{k}]")
+
+
+def test_closed_form_overlapping_bins():
+    """H = W = 7, pool 4: bins [0,2) [1,4) [3,6) [5,7) overlap; check against explicit bin means."""
+    d = torch.randn(1, 1, 7, 7, dtype=torch.float64)
+    bins = ref.adaptive_bins(7, 4)
+    assert bins == [(0, 2), (1, 4), (3, 6), (5, 7)]
+    pooled = torch.tensor([[d[0, 0, a:b, c:e].mean() for (c, e) in bins] for (a, b) in bins])
+    assert torch.allclose(pooled, F.adaptive_avg_pool2d(d, 4)[0, 0])
+    p2 = torch.tensor([[d[0, 0, a:b, c:e].mean() for (c, e) in ref.adaptive_bins(7, 2)]
+                       for (a, b) in ref.adaptive_bins(7, 2)])
+    expected = ((d ** 2).mean() + 0.5 * (pooled ** 2).mean() + 0.25 * (p2 ** 2).mean()
+                + 0.125 * d.mean() ** 2) / 1.875
+    zero = torch.zeros_like(d)
+    for backend in BACKENDS:
+        got = kdkernels.hcl_loss(d.to(DEVICE), zero.to(DEVICE), backend=backend)
+        assert abs(got.item() - expected.item()) < 1e-12 * abs(expected.item()), backend
+
+
+@pytest.mark.parametrize("height, normaliser", [(1, 1.0), (2, 1.5), (3, 1.75), (4, 1.75), (5, 1.875), (9, 1.875)])
+def test_level_plan(height, normaliser):
+    pools, weights, tot = ref.hcl_level_plan(height)
+    assert tot == normaliser
+    assert all(l < height for l in pools)
+    assert list(weights) == [2.0 ** -(j + 1) for j in range(len(pools))]
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck_float64(backend):
+    # small: gradcheck runs ~4 forwards per input element, slow in the Triton interpreter
+    shapes = [(1, 2, 5, 5), (1, 1, 3, 2), (1, 2, 1, 1)]
+    fs, ft = _features(shapes, torch.float64, seed=2, teacher_grad=True)
+    fn = lambda *xs: kdkernels.hcl_loss(list(xs[:3]), list(xs[3:]), backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, fs + ft)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    fs, ft = _features([(2, 3, 7, 7), (1, 2, 3, 5)], torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.kdkernels.hcl_loss.default, (fs, ft, backend))
+    ft_grad = [f.detach().clone().requires_grad_() for f in ft]
+    torch.library.opcheck(torch.ops.kdkernels.hcl_loss.default, (fs, ft_grad, backend))
+    grad = torch.tensor(1.3, device=DEVICE)
+    torch.library.opcheck(torch.ops.kdkernels.hcl_loss_backward.default,
+                          (grad, [f.detach() for f in fs], [f.detach() for f in ft], backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    fs, ft = _features([(2, 3, 7, 7), (2, 3, 4, 4)], torch.float32, seed=4)
+    compiled = torch.compile(lambda a, b: kdkernels.hcl_loss(a, b, backend=backend) * GRAD_OUT,
+                             fullgraph=True, backend="aot_eager")
+    loss = compiled(fs, ft)
+    loss.backward()
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss * GRAD_OUT, 1e-5, "loss")
+    assert_rel_close(fs[0].grad, ref_gs[0], 1e-5, "grad")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_saves_only_inputs(backend):
+    fs, ft = _features([(2, 3, 7, 7)], torch.float32, seed=5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kdkernels.hcl_loss(fs, ft, backend=backend)
+    assert len(saved) == 2
+    assert {t.data_ptr() for t in saved} == {fs[0].data_ptr(), ft[0].data_ptr()}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_and_channels_last(backend):
+    fs, ft = _features([(2, 6, 9, 7)], torch.float32, seed=6)
+    base = kdkernels.hcl_loss(fs, ft, backend=backend)
+    cl = [f.detach().to(memory_format=torch.channels_last).requires_grad_() for f in fs]
+    sliced = torch.randn(2, 12, 9, 7, device=DEVICE)[:, ::2]
+    assert not sliced.is_contiguous()
+    loss_cl = kdkernels.hcl_loss(cl, [t.to(memory_format=torch.channels_last) for t in ft], backend=backend)
+    loss_cl.backward()
+    assert_rel_close(loss_cl, base, 1e-6, "channels_last loss")
+    assert_rel_close(kdkernels.hcl_loss(sliced, ft[0], backend=backend),
+                     ref.hcl_loss([sliced.double()], [ft[0].double()]), 1e-5, "sliced")
+    _, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(cl[0].grad, ref_gs[0] / GRAD_OUT, 1e-5, "channels_last grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_nan_out(backend):
+    fs, ft = _features([(1, 2, 5, 5)], torch.float32, seed=7)
+    x = fs[0].detach().clone()
+    x[0, 1, 2, 3] = float("nan")
+    assert torch.isnan(kdkernels.hcl_loss(x, ft[0], backend=backend))
+    y = ft[0].detach().clone()
+    y[0, 0, 0, 0] = float("inf")
+    assert not torch.isfinite(kdkernels.hcl_loss(fs[0].detach(), y, backend=backend))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_deterministic(backend):
+    fs, ft = _features([(4, 8, 14, 14)], torch.float32, seed=8)
+    results = []
+    for _ in range(3):
+        for f in fs:
+            f.grad = None
+        loss = kdkernels.hcl_loss(fs, ft, backend=backend)
+        loss.backward()
+        results.append((loss.detach().clone(), fs[0].grad.clone()))
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_single_tensors_and_module():
+    fs, ft = _features([(2, 3, 5, 5)], torch.float32, seed=9)
+    a = kdkernels.hcl_loss(fs[0], ft[0])
+    b = kdkernels.nn.HCLLoss()(fs, ft)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
+def test_triton_interpreter_really_ran():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kdkernels.triton import hcl as tri
+    from kdkernels.triton import launch_counts
+
+    assert isinstance(tri._hcl_fwd_kernel, InterpretedFunction)
+    assert isinstance(tri._hcl_bwd_kernel, InterpretedFunction)
+    before = (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"])
+    fs, ft = _features([(1, 2, 5, 5), (1, 2, 2, 2)], torch.float32)
+    kdkernels.hcl_loss(fs, ft, backend="triton").backward()
+    assert (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"]) == (before[0] + 2, before[1] + 2)
+
+
+def test_backend_selection(monkeypatch):
+    fs, ft = _features([(1, 2, 3, 3)], torch.float32)
+    default = {"cpu": "cpp", "cuda": "triton"}[DEVICE.type]
+    assert backends.choose_backend("hcl_loss", DEVICE) == default
+    monkeypatch.setenv("KDKERNELS_BACKEND", "torch")
+    assert backends.choose_backend("hcl_loss", DEVICE) == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        kdkernels.hcl_loss(fs, ft, backend="fortran")
+    other = "cuda" if DEVICE.type == "cpu" else "cpp"
+    with pytest.raises(RuntimeError, match=f"backend '{other}' cannot run on {DEVICE.type}"):
+        kdkernels.hcl_loss(fs, ft, backend=other)
+
+
+def _bad(fs, ft, exc, *fragments):
+    with pytest.raises(exc) as info:
+        kdkernels.hcl_loss(fs, ft)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_bad_inputs():
+    a = torch.randn(2, 3, 4, 4, device=DEVICE)
+    b = torch.randn(2, 3, 4, 5, device=DEVICE)
+    _bad([a, a], [a], ValueError, "2 levels", "1")
+    _bad([a], [b], ValueError, "level 0", "(2, 3, 4, 4)", "(2, 3, 4, 5)")
+    _bad([], [], ValueError, "empty list")
+    _bad([a[0]], [a[0]], ValueError, "fstudent[0]", "4-D", "(3, 4, 4)")
+    _bad([a], [a.double()], TypeError, "fteacher[0]", "float64")
+    _bad([a.int()], [a.int()], TypeError, "fstudent[0]", "int32")
+    _bad([a, a[:0]], [a, a[:0]], ValueError, "fstudent[1]", "empty", "(0, 3, 4, 4)")
+    _bad("features", [a], TypeError, "fstudent")
+    _bad([a, 3], [a, a], TypeError, "fstudent[1]")
+    if DEVICE.type == "cuda":
+        _bad([a], [a.cpu()], ValueError, "fteacher[0]", "cpu")
+    meta = torch.randn(2, 3, 4, 4, device="meta")
+    _bad([a], [meta], ValueError, "fteacher[0]", "meta")
