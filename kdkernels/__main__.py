@@ -1,4 +1,8 @@
-"""``python -m kdkernels info``: versions, what _C was built with, backends per device and why."""
+"""``python -m kdkernels info|smoke``.
+
+info: versions, what _C was built with, backends per device and why.
+smoke: run every op once with the compiled CPU kernels against the reference.
+"""
 from __future__ import annotations
 
 import argparse
@@ -45,11 +49,14 @@ def _info() -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdkernels", description=__doc__)
-    parser.add_argument("command", choices=["info"], help="info: what is built and usable here")
+    parser.add_argument("command", choices=["info", "smoke"],
+                        help="info: what is built and usable here; smoke: check the compiled CPU kernels")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info()
-    return 1
+    from ._smoke import main as smoke
+
+    return smoke()
 
 
 if __name__ == "__main__":
