@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/hcl.h"
+#include "common/kd.h"
 
 #if defined(KDKERNELS_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -26,6 +27,22 @@
 #endif
 
 namespace py = pybind11;
+
+namespace kdk {  // FitNets hint (SPEC section 3, csrc/cpu/hint.cpp)
+void hint_fwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t w, uintptr_t b, uintptr_t loss, uintptr_t gfs,
+                  uintptr_t gw, uintptr_t gb, uintptr_t gft, int64_t N, int64_t Cs, int64_t Ct, int64_t P,
+                  int64_t num_threads);
+const char* hint_cpu_isa();
+}  // namespace kdk
+
+namespace kdk {  // ABF fusion (SPEC section 2, csrc/cpu/abf.cpp)
+void abf_fwd_cpu(int dtype, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t bias, uintptr_t out, uintptr_t z,
+                 int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, double scale_h, double scale_w,
+                 int64_t num_threads);
+void abf_bwd_cpu(int dtype, uintptr_t g, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t z, uintptr_t gx,
+                 uintptr_t gy, uintptr_t gw, uintptr_t gb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t h,
+                 int64_t w, double scale_h, double scale_w, int64_t num_threads);
+}  // namespace kdk
 
 namespace {
 
@@ -154,4 +171,63 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("gout_ptr"), py::arg("grad_ptr"),
       py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
       py::arg("stream"), release(), "CUDA hcl_bwd_cpu, launched on `stream`; *gout stays on the device");
+
+  // ---- Hinton KD (SPEC section 4, csrc/common/kd.h) ----
+  m.def("kd_fwd_cpu", &kdk::kd_fwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),
+        py::arg("kl_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"), py::arg("num_threads"), release(),
+        "stats (rows, 5) and kl (rows,) in the acc dtype of each row; see csrc/common/kd.h");
+  m.def("kd_bwd_cpu", &kdk::kd_bwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),
+        py::arg("gscale_ptr"), py::arg("grad_s_ptr"), py::arg("grad_t_ptr"), py::arg("rows"), py::arg("cols"),
+        py::arg("inv_t"), py::arg("num_threads"), release(),
+        "grad_s (and grad_t unless grad_t_ptr is 0) from the forward's stats; gscale[n] = grad_output[n] * T");
+  m.def(
+      "kd_fwd_cuda",
+      [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols, double inv_t,
+         uintptr_t stream) {
+#if defined(KDKERNELS_WITH_CUDA)
+        kdk::kd_fwd_cuda(dtype, s, t, stats, kl, rows, cols, inv_t, stream);
+#else
+        (void)dtype, (void)s, (void)t, (void)stats, (void)kl, (void)rows, (void)cols, (void)inv_t, (void)stream;
+        throw std::runtime_error("kd_fwd_cuda: kdkernels._C was built without CUDA");
+#endif
+      },
+      py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"), py::arg("kl_ptr"), py::arg("rows"),
+      py::arg("cols"), py::arg("inv_t"), py::arg("stream"), release(), "CUDA kd_fwd_cpu, launched on `stream`");
+  m.def(
+      "kd_bwd_cuda",
+      [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gscale, uintptr_t grad_s, uintptr_t grad_t,
+         int64_t rows, int64_t cols, double inv_t, uintptr_t stream) {
+#if defined(KDKERNELS_WITH_CUDA)
+        kdk::kd_bwd_cuda(dtype, s, t, stats, gscale, grad_s, grad_t, rows, cols, inv_t, stream);
+#else
+        (void)dtype, (void)s, (void)t, (void)stats, (void)gscale, (void)grad_s, (void)grad_t, (void)rows,
+            (void)cols, (void)inv_t, (void)stream;
+        throw std::runtime_error("kd_bwd_cuda: kdkernels._C was built without CUDA");
+#endif
+      },
+      py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"), py::arg("gscale_ptr"),
+      py::arg("grad_s_ptr"), py::arg("grad_t_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"),
+      py::arg("stream"), release(), "CUDA kd_bwd_cpu, launched on `stream`");
+
+  // ---- FitNets hint (SPEC section 3, csrc/cpu/hint.cpp) ----
+  m.def("hint_fwd_cpu", &kdk::hint_fwd_cpu, py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"),
+        py::arg("w_ptr"), py::arg("b_ptr"), py::arg("loss_ptr"), py::arg("gfs_ptr"), py::arg("gw_ptr"),
+        py::arg("gb_ptr"), py::arg("gft_ptr"), py::arg("N"), py::arg("Cs"), py::arg("Ct"), py::arg("P"),
+        py::arg("num_threads"), release(),
+        "loss = sum r^2 (acc dtype) with r = W fs + b - ft, and, where the pointer is not 0, the unscaled "
+        "gradients W^T r (gfs), sum r fs^T (gw, acc dtype), sum r (gb, acc dtype), r (gft); b_ptr 0 = no bias");
+  m.def("hint_cpu_isa", &kdk::hint_cpu_isa,
+        "variant hint_fwd_cpu runs here: avx512, avx2 or baseline (the widest the CPU has, or $KDKERNELS_CPU_ISA)");
+
+  // ---- ABF fusion (SPEC section 2, csrc/cpu/abf.cpp) ----
+  m.def("abf_fwd_cpu", &kdk::abf_fwd_cpu, py::arg("dtype"), py::arg("x_ptr"), py::arg("y_ptr"), py::arg("w_ptr"),
+        py::arg("b_ptr"), py::arg("out_ptr"), py::arg("z_ptr"), py::arg("N"), py::arg("C"), py::arg("H"),
+        py::arg("W"), py::arg("h"), py::arg("w"), py::arg("scale_h"), py::arg("scale_w"), py::arg("num_threads"),
+        release(), "out (N,C,H,W) and attention maps z (N,2,H,W, acc dtype); see kdkernels/triton/abf.py");
+  m.def("abf_bwd_cpu", &kdk::abf_bwd_cpu, py::arg("dtype"), py::arg("g_ptr"), py::arg("x_ptr"), py::arg("y_ptr"),
+        py::arg("w_ptr"), py::arg("z_ptr"), py::arg("gx_ptr"), py::arg("gy_ptr"), py::arg("gw_ptr"),
+        py::arg("gb_ptr"), py::arg("N"), py::arg("C"), py::arg("H"), py::arg("W"), py::arg("h"), py::arg("w"),
+        py::arg("scale_h"), py::arg("scale_w"), py::arg("num_threads"), release(),
+        "grad_x, grad_y, and grad_w (4C) and grad_b (2) in the acc dtype, reduced from per-unit partials in a "
+        "fixed order");
 }

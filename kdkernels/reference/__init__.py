@@ -4,5 +4,8 @@ They are the CPU fallback when no faster backend serves, and the oracle the
 tests compare every kernel against. Each follows shared SPEC.md exactly.
 """
 from .hcl import hcl_loss, hcl_level_plan
+from .abf import abf_fuse
+from .kd import kd_loss
+from .hint import hint_loss
 
-__all__ = ["hcl_loss", "hcl_level_plan"]
+__all__ = ["hcl_loss", "hcl_level_plan", "abf_fuse", "kd_loss", "hint_loss"]

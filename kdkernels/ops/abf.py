@@ -1,0 +1,154 @@
+r"""``torch.ops.kdkernels.abf_fuse``: ReviewKD's attention-based fusion step, fused (SPEC section 2).
+
+x (N, C, H, W), y (N, C, h, w) with h <= H, w <= W, att_weight (2, 2C, 1, 1),
+att_bias (2,)::
+
+    u = up(y) (legacy nearest),  z = sigmoid(conv1x1(cat[x, u]) + b),  out = x z_0 + u z_1
+
+Neither u, the concatenation nor the logits are materialised; the forward
+saves its inputs and the two attention maps z (N, 2, H, W) in the
+accumulation dtype (float32; float64 for float64 inputs). The backward (math
+in kdkernels/triton/abf.py) writes grad_x and grad_y directly and reduces
+grad_w, grad_b from per-program (Triton) or per-work-unit (C++) partial sums
+in a fixed order: deterministic, no atomics.
+
+Backends: ``triton`` (CUDA default; CPU tensors under TRITON_INTERPRET=1),
+``cpp`` (CPU default, csrc/cpu/abf.cpp) and ``torch`` (the reference).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends
+from .._checks import check_float_tensor
+from ..reference import abf as reference
+from ._common import DTYPE_CODE, acc_dtype
+
+OP = "abf_fuse"
+backends.register_op(OP, ("triton", "cpp", "torch"))
+
+
+def _scale(n_in: int, n_out: int) -> float:
+    """in/out in float32, as PyTorch's nearest upsampling computes it."""
+    return float(torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32))
+
+
+@torch.library.custom_op("kdkernels::abf_fuse", mutates_args=())
+def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """Returns (out (N, C, H, W), z (N, 2, H, W) in the accumulation dtype)."""
+    x, y = x.contiguous(), y.contiguous()
+    wt, b = att_weight.contiguous().reshape(-1), att_bias.contiguous()
+    N, C, H, W = x.shape
+    h, w = y.shape[-2:]
+    out = torch.empty_like(x)
+    z = torch.empty(N, 2, H, W, dtype=acc_dtype(x.dtype), device=x.device)
+    if backend == "triton":
+        from ..triton import abf as tri
+
+        tri.abf_fwd(x, y, wt, b, out, z)
+    else:
+        _native.native().abf_fwd_cpu(DTYPE_CODE[x.dtype], x.data_ptr(), y.data_ptr(), wt.data_ptr(), b.data_ptr(),
+                                     out.data_ptr(), z.data_ptr(), N, C, H, W, h, w, _scale(h, H), _scale(w, W),
+                                     torch.get_num_threads())
+    return out, z
+
+
+@abf_fuse_op.register_fake
+def _(x, y, att_weight, att_bias, backend):
+    N, C, H, W = x.shape
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((N, 2, H, W), dtype=acc_dtype(x.dtype))
+
+
+@torch.library.custom_op("kdkernels::abf_fuse_backward", mutates_args=())
+def abf_fuse_backward_op(grad: Tensor, x: Tensor, y: Tensor, att_weight: Tensor, z: Tensor,
+                         backend: str) -> List[Tensor]:
+    """[grad_x, grad_y, grad_att_weight (2, 2C, 1, 1), grad_att_bias (2,)] for grad = d loss / d out."""
+    grad, x, y = grad.contiguous(), x.contiguous(), y.contiguous()
+    wt = att_weight.contiguous().reshape(-1)
+    N, C, H, W = x.shape
+    h, w = y.shape[-2:]
+    gx, gy = torch.empty_like(x), torch.empty_like(y)
+    if backend == "triton":
+        from ..triton import abf as tri
+
+        gw, gb = tri.abf_bwd(grad, x, y, wt, z, gx, gy)
+    else:
+        acc = acc_dtype(x.dtype)
+        gw = torch.empty(4 * C, dtype=acc, device=x.device)
+        gb = torch.empty(2, dtype=acc, device=x.device)
+        _native.native().abf_bwd_cpu(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), wt.data_ptr(),
+                                     z.data_ptr(), gx.data_ptr(), gy.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                     N, C, H, W, h, w, _scale(h, H), _scale(w, W), torch.get_num_threads())
+    return [gx, gy, gw.to(att_weight.dtype).reshape(att_weight.shape), gb.to(att_weight.dtype)]
+
+
+@abf_fuse_backward_op.register_fake
+def _(grad, x, y, att_weight, z, backend):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(att_weight, memory_format=torch.contiguous_format),
+            att_weight.new_empty((2,))]
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, att_weight, att_bias, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(x, y, att_weight, output[1])
+
+
+def _backward(ctx, grad_out, grad_z):
+    x, y, att_weight, z = ctx.saved_tensors
+    gx, gy, gw, gb = torch.ops.kdkernels.abf_fuse_backward(grad_out, x, y, att_weight, z, ctx.backend)
+    need = ctx.needs_input_grad
+    return (gx if need[0] else None, gy if need[1] else None, gw if need[2] else None,
+            gb if need[3] else None, None)
+
+
+abf_fuse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, y, att_weight, att_bias) -> None:
+    for name, t in (("x", x), ("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_float_tensor(x, OP, "x", 4)
+    check_float_tensor(y, OP, "y", 4)
+    N, C, H, W = x.shape
+    if y.shape[0] != N or y.shape[1] != C:
+        raise ValueError(f"{OP}: y {tuple(y.shape)} must have the batch and channels of x {tuple(x.shape)}")
+    if y.shape[2] > H or y.shape[3] > W:
+        raise ValueError(f"{OP}: y {tuple(y.shape)} is larger than x {tuple(x.shape)}; up(y) only upsamples")
+    if tuple(att_weight.shape) != (2, 2 * C, 1, 1):
+        raise ValueError(f"{OP}: att_weight must have shape (2, {2 * C}, 1, 1) for x {tuple(x.shape)}, "
+                         f"got {tuple(att_weight.shape)}")
+    if tuple(att_bias.shape) != (2,):
+        raise ValueError(f"{OP}: att_bias must have shape (2,), got {tuple(att_bias.shape)}")
+    for name, t in (("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
+        if t.dtype != x.dtype:
+            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but x has {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but x {tuple(x.shape)} is on {x.device}")
+
+
+def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: Optional[str] = None) -> Tensor:
+    """ABF fusion: ``x * z0 + up(y) * z1`` with ``z = sigmoid(conv1x1(cat[x, up(y)]) + b)``.
+
+    Args:
+        x: (N, C, H, W) features of this level (after ABF's conv1).
+        y: (N, C, h, w) residual of the deeper level, h <= H, w <= W; upsampled
+            with the legacy ``mode="nearest"`` rule, never materialised.
+        att_weight: (2, 2C, 1, 1) weight of ABF's ``att_conv[0]``.
+        att_bias: (2,) its bias.
+        backend: None (environment / auto), "auto", "triton", "cpp" or "torch".
+
+    Returns:
+        (N, C, H, W) tensor in x's dtype; gradients flow to all four inputs.
+    """
+    _check(x, y, att_weight, att_bias)
+    chosen = backends.choose_backend(OP, x.device, backend)
+    if chosen == "torch":
+        return reference.abf_fuse(x, y, att_weight, att_bias)
+    return torch.ops.kdkernels.abf_fuse(x, y, att_weight, att_bias, chosen)[0]

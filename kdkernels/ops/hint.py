@@ -1,0 +1,230 @@
+r"""``kdkernels.hint_loss``: FitNets' hint loss through a fused 1x1 regressor (SPEC section 3).
+
+With r = conv1x1(fs; W, b) - ft (never materialised) and numel = N*Ct*H*W::
+
+    loss = sum r^2 / numel
+
+Since the loss is a scalar, the gradients are computed in the *same pass* as the
+loss when any input requires grad (one read of fs and ft, three GEMMs in all):
+the private op ``torch.ops.kdkernels.hint_loss_fused`` returns the loss and the
+unscaled gradients
+
+    W^T r  (like fs),   sum r fs^T  (like W, fp32/fp64),   sum r  (Ct, fp32/fp64),   r  (like ft)
+
+(each only when the matching input requires grad; an empty tensor otherwise),
+and its backward only multiplies them by 2 * grad_output / numel, in the
+accumulation dtype. Nothing of the regressed map's size is saved for backward
+(the residual r only when the *teacher* requires grad, as its gradient). When
+the graph is not retained, the saved fs-sized gradient is scaled in place and
+handed to autograd, so the backward allocates nothing that large.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends
+from .._checks import check_float_tensor
+from ..reference import hint as reference
+from ._common import DTYPE_CODE, acc_dtype
+
+OP = "hint_loss"
+backends.register_op(OP, ("triton", "cpp", "torch"))
+
+
+def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _outputs_like(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], needs: Sequence[bool]):
+    """Empty outputs (loss, gfs, gw, gb, gft) with the shapes and dtypes the op returns."""
+    acc = acc_dtype(fs.dtype)
+    need_fs, need_w, need_b, need_ft = needs
+    loss = fs.new_empty(())
+    gfs = torch.empty_like(fs, memory_format=torch.contiguous_format) if need_fs else _empty(fs, fs.dtype)
+    gw = fs.new_empty(weight.shape, dtype=acc) if need_w else _empty(fs, acc)
+    gb = fs.new_empty((ft.shape[1],), dtype=acc) if (need_b and bias is not None) else _empty(fs, acc)
+    gft = torch.empty_like(ft, memory_format=torch.contiguous_format) if need_ft else _empty(ft, ft.dtype)
+    return loss, gfs, gw, gb, gft
+
+
+@torch.library.custom_op("kdkernels::hint_loss_fused", mutates_args=())
+def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], needs: Sequence[bool],
+                       backend: str, allow_tf32: bool, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor,
+                                                                                      Tensor, Tensor]:
+    """Loss and unscaled gradients in one pass; ``needs`` = [fs, weight, bias, ft] flags.
+
+    Returns (loss 0-dim in fs's dtype, W^T r like fs, sum r fs^T like weight in the
+    accumulation dtype, sum r (Ct,) in the accumulation dtype, r like ft); a
+    gradient that is not needed is an empty (0,) tensor.
+
+    ``consume_grads=True`` is a promise that the caller never reads the returned
+    gradients (:func:`hint_loss` drops them): a backward that does not retain the
+    graph may then scale them in place and hand their memory to autograd.
+    """
+    if len(needs) != 4:
+        raise ValueError(f"hint_loss_fused: needs must hold 4 flags (fs, weight, bias, ft), got {list(needs)}")
+    fs, ft, w = fs.contiguous(), ft.contiguous(), weight.contiguous()
+    b = bias.contiguous() if bias is not None else None
+    loss, gfs, gw, gb, gft = _outputs_like(fs, ft, weight, bias, needs)
+    need_fs, need_w, need_b, need_ft = needs
+    need_b = bool(need_b and b is not None)
+    n, cs, h, wd = fs.shape
+    ct = ft.shape[1]
+    acc = acc_dtype(fs.dtype)
+    if backend == "triton":
+        from ..triton import hint as tri
+
+        loss_sum, gw_t, gb_t = tri.hint_fused(fs, ft, w, b, gfs if need_fs else None, gft if need_ft else None,
+                                              bool(need_w), need_b, allow_tf32)
+        if need_w:
+            gw.copy_(gw_t.view(gw.shape))
+        if need_b:
+            gb.copy_(gb_t)
+    elif backend == "cpp":
+        loss_sum = torch.empty(1, dtype=acc)
+        _native.native().hint_fwd_cpu(
+            DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0,
+            loss_sum.data_ptr(), gfs.data_ptr() if need_fs else 0, gw.data_ptr() if need_w else 0,
+            gb.data_ptr() if need_b else 0, gft.data_ptr() if need_ft else 0, n, cs, ct, h * wd,
+            torch.get_num_threads())
+    else:
+        raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
+    loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
+    return loss, gfs, gw, gb, gft
+
+
+@hint_loss_fused_op.register_fake
+def _(fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads):
+    return _outputs_like(fs, ft, weight, bias, needs)
+
+
+def _setup_context(ctx, inputs, output):
+    fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads = inputs
+    _, gfs, gw, gb, gft = output
+    ctx.mark_non_differentiable(gfs, gw, gb, gft)
+    ctx.set_materialize_grads(False)  # no zero-filled fs-sized "gradients" for those outputs
+    ctx.needs = list(needs)
+    ctx.has_bias = bias is not None
+    ctx.consume_grads = consume_grads
+    ctx.numel = ft.numel()
+    ctx.dtypes = (fs.dtype, ft.dtype, weight.dtype, bias.dtype if bias is not None else None)
+    ctx.save_for_backward(gfs, gw, gb, gft)
+
+
+def _keep_graph() -> bool:
+    """True when the running backward retains the graph (the saved gradients are used again)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except Exception:  # not inside the autograd engine: be safe
+        return True
+
+
+def _scaled(t: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
+    """t * s in s's dtype (the accumulation dtype), cast to ``dtype``; in place where allowed.
+
+    In place only on plain eager tensors: while AOTAutograd traces (FakeTensor,
+    FunctionalTensor) a mutation of a forward output cannot be expressed."""
+    if t.dtype == s.dtype == dtype:
+        if in_place and type(t) is Tensor and not torch._is_functional_tensor(t):
+            return t.mul_(s)
+        return t * s
+    return (t.to(s.dtype) * s).to(dtype)
+
+
+def _backward(ctx, grad, *_unused):
+    gfs, gw, gb, gft = ctx.saved_tensors
+    if grad is None:  # the loss was not used: nothing flows back
+        return None, None, None, None, None, None, None, None
+    need_fs, need_w, need_b, need_ft = ctx.needs
+    want_fs, want_ft, want_w, want_b = ctx.needs_input_grad[:4]
+    missing = [name for name, want, have in (("fs", want_fs, need_fs), ("ft", want_ft, need_ft),
+                                             ("weight", want_w, need_w), ("bias", want_b, need_b)) if want and not have]
+    if missing:
+        raise RuntimeError(f"hint_loss_fused: gradients for {missing} were not computed in the forward "
+                           "(call kdkernels.hint_loss, which sets `needs` from requires_grad)")
+    fs_dtype, ft_dtype, w_dtype, b_dtype = ctx.dtypes
+    s = grad.to(acc_dtype(fs_dtype)) * (2.0 / ctx.numel)
+    in_place = ctx.consume_grads and not _keep_graph()
+    grad_fs = _scaled(gfs, s, fs_dtype, in_place) if want_fs else None
+    grad_ft = _scaled(gft, -s, ft_dtype, in_place) if want_ft else None
+    grad_w = (gw * s).to(w_dtype) if want_w else None
+    grad_b = (gb * s).to(b_dtype) if (want_b and ctx.has_bias) else None
+    return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None
+
+
+hint_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(fs, ft, weight, bias, allow_tf32) -> None:
+    for arg, t in (("fs", fs), ("ft", ft), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if not isinstance(allow_tf32, bool):
+        raise TypeError(f"{OP}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    check_float_tensor(fs, OP, "fs", 4)
+    check_float_tensor(ft, OP, "ft", 4)
+    if weight.dim() not in (2, 4):
+        raise ValueError(f"{OP}: weight must be (Ct, Cs, 1, 1) or (Ct, Cs), got shape {tuple(weight.shape)}")
+    check_float_tensor(weight, OP, "weight", weight.dim())
+    fs_shape, ft_shape = tuple(fs.shape), tuple(ft.shape)
+    if fs_shape[0] != ft_shape[0] or fs_shape[2:] != ft_shape[2:]:
+        raise ValueError(f"{OP}: fs has shape {fs_shape} and ft has shape {ft_shape}: they must agree in "
+                         "batch and spatial size (N, ., H, W)")
+    cs, ct = fs_shape[1], ft_shape[1]
+    if tuple(weight.shape) not in ((ct, cs, 1, 1), (ct, cs)):
+        raise ValueError(f"{OP}: weight has shape {tuple(weight.shape)} but fs {fs_shape} and ft {ft_shape} "
+                         f"need ({ct}, {cs}, 1, 1) (Ct, Cs, 1, 1)")
+    if bias is not None:
+        check_float_tensor(bias, OP, "bias", 1)
+        if tuple(bias.shape) != (ct,):
+            raise ValueError(f"{OP}: bias has shape {tuple(bias.shape)} but ft {ft_shape} needs ({ct},)")
+    named = [("ft", ft), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for arg, t in named:
+        if t.dtype != fs.dtype:
+            raise TypeError(f"{OP}: {arg} has dtype {t.dtype} (shape {tuple(t.shape)}) but fs has {fs.dtype}")
+        if t.device != fs.device:
+            raise ValueError(f"{OP}: {arg} is on {t.device} (shape {tuple(t.shape)}) but fs is on {fs.device}")
+
+
+def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = None, allow_tf32: bool = False,
+              backend: Optional[str] = None) -> Tensor:
+    """FitNets hint loss through a 1x1 regressor, fused: ``mean((conv1x1(fs; weight, bias) - ft)^2)``.
+
+    The regressed map (N, Ct, H, W) is never written to memory, forward or
+    backward. When an input requires grad, the gradients are computed in the
+    same pass as the loss and the backward only scales them by grad_output.
+
+    Args:
+        fs: student features (N, Cs, H, W).
+        ft: teacher features (N, Ct, H, W) (no gradient unless it requires one).
+        weight: the regressor's weight, (Ct, Cs, 1, 1) as in ``nn.Conv2d(Cs, Ct, 1)``, or (Ct, Cs).
+        bias: (Ct,) or None.
+        allow_tf32: the Triton backend multiplies float32 inputs in full fp32
+            (``input_precision="ieee"``) unless this is True, which allows TF32
+            tensor cores on GPUs (faster, ~1e-3 relative error). The C++ kernels
+            always use fp32; the ``torch`` backend follows PyTorch's own settings.
+        backend: ``None`` (use $KDKERNELS_BACKEND, default ``"auto"``), or one of
+            ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``.
+
+    Returns:
+        0-dim tensor in the inputs' dtype. All inputs share one dtype and device;
+        sums are accumulated in float32 (float64 for float64 inputs).
+
+    Gradients: with r the residual and s = 2 * grad_output / (N*Ct*H*W):
+    ``d/d fs = s W^T r``, ``d/d W = s sum r fs^T``, ``d/d b = s sum r``, ``d/d ft = -s r``.
+    Double backward is not supported.
+    """
+    _check(fs, ft, weight, bias, allow_tf32)
+    chosen = backends.choose_backend(OP, fs.device, backend)
+    if chosen == "torch":
+        return reference.hint_loss(fs, ft, weight, bias)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
+    loss, _, _, _, _ = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True)
+    return loss

@@ -1,0 +1,190 @@
+"""ABF fusion (SPEC section 2, step 2): every backend against the float64 reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import backends
+from kdkernels.reference import abf as ref
+
+from _util import DEVICE, REL_TOL, assert_rel_close, rel_error
+
+BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "torch"]}[DEVICE.type]
+FAST = [b for b in BACKENDS if b != "torch"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (N, C, H, W, h, w): H in {1, 2, 3, 7, 14, 56} with h = H/2, H/4 or 1; non-square; odd C
+SHAPES = [(2, 3, 1, 1, 1, 1), (1, 4, 2, 2, 1, 1), (2, 5, 3, 3, 3, 3), (2, 3, 7, 7, 3, 3), (1, 6, 7, 7, 1, 1),
+          (2, 5, 14, 14, 7, 7), (1, 3, 14, 14, 3, 3), (1, 7, 5, 9, 2, 4), (1, 2, 56, 56, 28, 28), (1, 2, 56, 56, 14, 14)]
+
+
+def _cases():
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for shape in SHAPES:
+                slow = backend == "triton" and DEVICE.type == "cpu" and shape[2] * shape[3] > 256
+                if not slow or dtype == torch.float32:
+                    yield pytest.param(backend, dtype, shape,
+                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+
+
+def _inputs(shape, dtype, seed=0):
+    N, C, H, W, h, w = shape
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    return mk(N, C, H, W), mk(N, C, h, w), mk(2, 2 * C, 1, 1), mk(2)
+
+
+def _grads(out_fn, inputs, gout):
+    out = out_fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, gout)
+    return out, grads
+
+
+@pytest.mark.parametrize("backend, dtype, shape", list(_cases()))
+def test_matches_reference(backend, dtype, shape):
+    inputs = _inputs(shape, dtype)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype) * 1.7
+    out, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    tol = REL_TOL[dtype] if backend != "torch" or dtype in (torch.float32, torch.float64) else 3e-2
+    assert out.dtype == dtype
+    assert_rel_close(out, ref_out, tol, "out")
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == r.shape
+        assert_rel_close(g, r, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", FAST)
+def test_low_precision_error_at_most_twice_eager(backend, dtype):
+    """Against float64, the fused op is no worse than about twice plain PyTorch in the same dtype."""
+    shape = (2, 6, 7, 7, 3, 3)
+    inputs = _inputs(shape, dtype, seed=9)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(10)).to(DEVICE, dtype)
+    ours = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
+    eager = _grads(ref.abf_fuse, inputs, gout)
+    exact = _grads(ref.abf_fuse, [t.detach().double().requires_grad_() for t in inputs], gout.double())
+    for a, b, r in zip([ours[0], *ours[1]], [eager[0], *eager[1]], [exact[0], *exact[1]]):
+        assert rel_error(a, r) <= 2 * rel_error(b, r) + 1e-3, (rel_error(a, r), rel_error(b, r))
+
+
+def test_expected_backends_are_available():
+    have = backends.available_backends("abf_fuse", DEVICE)
+    assert all(b in have for b in BACKENDS), backends.backend_status("abf_fuse", DEVICE)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck_float64(backend):
+    inputs = _inputs((1, 3, 5, 4, 2, 3), torch.float64, seed=2)
+    assert torch.autograd.gradcheck(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_opcheck(backend):
+    inputs = _inputs((2, 3, 7, 7, 3, 3), torch.float32, seed=3)
+    torch.library.opcheck(torch.ops.kdkernels.abf_fuse.default, (*inputs, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    inputs = _inputs((2, 3, 7, 7, 3, 3), torch.float32, seed=4)
+    fn = torch.compile(lambda *a: kdkernels.abf_fuse(*a, backend=backend).square().sum(), fullgraph=True,
+                       backend="aot_eager")
+    loss = fn(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    ref_loss = ref.abf_fuse(*inputs).square().sum()
+    ref_grads = torch.autograd.grad(ref_loss, inputs)
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    for g, r in zip(grads, ref_grads):
+        assert_rel_close(g, r, 1e-5, "grad")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_saves_no_upsampled_or_concat(backend):
+    x, y, w, b = _inputs((2, 3, 8, 8, 2, 2), torch.float32, seed=5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kdkernels.abf_fuse(x, y, w, b, backend=backend)
+    sizes = sorted(t.numel() for t in saved)
+    # x, y, att_weight and the two attention maps (N*2*H*W); nothing of up(y) or the concat
+    assert sizes == sorted([x.numel(), y.numel(), w.numel(), 2 * 2 * 8 * 8]), sizes
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_deterministic(backend):
+    inputs = _inputs((3, 5, 8, 8, 4, 4), torch.float32, seed=6)
+    gout = torch.randn(3, 5, 8, 8, device=DEVICE)
+    first = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
+    again = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
+    assert torch.equal(first[0], again[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+
+
+# cpp only: several work units per sample, several chunks per unit, a source row split across chunks
+CPP_BIG = [(1, 256, 20, 128, 10, 64), (2, 256, 20, 130, 1, 1), (1, 96, 37, 300, 12, 97)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("shape", CPP_BIG, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_units_and_chunks_independent_of_threads(shape):
+    inputs = _inputs(shape, torch.float32, seed=7)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(8))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="cpp"), inputs, gout)
+        torch.set_num_threads(max(2, threads))
+        many = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="cpp"), inputs, gout)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], many[0]) and all(torch.equal(a, b) for a, b in zip(one[1], many[1]))
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    assert_rel_close(many[0], ref_out, REL_TOL[torch.float32], "out")
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), many[1], ref_grads):
+        assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_nan_out(backend):
+    x, y, w, b = [t.detach() for t in _inputs((1, 2, 4, 4, 2, 2), torch.float32)]
+    x[0, 1, 2, 3] = float("nan")
+    out = kdkernels.abf_fuse(x, y, w, b, backend=backend)
+    assert torch.isnan(out[0, :, 2, 3]).all()
+    assert torch.isfinite(out[0, :, 0, 0]).all()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
+def test_triton_interpreter_really_ran():
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kdkernels.triton import abf as tri
+    from kdkernels.triton import launch_counts
+
+    assert isinstance(tri._abf_fwd_kernel, InterpretedFunction)
+    before = (launch_counts["abf_fwd"], launch_counts["abf_bwd"])
+    x, y, w, b = _inputs((1, 2, 4, 4, 2, 2), torch.float32)
+    kdkernels.abf_fuse(x, y, w, b, backend="triton").sum().backward()
+    assert (launch_counts["abf_fwd"], launch_counts["abf_bwd"]) == (before[0] + 1, before[1] + 1)
+
+
+def test_bad_inputs():
+    x, y, w, b = [t.detach() for t in _inputs((2, 4, 8, 8, 4, 4), torch.float32)]
+
+    def bad(exc, *fragments, args):
+        with pytest.raises(exc) as info:
+            kdkernels.abf_fuse(*args)
+        for f in fragments:
+            assert f in str(info.value), (f, str(info.value))
+
+    bad(ValueError, "y (2, 3, 4, 4)", "(2, 4, 8, 8)", args=(x, y[:, :3], w, b))
+    bad(ValueError, "larger than x", "(2, 4, 16, 16)", args=(x, torch.randn(2, 4, 16, 16, device=DEVICE), w, b))
+    bad(ValueError, "att_weight", "(2, 8, 1, 1)", "(2, 6, 1, 1)", args=(x, y, w[:, :6], b))
+    bad(ValueError, "att_bias", args=(x, y, w, b[:1]))
+    bad(ValueError, "x must be 4-D", args=(x[0], y, w, b))
+    bad(TypeError, "y has dtype torch.float64", args=(x, y.double(), w, b))
+    bad(TypeError, "x must be a torch.Tensor", args=(x.tolist(), y, w, b))
+    bad(ValueError, "empty", args=(x[:0], y[:0], w, b))
+    bad(ValueError, "meta", args=(x, torch.empty(2, 4, 4, 4, device="meta"), w, b))
