@@ -1,0 +1,81 @@
+r"""FSKD as a distiller: a call into :func:`kdkernels.fskd.distill` (SPEC section 5).
+
+There is no optimiser and no loss: :meth:`FSKD.distill` reads a few unlabeled
+batches, fits one 1x1 conv per block in closed form and merges it into the
+block's conv. :func:`~kdkernels.train.fit` recognises it and calls
+:meth:`~FSKD.distill` on the loader instead of training.
+
+Which features: FSKD aligns each block *before its nonlinearity* - name the
+student's conv and the BN right after it (or ``None`` without BN), and the
+teacher module at the matching point, e.g. ``("layer1.0.conv2",
+"layer1.0.bn2", "layer1.0.bn2")`` for a pruned torchvision ResNet.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .base import Distiller, Losses, logits_of
+
+
+class FSKD(Distiller):
+    r"""Few-sample KD: closed-form 1x1 alignment, merged into the student.
+
+    Args:
+        student, teacher: the networks; the student's aligned blocks must have
+            the teacher's widths and sizes at the matching points.
+        blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names.
+        schedule: ``"greedy"`` (the paper's, block by block) or ``"independent"``.
+        alpha: relative ridge toward Q = I.
+        num_samples: use only this many inputs (per process).
+        inplace: modify the given student instead of a copy.
+
+    Example::
+
+        distiller = FSKD(student, teacher, [("conv2", "bn2", "bn2"), ("conv4", "bn4", "bn4")])
+        student = distiller.distill(few_sample_loader)      # no labels are read
+
+    ``forward(images, labels)`` runs the (merged) student and returns
+    ``(logits, {"ce": ...})`` for evaluation.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
+                 schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+                 inplace: bool = False):
+        super().__init__(student, teacher)
+        self.blocks = [tuple(b) for b in blocks]
+        self.schedule = schedule
+        self.alpha = alpha
+        self.num_samples = num_samples
+        self.inplace = inplace
+        self.distilled = False
+        self._remember_trainable()
+
+    def distill(self, batches: Iterable, *, progress: bool = True,
+                all_reduce: Optional[bool] = None) -> nn.Module:
+        """Align and merge; returns the new student (also ``self.student``).
+
+        ``all_reduce`` (default: when ``torch.distributed`` runs with more than
+        one process) sums the statistics of every rank before solving, so each
+        rank may read its own shard of the few samples.
+        """
+        from .. import fskd
+
+        if all_reduce is None:
+            all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        merged = fskd.distill(self.student, self.teacher, self.blocks, batches, schedule=self.schedule,
+                              alpha=self.alpha, num_samples=self.num_samples, inplace=self.inplace,
+                              progress=progress, all_reduce=all_reduce)
+        self.student = merged
+        self.distilled = True
+        self._remember_trainable()
+        return merged
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
+                ) -> Tuple[torch.Tensor, Losses]:
+        logits = logits_of(self.student(images))
+        ce = self.task_loss(logits, labels)
+        return logits, ({} if ce is None else {"ce": ce})

@@ -1,0 +1,404 @@
+"""kdkernels.train: feature taps, distillers (one or two steps on tiny models), fit."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels import train
+
+
+def need(*names):
+    """Skip when an op or module this distiller calls has not been built into kdkernels."""
+    missing = [n for n in names if not hasattr(kdkernels.nn if n[0].isupper() else kdkernels, n)]
+    if missing:
+        pytest.skip(f"kdkernels does not provide {missing} yet")
+
+
+class Net(nn.Module):
+    """stem -> layer1 (8x8) -> layer2 (4x4) -> layer3 (2x2) -> pool -> fc; widths w, 2w, 4w."""
+
+    def __init__(self, w, classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False),
+                                    nn.BatchNorm2d(2 * w), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1, bias=False),
+                                    nn.BatchNorm2d(4 * w), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * w, classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class Block(nn.Module):
+    """A torchvision-like block: bn output edited in place, one ReLU module called twice."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+def pair(seed=0, ws=2, wt=4):
+    torch.manual_seed(seed)
+    return Net(ws), Net(wt)
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def changed(before, model):
+    now = model.state_dict()
+    return {k for k in before if not torch.equal(before[k], now[k])}
+
+
+def steps(distiller, n=2, lr=0.1):
+    """n SGD steps over distiller.parameters(); returns the last losses and the grads' names."""
+    opt = torch.optim.SGD(distiller.parameters(), lr=lr)
+    distiller.train()
+    x, y = batch()
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        logits, losses = distiller(x, y)
+        loss = sum(losses.values())
+        assert torch.isfinite(loss), losses
+        loss.backward()
+        with_grad = {k for k, p in distiller.named_parameters() if p.grad is not None}
+        opt.step()
+    return logits, losses, with_grad
+
+
+# ------------------------------------------------------------------ taps
+def test_taps_probe_keeps_teacher_bn_and_modes():
+    _, teacher = pair()
+    teacher.train()
+    teacher.layer2.eval()  # a mixed state must come back as it was
+    before = state(teacher)
+    taps = train.FeatureTaps(teacher, ["layer1", "layer2.1", "pool"])
+    shapes = taps.probe(batch()[0])
+    assert [tuple(s) for s in shapes] == [(4, 8, 8), (8, 4, 4), (16, 1, 1)]
+    assert same(before, state(teacher))
+    assert teacher.training and teacher.layer1.training and not teacher.layer2.training
+    # the hooks are dormant outside the taps' own calls
+    out = teacher(batch()[0])
+    assert out.shape == (8, 5) and taps._feats == []
+    taps.remove()
+    assert not teacher.layer1._forward_hooks
+
+
+def test_taps_inplace_input_and_repeated_modules():
+    torch.manual_seed(0)
+    blk = Block(3).eval()
+    x = torch.randn(2, 3, 5, 5)
+    taps = train.FeatureTaps(blk, ["bn2", "relu:input", "relu"])
+    taps.probe(x)
+    assert taps.calls == [1, 2, 2]
+    assert taps.clone_flags[0] and taps.clone_flags[1]  # bn2 output gets `+= x`, the relu input is ReLU'd in place
+    out, (bn2, pre, post) = taps(x)
+    with torch.no_grad():
+        h = F.relu(blk.bn1(blk.conv1(x)))
+        want_bn2 = blk.bn2(blk.conv2(h))
+    torch.testing.assert_close(bn2, want_bn2)
+    torch.testing.assert_close(pre, want_bn2 + x)  # last call of relu: the pre-activation sum
+    torch.testing.assert_close(post, out)
+    taps2 = train.FeatureTaps(blk, ["bn2"], clone=False)
+    taps2.probe(x)
+    with pytest.raises(RuntimeError, match="in place"):
+        taps2(x)
+
+
+def test_taps_stop_skips_later_layers():
+    student, _ = pair()
+    student.train()
+    before = state(student)
+    taps = train.FeatureTaps(student, ["layer1"])
+    taps.probe(batch()[0])
+    out, (f,) = taps(batch()[0], stop=True)
+    assert out is None and f.shape == (8, 2, 8, 8)
+    moved = changed(before, student)  # BN statistics of the layers that ran, nothing after
+    assert moved == {f"{m}.1.{b}" for m in ("stem", "layer1")
+                     for b in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def test_bad_tap_name():
+    student, _ = pair()
+    with pytest.raises(ValueError, match="layer1"):
+        train.FeatureTaps(student, ["layr1"])
+
+
+# ----------------------------------------------------------- distillers
+def check_teacher_untouched(distiller, teacher, before):
+    assert same(before, state(teacher)), "teacher parameters or BN buffers changed"
+    assert teacher.training, "the teacher's own train/eval flag must be restored"
+    ids = {id(p) for p in teacher.parameters()}
+    assert not ids & {id(p) for p in distiller.parameters()}, "teacher parameters exposed to the optimiser"
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+
+
+def test_kd_steps():
+    need("kd_loss")
+    student, teacher = pair()
+    teacher.train()  # the distiller must still run it in eval mode
+    before = state(teacher)
+    d = train.KD(student, teacher, temperature=4.0)
+    logits, losses, grads = steps(d)
+    assert set(losses) == {"ce", "kd"} and logits.shape == (8, 5)
+    assert grads == {k for k, _ in d.named_parameters()}
+    check_teacher_untouched(d, teacher, before)
+    # the KD term is kdkernels.kd_loss on the two logits
+    x, y = batch()
+    with torch.no_grad():
+        _, losses = d(x, y)
+        teacher.eval()
+        want = kdkernels.kd_loss(student(x), teacher(x), temperature=4.0)
+        teacher.train()
+    torch.testing.assert_close(losses["kd"], want)
+
+
+def test_distiller_moves_teacher_but_keeps_it_out_of_the_tree():
+    need("kd_loss")
+    student, teacher = pair()
+    d = train.KD(student, teacher).double()
+    assert next(teacher.parameters()).dtype == torch.float64
+    assert "teacher" not in dict(d.named_children())
+    assert all(k.startswith("student.") or k == "_extra_state" for k in d.state_dict())
+
+
+def test_fitnets_stage1_trains_only_up_to_the_guided_layer():
+    need("hint_loss")
+    student, teacher = pair()
+    teacher.train()
+    t_before, s_before = state(teacher), state(student)
+    d = train.FitNets(student, teacher, "layer1", "layer1.2", sample=batch()[0])
+    assert d.stage == 1 and d.regressor_kind == "1x1"  # 2x8x8 -> 4x8x8
+    logits, losses, grads = steps(d)
+    assert logits is None and set(losses) == {"hint"}
+    assert grads == {"regressor.weight", "regressor.bias", "student.stem.0.weight", "student.stem.1.weight",
+                     "student.stem.1.bias", "student.layer1.0.weight", "student.layer1.1.weight",
+                     "student.layer1.1.bias"}
+    moved = changed(s_before, student)
+    assert moved and all(k.startswith(("stem.", "layer1.")) for k in moved), moved
+    check_teacher_untouched(d, teacher, t_before)
+
+
+def test_fitnets_convreg_and_stage2():
+    need("hint_loss", "kd_loss", "ConvReg", "HintLoss")
+    student, teacher = pair()
+    teacher.train()
+    t_before = state(teacher)
+    d = train.FitNets(student, teacher, "layer1", "layer2", sample=batch()[0])  # 8x8 -> 4x4: ConvReg
+    assert d.regressor_kind == "convreg"
+    _, losses, grads = steps(d)
+    assert set(losses) == {"hint"} and {g.split(".")[0] for g in grads} == {"regressor", "student"}
+    d.set_stage(2)
+    reg_before = state(d.regressor)
+    d.set_epoch(1, 3)
+    assert d.current_kd_weight() == 4.0
+    d.set_epoch(3, 3)
+    assert d.current_kd_weight() == 1.0
+    d.set_epoch(2, 3)
+    assert d.current_kd_weight() == 2.5
+    logits, losses, grads = steps(d)
+    assert logits.shape == (8, 5) and set(losses) == {"ce", "kd"}
+    assert grads == {k for k in dict(d.named_parameters()) if k.startswith("student.")}
+    assert same(reg_before, state(d.regressor)), "stage 2 must not touch the regressor or its BN"
+    check_teacher_untouched(d, teacher, t_before)
+
+
+def test_fitnets_single_stage():
+    need("hint_loss")
+    student, teacher = pair()
+    d = train.FitNets(student, teacher, "layer2", "layer2", sample=batch(), two_stage=False)
+    assert d.hint_weight == 100.0 and d.regressor_kind == "1x1"
+    logits, losses, grads = steps(d)
+    assert set(losses) == {"ce", "hint"} and logits.shape == (8, 5)
+    assert grads == {k for k, _ in d.named_parameters()}
+    with pytest.raises(ValueError):
+        d.set_stage(2)
+
+
+def test_reviewkd_steps():
+    need("hcl_loss", "ReviewKD", "ReviewKDLoss")
+    student, teacher = pair()
+    teacher.train()
+    t_before = state(teacher)
+    d = train.ReviewKD(student, teacher, ["layer1", "layer2", "layer3", "pool"],
+                       ["layer1.1", "layer2.1", "layer3.1", "pool"], sample=batch()[0], warmup_epochs=2)
+    assert d.student is student
+    d.set_epoch(1)
+    logits, losses, grads = steps(d)
+    assert logits.shape == (8, 5) and set(losses) == {"ce", "reviewkd"}
+    assert float(losses["reviewkd"].detach()) > 0
+    assert grads == {k for k, _ in d.named_parameters()}  # student and every ABF
+    assert any(k.startswith("review.student.model.stem") for k in grads)
+    check_teacher_untouched(d, teacher, t_before)
+
+
+def test_sskd_freezes_what_it_says():
+    need("hint_loss")
+    student, teacher = pair()
+    teacher.train()
+    t_before = state(teacher)
+    layers = ["layer1", "layer2", "layer3"]
+    d = train.SSKD(student, teacher, layers, layers, sample=batch()[0])
+    assert d.num_stages == 3 and sorted(d.adapters.keys()) == ["0", "1", "2"]  # widths 2w vs 4w differ
+
+    s0 = state(student)
+    _, losses, grads = steps(d)  # stage 1: stem + layer1 + adapter 0
+    assert set(losses) == {"feat"}
+    assert {k.split(".")[1] for k in grads} == {"stem", "layer1", "0"}
+    assert {k.split(".")[0] for k in changed(s0, student)} == {"stem", "layer1"}
+
+    d.set_stage(2)
+    s1 = state(student)
+    _, _, grads = steps(d)
+    assert {k.split(".")[1] for k in grads} == {"layer2", "1"}
+    # stage 1 is frozen: weights AND BN statistics; stage 3 and the head are not run
+    assert {k.split(".")[0] for k in changed(s1, student)} == {"layer2"}
+
+    d.set_stage("head")
+    s2 = state(student)
+    logits, losses, grads = steps(d)
+    assert logits.shape == (8, 5) and set(losses) == {"ce"}
+    assert grads == {"student.fc.weight", "student.fc.bias"}
+    assert {k.split(".")[0] for k in changed(s2, student)} == {"fc"}
+    check_teacher_untouched(d, teacher, t_before)
+    d.close()
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_sskd_unfrozen_previous_stages_train():
+    need("hint_loss")
+    student, teacher = pair(wt=2)  # equal widths: no adapters (identity weight)
+    layers = ["layer1", "layer2"]
+    d = train.SSKD(student, teacher, layers, layers, sample=batch(), freeze_previous=False)
+    assert len(d.adapters) == 0
+    d.set_stage(2)
+    s1 = state(student)
+    _, _, grads = steps(d)
+    assert {k.split(".")[1] for k in grads} == {"stem", "layer1", "layer2"}
+    assert {k.split(".")[0] for k in changed(s1, student)} == {"stem", "layer1", "layer2"}
+
+
+def test_fskd_distiller_through_fit():
+    student_ref, teacher = pair(wt=2)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # the student's bn output is diag(d) times the teacher's: Q = diag(1/d) is exact
+        teacher.layer1[1].bias.uniform_(-0.5, 0.5)
+        student.layer1[1].bias.copy_(teacher.layer1[1].bias * torch.tensor([0.5, 1.5]))
+        student.layer1[1].weight.mul_(torch.tensor([0.5, 1.5]))
+    x, y = batch(64)
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="independent")
+    hist = train.fit(d, loader, epochs=1, progress=False, eval_loader=loader)
+    assert "val_acc" in hist[0]
+    assert d.student is not student and isinstance(d.student.layer1[1], nn.Identity)
+    teacher.eval()
+    with torch.no_grad():
+        err = (d.student.eval()(x) - teacher(x)).abs().max()
+        err0 = (student.eval()(x) - teacher(x)).abs().max()
+    assert err < 1e-3 < err0
+    logits, losses = d(x, y)
+    assert logits.shape == (64, 5) and set(losses) == {"ce"}
+
+
+# ------------------------------------------------------------------- fit
+def loader_of(n=32, bs=8, seed=3):
+    x, y = batch(n, seed)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True)
+
+
+def make_reviewkd(seed=0):
+    student, teacher = pair(seed)
+    torch.manual_seed(seed + 100)
+    d = train.ReviewKD(student, teacher, ["layer1", "layer2", "layer3", "pool"],
+                       ["layer1", "layer2", "layer3", "pool"], sample=batch()[0], warmup_epochs=2)
+    opt = torch.optim.Adam(d.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    return d, opt, sched
+
+
+def test_fit_resume_gives_identical_next_step_losses(tmp_path):
+    need("hcl_loss", "ReviewKD", "ReviewKDLoss")
+    ckpt = str(tmp_path / "ck.pt")
+
+    def run(epochs, **kw):
+        torch.manual_seed(7)
+        d, opt, sched = make_reviewkd()
+        got = []
+        hist = train.fit(d, loader_of(), epochs=epochs, optimizer=opt, scheduler=sched, progress=False,
+                         on_step=lambda s: got.append((s["epoch"], float(s["loss"]))), **kw)
+        return got, hist, d
+
+    straight, hist_a, d_a = run(3)
+    first, _, _ = run(1, checkpoint=ckpt)
+    torch.manual_seed(12345)  # a different RNG state: the checkpoint must restore it
+    resumed, hist_b, d_b = run(3, checkpoint=ckpt, resume=True)
+    assert first == straight[:len(first)]
+    assert resumed == straight[len(first):], "resumed run differs from the uninterrupted one"
+    assert [h["epoch"] for h in hist_b] == [1, 2, 3]
+    assert hist_b[1:] == [{**h, "time": hb["time"]} for h, hb in zip(hist_a[1:], hist_b[1:])]
+    assert same(state(d_a), state(d_b))
+
+
+def test_fit_bf16_autocast_on_cpu():
+    need("kd_loss", "hint_loss")
+    student, teacher = pair()
+    for d in (train.KD(student, teacher),
+              train.FitNets(student, teacher, "layer2", "layer2", sample=batch(), two_stage=False),
+              train.SSKD(*pair(), ["layer1", "layer2"], ["layer1", "layer2"], sample=batch())):
+        opt = torch.optim.SGD(d.parameters(), lr=0.01)
+        hist = train.fit(d, loader_of(), epochs=1, optimizer=opt, amp="bf16", progress=False,
+                         eval_loader=loader_of())
+        assert all(math.isfinite(v) for v in hist[0].values()), hist
+        assert {"loss", "val_acc", "lr", "time"} <= set(hist[0])
+        assert ("acc" in hist[0]) == (not isinstance(d, train.SSKD))  # SSKD stage 1 returns no logits
+        assert all(p.dtype == torch.float32 for p in d.parameters())
+    with pytest.raises(ValueError, match="bf16"):
+        train.fit(d, loader_of(), epochs=1, optimizer=opt, amp="fp16", progress=False)
+
+
+def test_fit_bf16_reviewkd():
+    need("hcl_loss", "ReviewKD", "ReviewKDLoss")
+    d, opt, _ = make_reviewkd()
+    hist = train.fit(d, loader_of(16), epochs=1, optimizer=opt, amp=True, progress=False)
+    assert math.isfinite(hist[0]["loss"]) and math.isfinite(hist[0]["reviewkd"])
+
+
+def test_fit_grad_clip():
+    need("kd_loss")
+    student, teacher = pair()
+    d = train.KD(student, teacher)
+    before = [p.detach().clone() for p in d.parameters()]
+    opt = torch.optim.SGD(d.parameters(), lr=1.0)
+    ld = [batch(8)]
+    train.fit(d, ld, epochs=1, optimizer=opt, grad_clip=1e-3, progress=False)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(d.parameters(), before)])
+    assert 0 < step.norm() <= 1e-3 * (1 + 1e-4)
