@@ -47,11 +47,23 @@ TILE_PIXELS = 4096
 
 @contextlib.contextmanager
 def ieee_fp32_matmul(device: torch.device):
-    """Full-precision fp32 matmul on ``device`` (TF32 / bf16 off), restored afterwards.
+    """Full-precision fp32 matmul on ``device`` (TF32 / bf16 off, autocast off), restored afterwards.
 
     Only the new per-backend precision flags are touched (read, set, restored),
     so a program that uses either the legacy or the new API keeps working.
+    Autocast is switched off inside: statistics updated within a user's
+    ``torch.autocast`` region would otherwise be multiplied in fp16/bf16.
     """
+    if device.type in ("cpu", "cuda"):
+        with torch.autocast(device.type, enabled=False), _precision_flags(device):
+            yield
+    else:
+        with _precision_flags(device):
+            yield
+
+
+@contextlib.contextmanager
+def _precision_flags(device: torch.device):
     if device.type == "cuda":
         backend = torch.backends.cuda.matmul
     elif device.type == "cpu":

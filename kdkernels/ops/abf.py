@@ -26,6 +26,7 @@ from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import abf as reference
 from ._common import DTYPE_CODE, acc_dtype
+from . import _autocast
 
 OP = "abf_fuse"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -145,8 +146,12 @@ def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend
         backend: None (environment / auto), "auto", "triton", "cpp" or "torch".
 
     Returns:
-        (N, C, H, W) tensor in x's dtype; gradients flow to all four inputs.
+        (N, C, H, W) tensor in x's dtype (under autocast: every input is cast to
+        the autocast dtype first, as a conv does; see ``kdkernels/ops/_autocast.py``); gradients flow to all four inputs.
     """
+    amp = _autocast.autocast_dtype(x.device) if isinstance(x, Tensor) else None
+    if amp is not None:
+        x, y, att_weight, att_bias = _autocast.cast([x, y, att_weight, att_bias], amp)
     _check(x, y, att_weight, att_bias)
     chosen = backends.choose_backend(OP, x.device, backend)
     if chosen == "torch":

@@ -21,6 +21,7 @@ from .. import _native, backends
 from .._checks import as_tensor_list, check_feature_pairs
 from ..reference import hcl as reference
 from ._common import DTYPE_CODE, acc_dtype, stream_of
+from . import _autocast
 
 OP = "hcl_loss"
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
@@ -139,15 +140,22 @@ def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
             ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor in the inputs' dtype: sum over levels of
+        0-dim tensor in the inputs' dtype (float32 under autocast, see
+        ``kdkernels/ops/_autocast.py``): sum over levels of
         ``(mse(d) + sum_j w_j * mse(P_l_j(d))) / (1 + sum_j w_j)``, d = fs - ft,
         pools l from (4, 2, 1) kept when l < H, w_j = 2^-(j+1).
         Accumulated in float32 (float64 for float64 inputs).
     """
     fs = as_tensor_list(fstudent, OP, "fstudent")
     ft = as_tensor_list(fteacher, OP, "fteacher")
+    amp = _autocast.autocast_dtype(fs[0].device) if fs else None
+    if amp is not None:
+        both = _autocast.promote(fs + ft)
+        fs, ft = both[: len(fs)], both[len(fs):]
     check_feature_pairs(fs, ft, OP)
     chosen = backends.choose_backend(OP, fs[0].device, backend)
     if chosen == "torch":
-        return reference.hcl_loss(fs, ft)
-    return torch.ops.kdkernels.hcl_loss(fs, ft, chosen)
+        loss = reference.hcl_loss(fs, ft)
+    else:
+        loss = torch.ops.kdkernels.hcl_loss(fs, ft, chosen)
+    return loss if amp is None else _autocast.float32_result(loss)

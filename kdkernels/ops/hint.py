@@ -29,6 +29,7 @@ from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import hint as reference
 from ._common import DTYPE_CODE, acc_dtype
+from . import _autocast
 
 OP = "hint_loss"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -176,7 +177,9 @@ def _check(fs, ft, weight, bias, allow_tf32) -> None:
         raise ValueError(f"{OP}: fs has shape {fs_shape} and ft has shape {ft_shape}: they must agree in "
                          "batch and spatial size (N, ., H, W)")
     cs, ct = fs_shape[1], ft_shape[1]
-    if tuple(weight.shape) not in ((ct, cs, 1, 1), (ct, cs)):
+    # element-wise, not `tuple in (tuples)`: dynamo mis-traces that membership test
+    w_shape = tuple(weight.shape)
+    if w_shape[0] != ct or w_shape[1] != cs or any(d != 1 for d in w_shape[2:]):
         raise ValueError(f"{OP}: weight has shape {tuple(weight.shape)} but fs {fs_shape} and ft {ft_shape} "
                          f"need ({ct}, {cs}, 1, 1) (Ct, Cs, 1, 1)")
     if bias is not None:
@@ -212,19 +215,25 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
             ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor in the inputs' dtype. All inputs share one dtype and device;
+        0-dim tensor in the inputs' dtype (under autocast: the regressor runs
+        in the autocast dtype, as a conv would, and the loss is float32; see
+        ``kdkernels/ops/_autocast.py``). All inputs share one dtype and device;
         sums are accumulated in float32 (float64 for float64 inputs).
 
     Gradients: with r the residual and s = 2 * grad_output / (N*Ct*H*W):
     ``d/d fs = s W^T r``, ``d/d W = s sum r fs^T``, ``d/d b = s sum r``, ``d/d ft = -s r``.
     Double backward is not supported.
     """
+    amp = _autocast.autocast_dtype(fs.device) if isinstance(fs, Tensor) else None
+    if amp is not None:
+        fs, ft, weight, bias = _autocast.cast([fs, ft, weight, bias], amp)
     _check(fs, ft, weight, bias, allow_tf32)
     chosen = backends.choose_backend(OP, fs.device, backend)
     if chosen == "torch":
-        return reference.hint_loss(fs, ft, weight, bias)
-    grad_on = torch.is_grad_enabled()
-    needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
-    loss, _, _, _, _ = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True)
-    return loss
+        loss = reference.hint_loss(fs, ft, weight, bias)
+    else:
+        grad_on = torch.is_grad_enabled()
+        needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
+                 grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
+        loss = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True)[0]
+    return loss if amp is None else _autocast.float32_result(loss)

@@ -37,6 +37,7 @@ from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import kd as reference
 from ._common import DTYPE_CODE, acc_dtype, stream_of
+from . import _autocast
 
 OP = "kd_loss"
 STATS = 5
@@ -231,13 +232,19 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduct
             ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor (``(N,)`` for ``"none"``) in the logits' dtype. Gradient
+        0-dim tensor (``(N,)`` for ``"none"``) in the logits' dtype (float32
+        under autocast, see ``kdkernels/ops/_autocast.py``). Gradient
         w.r.t. logits_s of row n: ``g_n * T * (p_s - p_t)``.
     """
+    amp = _autocast.autocast_dtype(logits_s.device) if isinstance(logits_s, Tensor) else None
+    if amp is not None:
+        logits_s, logits_t = _autocast.promote([logits_s, logits_t])
     temperature = _check_inputs(logits_s, logits_t, temperature, reduction)
     chosen = backends.choose_backend(OP, logits_s.device, backend)
     if chosen == "torch":
-        return reference.kd_loss(logits_s, logits_t, temperature, reduction)
-    if torch.compiler.is_compiling():
-        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
-    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)
+        loss = reference.kd_loss(logits_s, logits_t, temperature, reduction)
+    elif torch.compiler.is_compiling():
+        loss = torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
+    else:
+        loss = _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)
+    return loss if amp is None else _autocast.float32_result(loss)
