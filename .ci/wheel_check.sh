@@ -2,9 +2,11 @@
 # The cluster-wheel story, end to end: build one wheel with an isolated build
 # (no torch in the build environment), install it into a fresh virtual
 # environment next to whatever torch is there, and check from outside the
-# source tree that _C loaded and serves every CPU op.
+# source tree that _C loaded and serves every CPU op. Then build an sdist with
+# `python -m build --sdist` and check it rebuilds into a wheel with the same files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -24,3 +26,16 @@ python3 -m venv "$work/venv"
 cd "$work"  # not the source tree: import the installed package
 "$work/venv/bin/python" -m kdkernels info
 "$work/venv/bin/python" -m kdkernels smoke
+
+echo "== sdist: python -m build --sdist, rebuilt into a wheel with the same files"
+cd "$repo"
+python3 -m pip install -q build
+python3 -m build --sdist -o "$work/sdist" . >/dev/null
+sdist=$(ls "$work"/sdist/kdkernels-*.tar.gz)
+python3 -m pip wheel "$sdist" -w "$work/dist2" --no-deps -q
+python3 - "$wheel" "$work"/dist2/kdkernels-*.whl <<'PY'
+import sys, zipfile
+a, b = (sorted(zipfile.ZipFile(p).namelist()) for p in sys.argv[1:3])
+assert a == b, f"the sdist rebuilt into a different wheel: only in the first {set(a) - set(b)}, only in the second {set(b) - set(a)}"
+print(f"sdist {sys.argv[2].rsplit('/', 1)[-1]} rebuilds into the same {len(a)} files")
+PY

@@ -15,23 +15,57 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
+def _compare(fast: Callable, ref: Callable, inputs: List[torch.Tensor]) -> float:
+    """Worst relative error of the output and every input gradient, cpp (fp32) vs reference (fp64)."""
+    ins = [t.clone().requires_grad_() for t in inputs]
+    out = fast(*ins)
+    out.backward(torch.ones_like(out))
+    ins64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out = ref(*ins64)
+    ref_out.backward(torch.ones_like(ref_out))
+    return max([_rel(out, ref_out)] + [_rel(a.grad, b.grad) for a, b in zip(ins, ins64)])
+
+
+def _randn(*shapes) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g) for s in shapes]
+
+
 def _check_hcl() -> float:
     import kdkernels
     from kdkernels.reference import hcl as ref
 
-    g = torch.Generator().manual_seed(0)
     shapes = [(2, 4, 7, 7), (2, 8, 4, 4), (2, 8, 1, 1)]
-    fs = [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
-    ft = [torch.randn(s, generator=g) for s in shapes]
-    loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
-    loss.backward()
-    fs64 = [f.detach().double().requires_grad_() for f in fs]
-    ref_loss = ref.hcl_loss(fs64, [t.double() for t in ft])
-    ref_loss.backward()
-    return max([_rel(loss, ref_loss)] + [_rel(a.grad, b.grad) for a, b in zip(fs, fs64)])
+    return _compare(lambda *t: kdkernels.hcl_loss(list(t[:3]), list(t[3:]), backend="cpp"),
+                    lambda *t: ref.hcl_loss(list(t[:3]), list(t[3:])), _randn(*shapes, *shapes))
 
 
-CHECKS: Dict[str, Callable[[], float]] = {"hcl_loss": _check_hcl}
+def _check_abf() -> float:
+    import kdkernels
+    from kdkernels.reference import abf as ref
+
+    return _compare(lambda *t: kdkernels.abf_fuse(*t, backend="cpp"), ref.abf_fuse,
+                    _randn((2, 3, 7, 6), (2, 3, 4, 3), (2, 6, 1, 1), (2,)))
+
+
+def _check_hint() -> float:
+    import kdkernels
+    from kdkernels.reference import hint as ref
+
+    return _compare(lambda *t: kdkernels.hint_loss(*t, backend="cpp"), ref.hint_loss,
+                    _randn((2, 5, 6, 7), (2, 3, 6, 7), (3, 5, 1, 1), (3,)))
+
+
+def _check_kd() -> float:
+    import kdkernels
+    from kdkernels.reference import kd as ref
+
+    return _compare(lambda s, t: kdkernels.kd_loss(s, t, 4.0, backend="cpp"),
+                    lambda s, t: ref.kd_loss(s, t, 4.0), _randn((5, 1000), (5, 1000)))
+
+
+CHECKS: Dict[str, Callable[[], float]] = {
+    "hcl_loss": _check_hcl, "abf_fuse": _check_abf, "hint_loss": _check_hint, "kd_loss": _check_kd}
 
 
 def main() -> int:
