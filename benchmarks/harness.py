@@ -904,6 +904,41 @@ def format_table(rows: Sequence[Dict[str, Any]], op: str, copy_bw_gbs: Optional[
     return "\n".join(lines) + "\n"
 
 
+def markdown_summary(rows: Sequence[Dict[str, Any]], provider: str = "kdkernels") -> str:
+    """One markdown table over every op in ``rows`` (CSV rows): the full step
+    (forward + backward) of ``provider`` against eager and compile, with peak memory."""
+    get: Dict[Tuple[str, str, str, str, str], Dict[str, Any]] = {}
+    for r in rows:
+        get[(r["op"], r["case"], r["provider"], r["mode"], r["metric"])] = r
+    ops = [o for o in _ordered(r["op"] for r in rows) if not o.startswith("_")]
+    meta = next((r for r in rows if r["op"] in ops), None)
+    if meta is None:
+        return "no results\n"
+    machine = next((r for r in rows if r["metric"] == "copy_bandwidth_gbs"), None)
+    bw = f", copy bandwidth {_num(machine['value']):.1f} GB/s" if machine else ""
+    lines = [f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads{bw}), torch {meta['torch']}, "
+             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. Full step = forward + backward; "
+             f"median of the timed repetitions; memory = peak of the step's own allocations.",
+             "",
+             "| op | case | shape | eager ms | compile ms | kdkernels ms | × eager | × compile | peak MiB eager → kdkernels |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for op in ops:
+        for case in _ordered(r["case"] for r in rows if r["op"] == op):
+            def v(prov, metric, mode="full"):
+                r = get.get((op, case, prov, mode, metric))
+                return _num(r["value"]) if r else None
+            t = v(provider, "time_ms")
+            if t is None:
+                continue
+            shape = next(r["shape"] for r in rows if r["op"] == op and r["case"] == case)
+            se, sc = v(provider, "speedup_vs_eager"), v(provider, "speedup_vs_compile")
+            me, mk = v("eager", "peak_mem_mib"), v(provider, "peak_mem_mib")
+            lines.append(f"| {op} | {case} | {shape} | {_ms(v('eager', 'time_ms'))} | {_ms(v('compile', 'time_ms'))}"
+                         f" | {_ms(t)} | {f'{se:.2f}' if se is not None else '—'}"
+                         f" | {f'{sc:.2f}' if sc is not None else '—'} | {_mib(me)} → {_mib(mk)} |")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- chart
 
 

@@ -132,7 +132,9 @@ def main(argv=None) -> int:
                        if r["op"] == op and r["metric"] == "ok" and r["value"] == 0
                        and str(r["note"]).startswith(("mismatch", "error"))]
 
-    print(f"\nwrote {csv_path} and the tables/charts beside it · total {time.perf_counter() - t_start:.1f} s")
+    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+        f.write(harness.markdown_summary(harness.read_csv(csv_path)))
+    print(f"\nwrote {csv_path}, summary.md and the tables/charts beside it · total {time.perf_counter() - t_start:.1f} s")
     if failed_ops:
         print(f"ops that did not run: {', '.join(failed_ops)}")
     if bad_checks:

@@ -68,3 +68,13 @@ def test_chart_and_table_written(quick_run):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (out / "hcl.txt").exists()
+
+
+def test_markdown_summary_lists_every_case(quick_run):
+    _, out = quick_run
+    text = (out / "summary.md").read_text()
+    with open(out / "results.csv", newline="") as f:
+        cases = {r["case"] for r in csv.DictReader(f) if r["op"] == "hcl" and r["metric"] == "time_ms"}
+    assert cases
+    for case in cases:
+        assert f"| hcl | {case} |" in text, (case, text)
