@@ -46,6 +46,8 @@ from torch import nn
 
 from kdkernels import train
 
+from _digits_common import few, n_params, train_ce
+
 METHODS = ("kd", "fitnets", "reviewkd", "sskd", "fskd")
 TEACHER_WIDTHS = (16, 32, 64)
 STUDENT_WIDTHS = (4, 8, 16)
@@ -176,33 +178,7 @@ def prune(teacher: Net) -> Net:
     return student.eval()
 
 
-def few(y, per_class, seed):
-    g = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(y == c).flatten() for c in range(10)]
-    return torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picks])
-
-
-def finetune(model, x, y, steps, seed, lr=1e-3, batch=32):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for idx in torch.randperm(len(y), generator=g).split(batch):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    return model.eval()
-
-
 # ---------------------------------------------------------------------- main
-def n_params(m) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--method", choices=METHODS, required=True)
@@ -233,7 +209,7 @@ def main():
             pruned = prune(teacher)
             rows["pruned, no training"].append(acc(pruned, x_te, y_te))
             idx = few(y_tr, args.shots, seed)
-            tuned = finetune(copy.deepcopy(pruned), x_tr[idx], y_tr[idx], 150, seed)
+            tuned = train_ce(copy.deepcopy(pruned), x_tr[idx], y_tr[idx], 150, lr=1e-3, seed=seed, batch=32)
             rows["student alone (CE fine-tune, labels)"].append(acc(tuned, x_te, y_te))
             d = train.FSKD(pruned, teacher, [(f"{s}.conv2", f"{s}.bn2", f"{s}.bn2") for s in STAGES])
             train.fit(d, [x_tr[idx]], epochs=1, progress=False)  # FSKD: closed form, no optimiser

@@ -24,12 +24,13 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kdkernels import fskd
+
+from _digits_common import few, n_params, train_ce
 
 WIDTHS = (16, 16, 32, 32, 64, 64)
 PRUNED = (1, 3, 5)  # conv i loses half its filters; conv i+1 is aligned
@@ -57,23 +58,6 @@ def load(seed: int):
     return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
 
 
-def train(model, x, y, steps, lr, seed, batch=64):
-    """Adam on cross-entropy for ``steps`` mini-batches (reshuffled every epoch)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    done = 0
-    while done < steps:
-        for idx in torch.randperm(len(y), generator=g).split(batch):
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-            done += 1
-            if done == steps:
-                break
-    return model.eval()
-
-
 @torch.no_grad()
 def accuracy(model, x, y) -> float:
     model.eval()
@@ -99,17 +83,6 @@ def prune(teacher: nn.Sequential) -> nn.Sequential:
     return student.eval()
 
 
-def few(y, per_class, seed):
-    """Indices of ``per_class`` random samples of every class."""
-    g = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(y == c).flatten() for c in range(10)]
-    return torch.cat([p[torch.randperm(len(p), generator=g)[:per_class]] for p in picks])
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shots", type=int, nargs="+", default=[10, 50, 100], help="samples per class")
@@ -124,7 +97,7 @@ def main():
     torch.manual_seed(0)
 
     x_tr, y_tr, x_te, y_te = load(seed=0)
-    teacher = train(make_net(), x_tr, y_tr, args.epochs * -(-len(y_tr) // 64), 3e-3, seed=0)
+    teacher = train_ce(make_net(), x_tr, y_tr, args.epochs * -(-len(y_tr) // 64), 3e-3, seed=0, batch=64)
     student = prune(teacher)
     acc_t, acc_s = accuracy(teacher, x_te, y_te), accuracy(student, x_te, y_te)
 
@@ -137,7 +110,7 @@ def main():
             for sched in ("greedy", "independent"):
                 out = fskd.distill(student, teacher, BLOCKS, batches, schedule=sched, progress=False)
                 res[f"FSKD {sched}"].append(accuracy(out, x_te, y_te))
-            tuned = train(copy.deepcopy(student), x_tr[idx], y_tr[idx], args.finetune_steps, 1e-3,
+            tuned = train_ce(copy.deepcopy(student), x_tr[idx], y_tr[idx], args.finetune_steps, 1e-3,
                           seed=draw, batch=32)
             res["fine-tune (CE, labels)"].append(accuracy(tuned, x_te, y_te))
         for name in rows:

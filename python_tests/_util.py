@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 
@@ -35,3 +36,10 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str
             f"{what}: relative error {err:.3e} >= {tol:.1e}; worst flat indices {worst}, "
             f"values {[o.flatten()[i].item() for i in worst]} vs {[r.flatten()[i].item() for i in worst]}"
         )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a gloo rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

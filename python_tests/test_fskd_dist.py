@@ -1,6 +1,5 @@
 """GramStats.all_reduce across 2 gloo processes on CPU equals single-process statistics."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from kdkernels import fskd
+
+from _util import free_port
 
 WORLD = 2
 
@@ -56,12 +57,6 @@ def _worker(rank, port, out_dir):
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):

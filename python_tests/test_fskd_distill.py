@@ -10,6 +10,8 @@ from torch import nn
 
 from kdkernels import fskd
 
+from _models import BasicBlock
+
 
 def rel_err(a, b):
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
@@ -43,32 +45,14 @@ def vgg(widths=(8, 8, 16, 16), seed=0):
     return randomize_bns(nn.Sequential(OrderedDict(layers)), seed)
 
 
-class Basic(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)  # in place on the bn2 output, as torchvision does
-        return F.relu(out)
-
-
 class ResNetLike(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
         self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(8)
-        self.layer1 = Basic(8, 8, 1)
-        self.layer2 = Basic(8, 16, 2)
+        self.layer1 = BasicBlock(8, 8, 1)
+        self.layer2 = BasicBlock(8, 16, 2)
         self.fc = nn.Linear(16, 5)
         randomize_bns(self, seed)
 

@@ -16,6 +16,7 @@ import kdkernels
 from kdkernels.nn import ABF, ReviewKD, ReviewKDLoss
 from kdkernels.reference.hcl import hcl_loss as ref_hcl
 
+from _models import BasicBlock
 from _util import assert_rel_close
 
 BACKENDS = ["cpp", "triton", "torch"]
@@ -79,28 +80,12 @@ class RefReviewKD(nn.Module):
 class TinyResNet(nn.Module):
     """A small ResNet-like student (residual blocks, three stages, pooled feature as N×C×1×1)."""
 
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.down = None
-            if stride != 1 or cin != cout:
-                self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.bn2(self.conv2(out))
-            return F.relu(out + (x if self.down is None else self.down(x)))
-
     def __init__(self, num_classes=10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.layer1 = self.Block(8, 8, 1)
-        self.layer2 = self.Block(8, 16, 2)
-        self.layer3 = self.Block(16, 32, 2)
+        self.layer1 = BasicBlock(8, 8, 1)
+        self.layer2 = BasicBlock(8, 16, 2)
+        self.layer3 = BasicBlock(16, 32, 2)
         self.fc = nn.Linear(32, num_classes)
 
     def forward(self, x, is_feat=False):

@@ -1,7 +1,6 @@
 """Distillers under DistributedDataParallel: 2 gloo processes on CPU give the
 gradients of one process on the same global batch; fit detects torch.distributed."""
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import kdkernels
 from kdkernels import train
+
+from _util import free_port
 
 WORLD = 2
 N = 8  # global batch; each rank holds N // WORLD
@@ -103,12 +104,6 @@ def _worker(rank, port, out_dir, cases):
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ddp_two_gloo_ranks_match_one_process(tmp_path):

@@ -35,22 +35,22 @@ from .taps import FeatureTaps, eval_mode, first_input
 Losses = Dict[str, torch.Tensor]
 
 
+def _lazy(module: str, name: str):
+    mod = importlib.import_module(module)
+    try:
+        return getattr(mod, name)
+    except AttributeError:
+        raise ImportError(f"{module}.{name} is not available in this build of kdkernels") from None
+
+
 def op(name: str):
     """``kdkernels.<name>``, imported when first needed (the ops may load after this package)."""
-    kd = importlib.import_module("kdkernels")
-    try:
-        return getattr(kd, name)
-    except AttributeError:
-        raise ImportError(f"kdkernels.{name} is not available in this build of kdkernels") from None
+    return _lazy("kdkernels", name)
 
 
 def nn_module(name: str):
     """``kdkernels.nn.<name>``, imported when first needed."""
-    mod = importlib.import_module("kdkernels.nn")
-    try:
-        return getattr(mod, name)
-    except AttributeError:
-        raise ImportError(f"kdkernels.nn.{name} is not available in this build of kdkernels") from None
+    return _lazy("kdkernels.nn", name)
 
 
 def logits_of(output) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..fskd._hooks import StopForward, find_module
+from ..fskd._hooks import StopForward, find_module, first_tensor
 
 INPUT_SUFFIX = ":input"
 
@@ -71,14 +71,6 @@ def first_input(batch) -> torch.Tensor:
     return batch
 
 
-def _tensor(value, where: str) -> torch.Tensor:
-    if isinstance(value, (tuple, list)) and value:
-        value = value[0]
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"tap {where!r} caught a {type(value).__name__}, expected a tensor")
-    return value
-
-
 def _version(t: torch.Tensor) -> Optional[int]:
     try:
         return t._version
@@ -100,7 +92,7 @@ class _Hook:
             return None
         i = self.index
         name = taps.names[i]
-        value = _tensor(args if taps._is_input[i] else output, name)
+        value = first_tensor(args if taps._is_input[i] else output, f"tap {name!r}")
         if taps.clone_flags[i]:
             value = value.clone()
         taps._feats[i] = value
