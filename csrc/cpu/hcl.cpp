@@ -55,7 +55,9 @@ Axis make_axis(int64_t length, const HclCoefs& coefs) {
 }
 
 // Everything about one plane shape that does not depend on the data. Cell
-// (rs, cs) is index rs * nc + cs; each bin is a list of cells.
+// (rs, cs) is index rs * nc + cs; each bin is a list of cells. The int32 lists
+// index cells and bins only (at most 9 x 9 cells: 10 distinct edges per axis,
+// and 21 bins), never elements; element offsets are int64 throughout.
 struct Plan {
   int64_t H = 0, W = 0;
   Axis rows, cols;

@@ -57,6 +57,11 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t(65535) * 16;  // beyond this the blocks stride over the planes
 
+// Index widths: plane bases (plane * H * W) are int64, so planes * H * W may pass
+// 2^31. Offsets inside one plane (r * W + c) and H, W themselves stay int: 32-bit
+// math is cheaper on the GPU, and hcl_check_sizes (common/hcl.h) refuses planes of
+// 2^31 elements or more and H, W >= 2^28 (so the bin-edge products 4 * (x + 1) and
+// (i + 1) * length in pool_bin_covers<int> cannot wrap either).
 struct Shape {
   int64_t planes;
   int H, W;
@@ -91,7 +96,7 @@ __device__ __forceinline__ void thread_sums(const T* __restrict__ fs, const T* _
     for (int i = 0; i < (Lay::rows > 0 ? Lay::rows : 1); ++i) rows[i] = A(0);
 #pragma unroll 4
     for (int r = ty; r < H; r += TY) {
-      const int off = r * W + c;
+      const int off = r * W + c;  // inside one plane: < 2^31 (hcl_check_sizes)
       const A d = Scalar<T>::load(fs[off]) - Scalar<T>::load(ft[off]);
       if (WITH_SQ) v[0] += d * d;
       if constexpr (Lay::has4) add_masked<4>(rows + Lay::R4, bins_covering<4>(r, H), d);
@@ -221,7 +226,7 @@ __device__ __forceinline__ void thread_grad(const T* __restrict__ fs, const T* _
     if constexpr (Lay::has1) q[Lay::R1] = f[Lay::B1];
 #pragma unroll 4
     for (int r = ty; r < H; r += TY) {
-      const int off = r * W + c;
+      const int off = r * W + c;  // inside one plane: < 2^31 (hcl_check_sizes)
       const A d = Scalar<T>::load(fs[off]) - Scalar<T>::load(ft[off]);
       A t = A(0);
       if constexpr (Lay::has4) {

@@ -17,6 +17,12 @@ Backward, with g = grad_out:
     grad_w[k, c] = sum_pixels da_k x_c,  grad_w[k, C + c] = sum_pixels da_k u_c,  grad_b[k] = sum da_k
 The weight/bias sums are written as per-program partials and reduced by the
 host in a fixed order: deterministic.
+
+Index widths: every offset that includes the sample n or a channel c (n*C*H*W,
+c*H*W, the partial slots) is formed in int64, so N*C*H*W may pass 2^31. Pixel
+indices inside one plane (p, q, r*W + col) stay int32 for speed: the host
+refuses planes of 2^31 - 2^16 or more pixels (_check_plane), so p + BLOCK and
+H*W never wrap.
 """
 from __future__ import annotations
 
@@ -173,6 +179,15 @@ def _abf_bwd_y_kernel(
              acc.to(gy_ptr.dtype.element_ty), mask=m)
 
 
+_MAX_PLANE = 2**31 - 2**16  # pixels of one plane: in-plane indices are int32 (see the top)
+
+
+def _check_plane(H: int, W: int) -> None:
+    if H * W >= _MAX_PLANE:
+        raise ValueError(f"abf_fuse: an H x W = {H} x {W} plane has {H * W} pixels; "
+                         f"the Triton kernels take fewer than 2^31 - 2^16 per plane")
+
+
 def _scales(H: int, W: int, h: int, w: int):
     sh = float(torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32))
     sw = float(torch.tensor(w, dtype=torch.float32) / torch.tensor(W, dtype=torch.float32))
@@ -190,6 +205,7 @@ def abf_fwd(x, y, weight, bias, out, z) -> None:
     """out (N, C, H, W) and z (N, 2, H, W) from contiguous x, y, weight (2*2C,), bias (2,)."""
     N, C, H, W = x.shape
     h, w = y.shape[-2:]
+    _check_plane(H, W)
     sh, sw = _scales(H, W, h, w)
     acc, block_p, block_c = _config(C, H * W, x.dtype)
     grid = (triton.cdiv(H * W, block_p), N)
@@ -202,6 +218,7 @@ def abf_bwd(g, x, y, weight, z, gx, gy):
     """Fill gx, gy; return (grad_w (4C,), grad_b (2,)) in the accumulation dtype."""
     N, C, H, W = x.shape
     h, w = y.shape[-2:]
+    _check_plane(H, W)
     sh, sw = _scales(H, W, h, w)
     acc, block_p, block_c = _config(C, H * W, x.dtype)
     blocks_p = triton.cdiv(H * W, block_p)

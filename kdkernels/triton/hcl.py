@@ -20,6 +20,12 @@ Both are evaluated as broadcast-multiply-reduce over tiny l (4, 2, 1), which
 costs about 7 multiply-adds per element in total. Planes that fit one tile
 (BLOCK_H >= H) are read once per pass; larger planes are walked in row chunks
 (the backward then reads the plane twice, the second time from L2).
+
+Index widths: the plane id is cast to int64 before it multiplies H*W, and row
+offsets inside the plane are int64 too, so N*C*H*W may pass 2^31. The bin
+edges (i*A // L, ((i+1)*A + L - 1) // L for A = H or W) stay int32: the host
+keeps H, W < 2^28 (_check_plane, the same limits as csrc/common/hcl.h), so
+4*A + 3 cannot wrap.
 """
 from __future__ import annotations
 
@@ -184,6 +190,12 @@ def _hcl_bwd_kernel(
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
+def _check_plane(H: int, W: int) -> None:
+    if H >= 2**28 or W >= 2**28 or H * W >= 2**31:
+        raise ValueError(f"hcl_loss: a {H} x {W} plane is too large; one plane must have fewer than "
+                         f"2^31 elements and H, W < 2^28")
+
+
 def _launch_config(H: int, W: int, dtype: torch.dtype):
     block_w = triton.next_power_of_2(W)
     block_h = min(triton.next_power_of_2(H), max(1, _MAX_TILE // block_w))
@@ -201,6 +213,7 @@ def hcl_fwd(fs: torch.Tensor, ft: torch.Tensor, partial: torch.Tensor,
             pools: Sequence[int], ratios: Sequence[float]) -> None:
     """Write each plane's loss / c0 into ``partial`` (N*C,); fs, ft contiguous NCHW."""
     n, c, h, w = fs.shape
+    _check_plane(h, w)
     block_h, block_w, acc, num_warps = _launch_config(h, w, fs.dtype)
     r4, r2, r1 = _ratios(pools, ratios)
     _hcl_fwd_kernel[(n * c,)](
@@ -214,6 +227,7 @@ def hcl_bwd(fs: torch.Tensor, ft: torch.Tensor, g: torch.Tensor, grad: torch.Ten
             pools: Sequence[int], ratios: Sequence[float]) -> None:
     """Write d(loss)/d(fs) into ``grad``; ``g`` (1,) holds grad_output * c0."""
     n, c, h, w = fs.shape
+    _check_plane(h, w)
     block_h, block_w, acc, num_warps = _launch_config(h, w, fs.dtype)
     r4, r2, r1 = _ratios(pools, ratios)
     _hcl_bwd_kernel[(n * c,)](

@@ -1,8 +1,9 @@
 r"""Triton kernel of the FitNets hint loss through a 1x1 regressor (SPEC section 3).
 
 Pixels are the long dimension: pixel q in [0, N*H*W) is (n, p) = (q // P, q % P)
-with P = H*W, and fs[n, c, p] sits at n*Cs*P + c*P + p (contiguous NCHW; int64
-offsets). A program owns the pixel tiles pid, pid + G, pid + 2G, ... of
+with P = H*W, and fs[n, c, p] sits at n*Cs*P + c*P + p (contiguous NCHW). Pixel,
+channel-plane and partial-slot offsets are all formed in int64, so N*H*W and
+N*Cs*H*W may pass 2^31. A program owns the pixel tiles pid, pid + G, pid + 2G, ... of
 BLOCK_Q pixels each (G programs). For each tile and each chunk of BLOCK_CT
 teacher channels it computes the residual tile in registers,
 
@@ -63,8 +64,14 @@ def _hint_fused_kernel(
     loss = tl.zeros([BLOCK_CT], ACC)
     gw_base = pid.to(tl.int64) * Ct * Cs  # this program's slot of the partials
     gb_base = pid.to(tl.int64) * Ct
-    for tile in range(pid, num_tiles, nprog):
-        q = (tile * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)  # the host keeps N*H*W < 2^31
+    for i in range(0, tl.cdiv(num_tiles - pid, nprog)):
+        # tiles pid, pid + G, ...; tile < num_tiles fits int32, but its first pixel
+        # tile * BLOCK_Q (and every offset below) is int64: N*H*W may pass 2^31.
+        # (Not `for tile in range(pid, num_tiles, G)`: the interpreter runs that
+        # loop on Python ints, and python_tests/test_large_index.py could not see
+        # a missing cast.)
+        tile = pid + i * nprog
+        q = tile.to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q)
         q_ok = q < Q
         n = q // P
         p = q - n * P
@@ -156,8 +163,6 @@ def hint_fused(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: O
     ct = ft.shape[1]
     p = h * w_
     q = n * p
-    if q >= 2**31 - 1024:
-        raise ValueError(f"hint_loss: N*H*W = {q} pixels; the Triton kernel takes fewer than 2^31 - 1024")
     acc_t = torch.float64 if fs.dtype == torch.float64 else torch.float32
     block_q, block_cs, block_ct = _blocks(q, cs, ct)
     num_tiles = triton.cdiv(q, block_q)
