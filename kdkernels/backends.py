@@ -109,6 +109,9 @@ def available_backends(op: str, device: torch.device | str) -> List[str]:
 def choose_backend(op: str, device: torch.device, requested: Optional[str] = None) -> str:
     """The backend ``op`` runs with: ``requested``, else $KDKERNELS_BACKEND, else auto."""
     name = requested if requested is not None else os.environ.get(ENV_VAR, "auto")
+    if not isinstance(name, str):
+        raise TypeError(f"{op}: backend must be a string such as 'auto' or one of {BACKENDS}, "
+                        f"got {type(name).__name__}")
     name = name.lower()
     device_type = device.type
     implemented = _OP_BACKENDS[op]

@@ -43,3 +43,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+DETERMINISM_RUNS = 5
+
+
+def assert_bitwise_repeatable(run, runs: int = DETERMINISM_RUNS, what: str = "run") -> None:
+    """``run()`` returns a list of tensors (loss and every gradient); ``runs`` calls give identical bits."""
+    first = [t.detach().clone() for t in run()]
+    assert first, f"{what}: nothing to compare"
+    for k in range(1, runs):
+        again = run()
+        assert len(again) == len(first), f"{what}: run {k} returned {len(again)} tensors, run 0 {len(first)}"
+        for i, (a, b) in enumerate(zip(first, again)):
+            # equal bits: NaN == NaN here, and -0.0 != 0.0
+            same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+                a.contiguous().view(-1).view(torch.uint8), b.detach().contiguous().view(-1).view(torch.uint8))
+            assert same, f"{what}: output {i} of run {k} differs from run 0"

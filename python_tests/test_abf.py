@@ -8,7 +8,7 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import abf as ref
 
-from _util import DEVICE, REL_TOL, assert_rel_close, rel_error
+from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close, rel_error
 
 BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "torch"]}[DEVICE.type]
 FAST = [b for b in BACKENDS if b != "torch"]
@@ -112,14 +112,17 @@ def test_saves_no_upsampled_or_concat(backend):
     assert sizes == sorted([x.numel(), y.numel(), w.numel(), 2 * 2 * 8 * 8]), sizes
 
 
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
+    """Bitwise-identical output and gradients of x, y, att_weight, att_bias over 5 runs."""
     inputs = _inputs((3, 5, 8, 8, 4, 4), torch.float32, seed=6)
-    gout = torch.randn(3, 5, 8, 8, device=DEVICE)
-    first = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
-    again = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
-    assert torch.equal(first[0], again[0])
-    assert all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    gout = torch.randn(3, 5, 8, 8, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+
+    def run():
+        out, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend=backend), inputs, gout)
+        return [out, *grads]
+
+    assert_bitwise_repeatable(run, what=f"abf_fuse[{backend}]")
 
 
 # cpp only: several work units per sample, several chunks per unit, a source row split across chunks
@@ -147,15 +150,6 @@ def test_cpp_units_and_chunks_independent_of_threads(shape):
         assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_in_nan_out(backend):
-    x, y, w, b = [t.detach() for t in _inputs((1, 2, 4, 4, 2, 2), torch.float32)]
-    x[0, 1, 2, 3] = float("nan")
-    out = kdkernels.abf_fuse(x, y, w, b, backend=backend)
-    assert torch.isnan(out[0, :, 2, 3]).all()
-    assert torch.isfinite(out[0, :, 0, 0]).all()
-
-
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
 def test_triton_interpreter_really_ran():
     from triton.runtime.interpreter import InterpretedFunction
@@ -168,23 +162,3 @@ def test_triton_interpreter_really_ran():
     x, y, w, b = _inputs((1, 2, 4, 4, 2, 2), torch.float32)
     kdkernels.abf_fuse(x, y, w, b, backend="triton").sum().backward()
     assert (launch_counts["abf_fwd"], launch_counts["abf_bwd"]) == (before[0] + 1, before[1] + 1)
-
-
-def test_bad_inputs():
-    x, y, w, b = [t.detach() for t in _inputs((2, 4, 8, 8, 4, 4), torch.float32)]
-
-    def bad(exc, *fragments, args):
-        with pytest.raises(exc) as info:
-            kdkernels.abf_fuse(*args)
-        for f in fragments:
-            assert f in str(info.value), (f, str(info.value))
-
-    bad(ValueError, "y (2, 3, 4, 4)", "(2, 4, 8, 8)", args=(x, y[:, :3], w, b))
-    bad(ValueError, "larger than x", "(2, 4, 16, 16)", args=(x, torch.randn(2, 4, 16, 16, device=DEVICE), w, b))
-    bad(ValueError, "att_weight", "(2, 8, 1, 1)", "(2, 6, 1, 1)", args=(x, y, w[:, :6], b))
-    bad(ValueError, "att_bias", args=(x, y, w, b[:1]))
-    bad(ValueError, "x must be 4-D", args=(x[0], y, w, b))
-    bad(TypeError, "y has dtype torch.float64", args=(x, y.double(), w, b))
-    bad(TypeError, "x must be a torch.Tensor", args=(x.tolist(), y, w, b))
-    bad(ValueError, "empty", args=(x[:0], y[:0], w, b))
-    bad(ValueError, "meta", args=(x, torch.empty(2, 4, 4, 4, device="meta"), w, b))

@@ -9,7 +9,7 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import hcl as ref
 
-from _util import DEVICE, REL_TOL, assert_rel_close
+from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close
 
 BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
 FAST = [b for b in BACKENDS if b != "torch"]
@@ -166,28 +166,17 @@ def test_noncontiguous_and_channels_last(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_in_nan_out(backend):
-    fs, ft = _features([(1, 2, 5, 5)], torch.float32, seed=7)
-    x = fs[0].detach().clone()
-    x[0, 1, 2, 3] = float("nan")
-    assert torch.isnan(kdkernels.hcl_loss(x, ft[0], backend=backend))
-    y = ft[0].detach().clone()
-    y[0, 0, 0, 0] = float("inf")
-    assert not torch.isfinite(kdkernels.hcl_loss(fs[0].detach(), y, backend=backend))
-
-
-@pytest.mark.parametrize("backend", FAST)
 def test_deterministic(backend):
-    fs, ft = _features([(4, 8, 14, 14)], torch.float32, seed=8)
-    results = []
-    for _ in range(3):
-        for f in fs:
-            f.grad = None
+    """Bitwise-identical loss and gradients (student and teacher, every level) over 5 runs."""
+    nc = (2, 3) if backend == "triton" and DEVICE.type == "cpu" else (4, 8)  # the interpreter is slow
+    shapes = [(*nc, 14, 14), (*nc, 7, 7), (*nc, 1, 1)]
+    fs, ft = _features(shapes, torch.float32, seed=8, teacher_grad=True)
+
+    def run():
         loss = kdkernels.hcl_loss(fs, ft, backend=backend)
-        loss.backward()
-        results.append((loss.detach().clone(), fs[0].grad.clone()))
-    for loss, grad in results[1:]:
-        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+        return [loss, *torch.autograd.grad(loss, fs + ft)]
+
+    assert_bitwise_repeatable(run, what=f"hcl_loss[{backend}]")
 
 
 def test_single_tensors_and_module():
@@ -218,33 +207,6 @@ def test_backend_selection(monkeypatch):
     assert backends.choose_backend("hcl_loss", DEVICE) == default
     monkeypatch.setenv("KDKERNELS_BACKEND", "torch")
     assert backends.choose_backend("hcl_loss", DEVICE) == "torch"
-    with pytest.raises(ValueError, match="unknown backend"):
-        kdkernels.hcl_loss(fs, ft, backend="fortran")
     other = "cuda" if DEVICE.type == "cpu" else "cpp"
     with pytest.raises(RuntimeError, match=f"backend '{other}' cannot run on {DEVICE.type}"):
         kdkernels.hcl_loss(fs, ft, backend=other)
-
-
-def _bad(fs, ft, exc, *fragments):
-    with pytest.raises(exc) as info:
-        kdkernels.hcl_loss(fs, ft)
-    for fragment in fragments:
-        assert fragment in str(info.value), (fragment, str(info.value))
-
-
-def test_bad_inputs():
-    a = torch.randn(2, 3, 4, 4, device=DEVICE)
-    b = torch.randn(2, 3, 4, 5, device=DEVICE)
-    _bad([a, a], [a], ValueError, "2 levels", "1")
-    _bad([a], [b], ValueError, "level 0", "(2, 3, 4, 4)", "(2, 3, 4, 5)")
-    _bad([], [], ValueError, "empty list")
-    _bad([a[0]], [a[0]], ValueError, "fstudent[0]", "4-D", "(3, 4, 4)")
-    _bad([a], [a.double()], TypeError, "fteacher[0]", "float64")
-    _bad([a.int()], [a.int()], TypeError, "fstudent[0]", "int32")
-    _bad([a, a[:0]], [a, a[:0]], ValueError, "fstudent[1]", "empty", "(0, 3, 4, 4)")
-    _bad("features", [a], TypeError, "fstudent")
-    _bad([a, 3], [a, a], TypeError, "fstudent[1]")
-    if DEVICE.type == "cuda":
-        _bad([a], [a.cpu()], ValueError, "fteacher[0]", "cpu")
-    meta = torch.randn(2, 3, 4, 4, device="meta")
-    _bad([a], [meta], ValueError, "fteacher[0]", "meta")

@@ -9,7 +9,7 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import kd as ref
 
-from _util import DEVICE, REL_TOL, assert_rel_close
+from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close
 
 BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
 FAST = [b for b in BACKENDS if b != "torch"]
@@ -232,38 +232,24 @@ def test_noncontiguous(backend):
     assert_rel_close(s_t.grad, ref_gs, 1e-5, "grad")
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_in_nan_out(backend):
-    s, t = _logits(3, 20, torch.float32, seed=11)
-    x = s.detach().clone()
-    x[1, 4] = float("nan")
-    rows = kdkernels.kd_loss(x, t, reduction="none", backend=backend)
-    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2]]).all()
-    y = t.detach().clone()
-    y[0, 0] = float("nan")
-    assert torch.isnan(kdkernels.kd_loss(s.detach(), y, backend=backend))
-    y[0, 0] = float("inf")
-    assert torch.isnan(kdkernels.kd_loss(s.detach(), y, backend=backend))
-
-
-@pytest.mark.parametrize("backend", FAST)
 def test_deterministic(backend):
+    """Bitwise-identical loss and gradients of both logits over 5 runs (cpp: 1 or 2 threads)."""
     s, t = _logits(8, 5000, torch.float32, seed=12, teacher_grad=True)
-    results = []
     threads = torch.get_num_threads()
+    calls = []
+
+    def run():
+        if backend == "cpp":
+            torch.set_num_threads(1 + len(calls) % 2)  # the result does not depend on the thread count
+        calls.append(None)
+        loss = kdkernels.kd_loss(s, t, backend=backend)
+        return [loss, *torch.autograd.grad(loss, (s, t))]
+
     try:
-        for k in range(3):
-            if backend == "cpp":
-                torch.set_num_threads(1 + k % 2)  # the result does not depend on the thread count
-            s.grad = t.grad = None
-            loss = kdkernels.kd_loss(s, t, backend=backend)
-            loss.backward()
-            results.append((loss.detach().clone(), s.grad.clone(), t.grad.clone()))
+        assert_bitwise_repeatable(run, what=f"kd_loss[{backend}]")
     finally:
         torch.set_num_threads(threads)
-    for r in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
@@ -342,36 +328,6 @@ def test_backend_selection(monkeypatch):
     assert backends.choose_backend("kd_loss", DEVICE) == default
     monkeypatch.setenv("KDKERNELS_BACKEND", "torch")
     assert backends.choose_backend("kd_loss", DEVICE) == "torch"
-    with pytest.raises(ValueError, match="unknown backend"):
-        kdkernels.kd_loss(s, t, backend="fortran")
     other = "cuda" if DEVICE.type == "cpu" else "cpp"
     with pytest.raises(RuntimeError, match=f"backend '{other}' cannot run on {DEVICE.type}"):
         kdkernels.kd_loss(s, t, backend=other)
-
-
-def _bad(exc, *fragments, **kwargs):
-    with pytest.raises(exc) as info:
-        kdkernels.kd_loss(**kwargs)
-    for fragment in fragments:
-        assert fragment in str(info.value), (fragment, str(info.value))
-
-
-def test_bad_inputs():
-    a = torch.randn(4, 10, device=DEVICE)
-    b = torch.randn(4, 11, device=DEVICE)
-    for temperature in (0.0, -1.0, float("nan"), float("inf")):
-        _bad(ValueError, "temperature", logits_s=a, logits_t=a, temperature=temperature)
-    _bad(TypeError, "temperature", logits_s=a, logits_t=a, temperature=True)
-    _bad(TypeError, "temperature", logits_s=a, logits_t=a, temperature="4")
-    _bad(ValueError, "logits_s", "logits_t", "(4, 10)", "(4, 11)", logits_s=a, logits_t=b)
-    _bad(ValueError, "logits_s", "2-D", "(40,)", logits_s=a.flatten(), logits_t=a.flatten())
-    _bad(ValueError, "logits_t", "2-D", "(4, 10, 1)", logits_s=a, logits_t=a[..., None])
-    _bad(TypeError, "logits_s", "logits_t", "float64", "(4, 10)", logits_s=a, logits_t=a.double())
-    _bad(TypeError, "logits_s", "int64", logits_s=a.long(), logits_t=a.long())
-    _bad(ValueError, "logits_s", "empty", "(0, 10)", logits_s=a[:0], logits_t=a[:0])
-    _bad(ValueError, "reduction", "'avg'", logits_s=a, logits_t=a, reduction="avg")
-    _bad(TypeError, "logits_t", "list", logits_s=a, logits_t=[1.0])
-    meta = torch.randn(4, 10, device="meta")
-    _bad(ValueError, "logits_t", "meta", "(4, 10)", logits_s=a, logits_t=meta)
-    if DEVICE.type == "cuda":
-        _bad(ValueError, "logits_t", "cpu", logits_s=a, logits_t=a.cpu())

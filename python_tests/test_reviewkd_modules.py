@@ -170,7 +170,7 @@ def test_abf_without_fusion(train):
     torch.testing.assert_close(ares, bres)
 
 
-def test_abf_non_square_and_errors():
+def test_abf_non_square():
     torch.manual_seed(0)
     abf = ABF(4, 3, 5, True)
     x, y = torch.randn(1, 4, 6, 10), torch.randn(1, 3, 3, 5)
@@ -180,12 +180,6 @@ def test_abf_non_square_and_errors():
     conv = abf.att_conv[0]
     fused = kdkernels.reference.abf.abf_fuse(abf.conv1(x), y, conv.weight, conv.bias)
     torch.testing.assert_close(res, F.interpolate(fused, size=(12, 20), mode="nearest"), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="shape"):
-        abf(x, y, 8, 8)
-    with pytest.raises(ValueError, match="residual"):
-        abf(x)
-    with pytest.raises(TypeError, match="out_shape"):
-        abf(x, y, (6, 10), "big")
 
 
 def _reviewkd_pair(seed=3):
@@ -260,8 +254,6 @@ def test_reviewkd_default_mid_channel_and_plain_student():
     results, logits = model(torch.randn(2, 3, 32, 32))
     assert [tuple(r.shape[1:]) for r in results] == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (64, 1, 1)]
     assert logits.shape == (2, 10)
-    with pytest.raises(ValueError, match="one entry per level"):
-        ReviewKD(TinyResNet(), [8, 16], [16, 32, 64], [1, 8])
 
 
 def test_reviewkd_loss_warmup():
@@ -272,5 +264,3 @@ def test_reviewkd_loss_warmup():
     torch.testing.assert_close(loss_fn(fs, ft, epoch=5), 2.0 * 0.25 * base)
     torch.testing.assert_close(loss_fn(fs, ft, epoch=40), 2.0 * base)
     assert ReviewKDLoss(warmup_epochs=0).factor(0) == 1.0
-    with pytest.raises(ValueError, match="warmup_epochs"):
-        ReviewKDLoss(warmup_epochs=-1)

@@ -87,7 +87,7 @@ def solve(stats: Union[GramStats, Sequence[GramStats]], alpha: float = 1e-4,
                 f"the ridge (alpha={alpha}) decides the solution", RuntimeWarning, stacklevel=2)
     devices = {st.device for st in blocks}
     if len(devices) != 1:
-        raise ValueError(f"all statistics must live on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"stats: all statistics must live on one device, got {sorted(map(str, devices))}")
 
     qs = ridge_solve([st.G for st in blocks], [st.Hc for st in blocks], alpha,
                      prior == "identity", max_retries, names)

@@ -176,11 +176,15 @@ class GramStats:
             raise ValueError(f"s and t must be on one device, got s on {s.device} and t on {t.device}")
         if self._device is not None and s.device != self._device:
             raise ValueError(f"s and t are on {s.device}, but these statistics live on {self._device}")
+        for name, x in (("s", s), ("t", t)):
+            if x.numel() == 0:
+                raise ValueError(f"{name} is empty (shape {shape_str(x)}); zero-size inputs are not accepted")
 
     def update(self, s: torch.Tensor, t: torch.Tensor) -> "GramStats":
         """Add one batch: s (N, Cs, H, W) and t (N, Ct, H, W) (or (N, C) each).
 
         fp16/bf16/fp32 inputs are multiplied in fp32, fp64 in fp64; the sums are fp64.
+        A zero-size s or t (an empty batch) raises ``ValueError``, as every kdkernels op does.
         Returns ``self``.
         """
         self._check(s, t)
@@ -188,8 +192,6 @@ class GramStats:
         n = s.shape[0]
         hw = math.prod(s.shape[2:])
         m = n * hw
-        if m == 0:
-            return self
         s3 = s.detach().reshape(n, cs, hw)
         t3 = t.detach().reshape(n, ct, hw)
         acc = self._acc if self._acc is not None else self._allocate(s.device)

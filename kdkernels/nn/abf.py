@@ -56,6 +56,12 @@ class ABF(nn.Module):
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, shape: Optional[Size] = None,
                 out_shape: Optional[Size] = None, backend: Optional[str] = None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"ABF: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"ABF: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+        if y is not None and not isinstance(y, torch.Tensor):
+            raise TypeError(f"ABF: y must be a torch.Tensor or None, got {type(y).__name__}")
         x = self.conv1(x)
         if self.att_conv is not None:
             if y is None or shape is None:

@@ -25,7 +25,10 @@ Shape = Sequence[int]
 
 
 def _shape4(shape: Shape, arg: str) -> Tuple[int, int, int, int]:
-    dims = tuple(shape)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ValueError(f"ConvReg: {arg} must be (N, C, H, W) with positive ints, got {shape!r}") from None
     if len(dims) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
         raise ValueError(f"ConvReg: {arg} must be (N, C, H, W) with positive ints, got {tuple(shape)}")
     return dims  # type: ignore[return-value]
@@ -68,18 +71,18 @@ class ConvReg(nn.Module):
             out_hw = (t_h, t_w)
             conv = lambda: nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))  # noqa: E731
         else:
-            raise ValueError(f"ConvReg: no regressor maps student shape {s} to teacher shape {t} "
+            raise ValueError(f"ConvReg: no regressor maps student shape s_shape={s} to teacher shape t_shape={t} "
                              "(needs Hs == 2*Ht, 2*Hs == Ht, or Hs >= Ht and Ws >= Wt)")
         if out_hw != (t_h, t_w):
-            raise ValueError(f"ConvReg: student shape {s} would be regressed to {out_hw[0]}x{out_hw[1]}, "
-                             f"not to the teacher's {t_h}x{t_w} (teacher shape {t})")
+            raise ValueError(f"ConvReg: student shape s_shape={s} would be regressed to {out_hw[0]}x{out_hw[1]}, "
+                             f"not to the teacher's {t_h}x{t_w} (teacher shape t_shape={t})")
         self.conv = conv()
         self.bn = nn.BatchNorm2d(t_c)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.s_shape[1]:
-            raise ValueError(f"ConvReg: input has shape {tuple(x.shape)} but the regressor was built for "
+            raise ValueError(f"ConvReg: input x has shape {tuple(x.shape)} but the regressor was built for "
                              f"student shape {self.s_shape} (teacher shape {self.t_shape})")
         x = self.bn(self.conv(x))
         return self.relu(x) if self.use_relu else x
@@ -113,6 +116,11 @@ class HintLoss(nn.Module):
         self.allow_tf32 = allow_tf32
 
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, regressor: Optional[nn.Module] = None) -> torch.Tensor:
+        for name, x in (("f_s", f_s), ("f_t", f_t)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"HintLoss: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if regressor is not None and not isinstance(regressor, nn.Module):
+            raise TypeError(f"HintLoss: regressor must be an nn.Module or None, got {type(regressor).__name__}")
         if regressor is not None and is_plain_1x1(regressor):
             w, b = regressor.weight, regressor.bias
             if w.dtype != f_s.dtype:  # e.g. fp32 parameters with autocast fp16 features
@@ -122,8 +130,8 @@ class HintLoss(nn.Module):
         if regressor is not None:
             f_s = regressor(f_s)
         if f_s.shape != f_t.shape:
-            raise ValueError(f"HintLoss: the (regressed) student has shape {tuple(f_s.shape)} but the teacher "
-                             f"has shape {tuple(f_t.shape)}")
+            raise ValueError(f"HintLoss: the (regressed) student f_s has shape {tuple(f_s.shape)} but the teacher "
+                             f"f_t has shape {tuple(f_t.shape)}")
         return F.mse_loss(f_s, f_t)
 
 
@@ -156,7 +164,10 @@ def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: float = 1
         ``regressor``, with its weight and bias overwritten (in their dtype).
     """
     from .. import fskd
+    from ..fskd._checks import check_alpha
     from ..fskd.solve import ridge_solve
+
+    alpha = check_alpha(alpha)
 
     if not is_plain_1x1(regressor):
         raise TypeError(f"least_squares_init_: regressor must be a plain 1x1 nn.Conv2d (stride 1, no padding, "
@@ -165,11 +176,14 @@ def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: float = 1
     if isinstance(batches, tuple) and len(batches) == 2 and all(isinstance(x, torch.Tensor) for x in batches):
         batches = [batches]
     stats = fskd.GramStats(cs, ct)
+    if isinstance(batches, torch.Tensor):
+        raise TypeError(f"least_squares_init_: batches must be an (fs, ft) pair or an iterable of pairs, "
+                        f"got a tensor of shape {tuple(batches.shape)}")
     for k, pair in enumerate(batches):
-        try:
-            fs, ft = pair
-        except (TypeError, ValueError):
-            raise TypeError(f"least_squares_init_: batch {k} must be an (fs, ft) pair of tensors") from None
+        if isinstance(pair, torch.Tensor) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"least_squares_init_: batches[{k}] must be an (fs, ft) pair of tensors, "
+                            f"got {type(pair).__name__}")
+        fs, ft = pair
         stats.update(fs, ft)
     if stats.count == 0:
         raise ValueError("least_squares_init_: no batches were given")

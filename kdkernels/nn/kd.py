@@ -1,12 +1,14 @@
 """``DistillKL``: Hinton's KD loss as a module, a drop-in for RepDistiller's class."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ..ops.kd import kd_loss
+from ..ops.kd import REDUCTIONS, kd_loss
 
 
 class DistillKL(nn.Module):
@@ -26,6 +28,12 @@ class DistillKL(nn.Module):
 
     def __init__(self, T: float, reduction: str = "batchmean", backend: Optional[str] = None):
         super().__init__()
+        if isinstance(T, bool) or not isinstance(T, numbers.Real):
+            raise TypeError(f"DistillKL: T must be a real number, got {type(T).__name__}")
+        if not (math.isfinite(T) and T > 0):
+            raise ValueError(f"DistillKL: T (the temperature) must be finite and > 0, got {T}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"DistillKL: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.T = T
         self.reduction = reduction
         self.backend = backend

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from typing import List, Optional, Sequence
 
 import torch
@@ -82,10 +84,11 @@ class ReviewKDLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, warmup_epochs: float = 20, backend: Optional[str] = None):
         super().__init__()
-        if weight < 0:
-            raise ValueError(f"ReviewKDLoss: weight must be >= 0, got {weight}")
-        if warmup_epochs < 0:
-            raise ValueError(f"ReviewKDLoss: warmup_epochs must be >= 0, got {warmup_epochs}")
+        for name, value in (("weight", weight), ("warmup_epochs", warmup_epochs)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"ReviewKDLoss: {name} must be a real number, got {type(value).__name__}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"ReviewKDLoss: {name} must be finite and >= 0, got {value}")
         self.weight = weight
         self.warmup_epochs = warmup_epochs
         self.backend = backend

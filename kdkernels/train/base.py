@@ -24,6 +24,8 @@ modules are restored after every call.
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
@@ -33,6 +35,16 @@ from torch import nn
 from .taps import FeatureTaps, eval_mode, first_input
 
 Losses = Dict[str, torch.Tensor]
+
+
+def check_real(value, name: str, *, positive: bool = False) -> float:
+    """A constructor argument that must be a finite real number ``>= 0`` (``> 0`` when ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (value <= 0.0 if positive else value < 0.0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
+    return value
 
 
 def _lazy(module: str, name: str):

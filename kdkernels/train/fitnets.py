@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .base import Distiller, Losses, device_of, logits_of, nn_module, op, reachable_params, sample_input
+from .base import Distiller, Losses, check_real, device_of, logits_of, nn_module, op, reachable_params, sample_input
 from .taps import FeatureTaps, shape_4d
 
 REGRESSORS = ("auto", "1x1", "convreg")
@@ -74,16 +74,15 @@ class FitNets(Distiller):
         super().__init__(student, teacher)
         if regressor not in REGRESSORS:
             raise ValueError(f"regressor must be one of {REGRESSORS}, got {regressor!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = check_real(temperature, "temperature", positive=True)
         self.two_stage = bool(two_stage)
-        self.hint_weight = float(hint_weight if hint_weight is not None else (1.0 if two_stage else 100.0))
-        self.ce_weight = float(ce_weight)
-        kw = (float(kd_weight), float(kd_weight)) if isinstance(kd_weight, (int, float)) else tuple(kd_weight)
-        if len(kw) != 2:
+        self.hint_weight = check_real(hint_weight if hint_weight is not None else (1.0 if two_stage else 100.0),
+                                      "hint_weight")
+        self.ce_weight = check_real(ce_weight, "ce_weight")
+        kw = (kd_weight, kd_weight) if isinstance(kd_weight, (int, float)) else kd_weight
+        if not isinstance(kw, (tuple, list)) or len(kw) != 2:
             raise ValueError(f"kd_weight must be a number or a (start, end) pair, got {kd_weight!r}")
-        self.kd_weight = (float(kw[0]), float(kw[1]))
-        self.temperature = float(temperature)
+        self.kd_weight = (check_real(kw[0], "kd_weight"), check_real(kw[1], "kd_weight"))
 
         self.student_taps = FeatureTaps(student, [student_layer])
         self.teacher_taps = FeatureTaps(teacher, [teacher_layer])

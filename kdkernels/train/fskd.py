@@ -45,10 +45,16 @@ class FSKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
                  schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
                  inplace: bool = False):
+        from ..fskd._checks import check_alpha, check_choice
+        from ..fskd.pipeline import SCHEDULES
+
         super().__init__(student, teacher)
         self.blocks = [tuple(b) for b in blocks]
-        self.schedule = schedule
-        self.alpha = alpha
+        self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+        self.alpha = check_alpha(alpha)
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or num_samples < 1):
+            raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
         self.num_samples = num_samples
         self.inplace = inplace
         self.distilled = False

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Distiller, Losses, logits_of, op
+from .base import Distiller, Losses, check_real, logits_of, op
 
 
 class KD(Distiller):
@@ -29,11 +29,9 @@ class KD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, *, ce_weight: float = 1.0,
                  kd_weight: float = 1.0, temperature: float = 4.0):
         super().__init__(student, teacher)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
-        self.temperature = float(temperature)
+        self.ce_weight = check_real(ce_weight, "ce_weight")
+        self.kd_weight = check_real(kd_weight, "kd_weight")
+        self.temperature = check_real(temperature, "temperature", positive=True)
         self._remember_trainable()
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Losses]:

@@ -26,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .base import Distiller, Losses, device_of, logits_of, nn_module, op, sample_input
+from .base import Distiller, Losses, check_real, device_of, logits_of, nn_module, op, sample_input
 from .taps import FeatureTaps, as_4d, shape_4d
 
 
@@ -88,6 +88,9 @@ class ReviewKD(Distiller):
         if not student_layers or len(student_layers) != len(teacher_layers):
             raise ValueError(f"student_layers and teacher_layers must be non-empty and of equal length, "
                              f"got {len(student_layers)} and {len(teacher_layers)}")
+        ce_weight, kd_weight = check_real(ce_weight, "ce_weight"), check_real(kd_weight, "kd_weight")
+        temperature = check_real(temperature, "temperature", positive=True)
+        weight, warmup_epochs = check_real(weight, "weight"), check_real(warmup_epochs, "warmup_epochs")
         wrapped = FeatureStudent(student, student_layers)
         self.teacher_taps = FeatureTaps(teacher, teacher_layers)
         x = sample_input(sample)

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
-from .base import (Distiller, Losses, device_of, execution_stage, logits_of, nn_module, reachable_params,
+from .base import (Distiller, Losses, check_real, device_of, execution_stage, logits_of, nn_module, reachable_params,
                    sample_input)
 from .taps import FeatureTaps, shape_4d
 
@@ -64,7 +64,7 @@ class SSKD(Distiller):
             raise ValueError(f"student_layers and teacher_layers must be non-empty and of equal length, "
                              f"got {len(student_layers)} and {len(teacher_layers)}")
         self.freeze_previous = bool(freeze_previous)
-        self.feature_weight = float(feature_weight)
+        self.feature_weight = check_real(feature_weight, "feature_weight")
         self.num_stages = len(student_layers)
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
 
