@@ -48,11 +48,27 @@ def free_port() -> int:
 DETERMINISM_RUNS = 5
 
 
-def assert_bitwise_repeatable(run, runs: int = DETERMINISM_RUNS, what: str = "run") -> None:
-    """``run()`` returns a list of tensors (loss and every gradient); ``runs`` calls give identical bits."""
+def assert_bitwise_repeatable(run, runs: int = DETERMINISM_RUNS, what: str = "run",
+                              vary_threads: bool = False) -> None:
+    """``run()`` returns a list of tensors (loss and every gradient); ``runs`` calls give identical bits.
+
+    ``vary_threads``: alternate torch's thread count between 1 and at least 2
+    (the C++ kernels split their work by shape, never by thread count).
+    """
+    threads = torch.get_num_threads()
+    try:
+        _compare_runs(run, runs, what, (lambda k: torch.set_num_threads(1 if k % 2 else max(2, threads)))
+                      if vary_threads else (lambda k: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compare_runs(run, runs: int, what: str, before) -> None:
+    before(0)
     first = [t.detach().clone() for t in run()]
     assert first, f"{what}: nothing to compare"
     for k in range(1, runs):
+        before(k)
         again = run()
         assert len(again) == len(first), f"{what}: run {k} returned {len(again)} tensors, run 0 {len(first)}"
         for i, (a, b) in enumerate(zip(first, again)):

@@ -167,7 +167,7 @@ def test_noncontiguous_and_channels_last(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic(backend):
-    """Bitwise-identical loss and gradients (student and teacher, every level) over 5 runs."""
+    """Bitwise-identical loss and gradients (student and teacher, every level) over 5 runs (cpp: 1 or 2 threads)."""
     nc = (2, 3) if backend == "triton" and DEVICE.type == "cpu" else (4, 8)  # the interpreter is slow
     shapes = [(*nc, 14, 14), (*nc, 7, 7), (*nc, 1, 1)]
     fs, ft = _features(shapes, torch.float32, seed=8, teacher_grad=True)
@@ -176,7 +176,7 @@ def test_deterministic(backend):
         loss = kdkernels.hcl_loss(fs, ft, backend=backend)
         return [loss, *torch.autograd.grad(loss, fs + ft)]
 
-    assert_bitwise_repeatable(run, what=f"hcl_loss[{backend}]")
+    assert_bitwise_repeatable(run, what=f"hcl_loss[{backend}]", vary_threads=backend == "cpp")
 
 
 def test_single_tensors_and_module():

@@ -220,20 +220,12 @@ def test_deterministic(backend):
     """Bitwise-identical loss and gradients of fs, ft, weight, bias over 5 runs (cpp: 1 thread or all)."""
     shape = (3, 20, 40, (9, 9)) if backend == "triton" and INTERPRETED else (6, 48, 40, (12, 12))
     fs, ft, w, b = _inputs(*shape, torch.float32, seed=11, teacher_grad=True)
-    threads = torch.get_num_threads()
-    calls = []
 
     def run():
-        if backend == "cpp":  # the split of the work is independent of the thread count
-            torch.set_num_threads(1 if len(calls) % 2 else threads)
-        calls.append(None)
         loss = kdkernels.hint_loss(fs, ft, w, b, backend=backend)
         return [loss, *torch.autograd.grad(loss, (fs, ft, w, b))]
 
-    try:
-        assert_bitwise_repeatable(run, what=f"hint_loss[{backend}]")
-    finally:
-        torch.set_num_threads(threads)
+    assert_bitwise_repeatable(run, what=f"hint_loss[{backend}]", vary_threads=backend == "cpp")
 
 
 @pytest.mark.parametrize("backend", FAST)

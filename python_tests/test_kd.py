@@ -236,20 +236,12 @@ def test_noncontiguous(backend):
 def test_deterministic(backend):
     """Bitwise-identical loss and gradients of both logits over 5 runs (cpp: 1 or 2 threads)."""
     s, t = _logits(8, 5000, torch.float32, seed=12, teacher_grad=True)
-    threads = torch.get_num_threads()
-    calls = []
 
     def run():
-        if backend == "cpp":
-            torch.set_num_threads(1 + len(calls) % 2)  # the result does not depend on the thread count
-        calls.append(None)
         loss = kdkernels.kd_loss(s, t, backend=backend)
         return [loss, *torch.autograd.grad(loss, (s, t))]
 
-    try:
-        assert_bitwise_repeatable(run, what=f"kd_loss[{backend}]")
-    finally:
-        torch.set_num_threads(threads)
+    assert_bitwise_repeatable(run, what=f"kd_loss[{backend}]", vary_threads=backend == "cpp")
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
