@@ -917,14 +917,18 @@ def markdown_summary(rows: Sequence[Dict[str, Any]], provider: str = "kdkernels"
     machine = next((r for r in rows if r["metric"] == "copy_bandwidth_gbs"), None)
     bw = f", copy bandwidth {_num(machine['value']):.1f} GB/s" if machine else ""
     lines = [f"{meta['device_name']} ({meta['device']}, {meta['threads']} threads{bw}), torch {meta['torch']}, "
-             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. Full step = forward + backward; "
+             f"triton {meta['triton']}, commit {meta['commit']}, {meta['date']}. Full step = forward + backward "
+             f"(forward only for ops without a backward: FSKD statistics and solve); "
              f"median of the timed repetitions; memory = peak of the step's own allocations.",
              "",
              "| op | case | shape | eager ms | compile ms | kdkernels ms | × eager | × compile | peak MiB eager → kdkernels |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for op in ops:
         for case in _ordered(r["case"] for r in rows if r["op"] == op):
-            def v(prov, metric, mode="full"):
+            # ops without a backward (FSKD statistics, solve) are timed forward only
+            mode = "full" if (op, case, provider, "full", "time_ms") in get else "forward"
+
+            def v(prov, metric):
                 r = get.get((op, case, prov, mode, metric))
                 return _num(r["value"]) if r else None
             t = v(provider, "time_ms")
@@ -993,6 +997,7 @@ def plot_op(csv_path: str, op: str, png_path: str) -> Optional[str]:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=15, ha="right", fontsize=8)
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no "6×10^0" labels between decades
         ax.legend(fontsize=8, loc="best", framealpha=0.85)
     fig.suptitle(f"{op} — {meta['device_name']} ({meta['device']}, {meta['threads']} threads) · "
                  f"torch {meta['torch']} · {meta['date'][:10]}", fontsize=9)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of every kdkernels op against the PyTorch reference and torch.compile.
 
-    python benchmarks/run.py                    # every op, CPU (or CUDA when present), ~1 min on CPU
+    python benchmarks/run.py                    # every op, CPU (or CUDA when present), ~5 min on 2 CPU cores
     python benchmarks/run.py --quick --ops hcl  # tiny shapes, seconds (CI smoke run)
     python benchmarks/run.py --device cuda --backends all
 
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: cuda when available, else cpu")
     p.add_argument("--ops", default=None,
                    help=f"comma-separated ops (default: all present: {','.join(case_modules.available_ops())})")
-    p.add_argument("--quick", action="store_true", help="tiny shapes and few repetitions (seconds)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions: seconds, 1-2 min on CPU while torch.compile fills its cache")
     p.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device-tag>/)")
     p.add_argument("--backends", choices=("default", "all"), default="default",
                    help="'all' also times every available kdkernels backend on its own")
