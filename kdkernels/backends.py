@@ -87,6 +87,11 @@ def _status(backend: str, device_type: str) -> Tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS} or 'auto'")
 
 
+def implemented_backends(op: str) -> Tuple[str, ...]:
+    """The backends ``op`` implements (whether or not they can run here)."""
+    return _OP_BACKENDS.get(op, ())
+
+
 def backend_status(op: str, device: torch.device | str) -> List[Tuple[str, bool, str]]:
     """For each backend: (name, usable for ``op`` on ``device``, reason)."""
     device_type = torch.device(device).type

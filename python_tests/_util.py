@@ -8,6 +8,10 @@ import torch
 
 DEVICE = torch.device(os.environ.get("KDKERNELS_TEST_DEVICE", "cpu"))
 
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# the backends tested on each device, in this order; an op is tested on those it implements
+_TESTED = {"cpu": ("triton", "cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
+
 # relative-error bounds against a float64 reference (DESIGN.md "Tests")
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -76,3 +80,25 @@ def _compare_runs(run, runs: int, what: str, before) -> None:
             same = a.shape == b.shape and a.dtype == b.dtype and torch.equal(
                 a.contiguous().view(-1).view(torch.uint8), b.detach().contiguous().view(-1).view(torch.uint8))
             assert same, f"{what}: output {i} of run {k} differs from run 0"
+
+
+def backends_for(op: str) -> list:
+    """The backends ``op`` implements that run on DEVICE (CPU: Triton through the interpreter)."""
+    import kdkernels.ops  # noqa: F401  (each op module registers its backends on import)
+    from kdkernels.backends import implemented_backends
+
+    return [b for b in _TESTED[DEVICE.type] if b in implemented_backends(op)]
+
+
+def plane_cases(backends, shapes):
+    """pytest params (backend, dtype, shape) over every dtype; shapes are (N, C, H, W, ...).
+    The CPU Triton interpreter gets planes over 256 pixels in float32 only (it is slow)."""
+    import pytest
+
+    for backend in backends:
+        for dtype in DTYPES:
+            for shape in shapes:
+                slow = backend == "triton" and DEVICE.type == "cpu" and shape[2] * shape[3] > 256
+                if not slow or dtype == torch.float32:
+                    yield pytest.param(backend, dtype, shape,
+                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")

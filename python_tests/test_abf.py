@@ -8,24 +8,18 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import abf as ref
 
-from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close, rel_error
+from _util import (DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close, backends_for, plane_cases,
+                   rel_error)
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "torch"]}[DEVICE.type]
+BACKENDS = backends_for("abf_fuse")
 FAST = [b for b in BACKENDS if b != "torch"]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, C, H, W, h, w): H in {1, 2, 3, 7, 14, 56} with h = H/2, H/4 or 1; non-square; odd C
 SHAPES = [(2, 3, 1, 1, 1, 1), (1, 4, 2, 2, 1, 1), (2, 5, 3, 3, 3, 3), (2, 3, 7, 7, 3, 3), (1, 6, 7, 7, 1, 1),
           (2, 5, 14, 14, 7, 7), (1, 3, 14, 14, 3, 3), (1, 7, 5, 9, 2, 4), (1, 2, 56, 56, 28, 28), (1, 2, 56, 56, 14, 14)]
 
 
 def _cases():
-    for backend in BACKENDS:
-        for dtype in DTYPES:
-            for shape in SHAPES:
-                slow = backend == "triton" and DEVICE.type == "cpu" and shape[2] * shape[3] > 256
-                if not slow or dtype == torch.float32:
-                    yield pytest.param(backend, dtype, shape,
-                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+    return plane_cases(BACKENDS, SHAPES)
 
 
 def _inputs(shape, dtype, seed=0):

@@ -16,16 +16,11 @@ from kdkernels.reference import hcl as ref_hcl
 from kdkernels.reference import hint as ref_hint
 from kdkernels.reference import kd as ref_kd
 
-from _util import DEVICE, assert_rel_close
+from _util import DEVICE, assert_rel_close, backends_for
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
 AMP_DTYPES = [torch.bfloat16, torch.float16]
 # a bf16 forward through a conv and then the loss: each of the two rounds once
 AMP_TOL = 2e-2
-
-
-def _backends(op):
-    return [b for b in BACKENDS if b in kdkernels.backends.available_backends(op, DEVICE)]
 
 
 def _params(*shapes, seed):
@@ -58,10 +53,8 @@ def _check(loss_fn, ref_fn, weights, amp, expect_dtype=torch.float32):
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("hcl_loss"))
 def test_hcl_loss(backend, amp):
-    if backend not in _backends("hcl_loss"):
-        pytest.skip(f"hcl_loss has no {backend} backend on {DEVICE}")
     x, conv_w, target = _params((2, 3, 7, 5), (6, 3, 1, 1), (2, 6, 7, 5), seed=1)
     target = target.detach()  # fp32 teacher next to a low-precision student: promoted
     _check(lambda: kdkernels.hcl_loss([F.conv2d(x, conv_w)], [target], backend=backend),
@@ -69,10 +62,8 @@ def test_hcl_loss(backend, amp):
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("kd_loss"))
 def test_kd_loss(backend, amp):
-    if backend not in _backends("kd_loss"):
-        pytest.skip(f"kd_loss has no {backend} backend on {DEVICE}")
     x, lin_w, t = _params((4, 16), (37, 16), (4, 37), seed=2)
     t = t.detach() * 3
     for reduction in ("batchmean", "none"):
@@ -81,10 +72,8 @@ def test_kd_loss(backend, amp):
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("hint_loss"))
 def test_hint_loss(backend, amp):
-    if backend not in _backends("hint_loss"):
-        pytest.skip(f"hint_loss has no {backend} backend on {DEVICE}")
     x, conv_w, reg_w, reg_b, ft = _params((2, 3, 5, 6), (5, 3, 1, 1), (7, 5, 1, 1), (7,), (2, 7, 5, 6), seed=3)
     ft = ft.detach()
     _check(lambda: kdkernels.hint_loss(F.conv2d(x, conv_w), ft, reg_w, reg_b, backend=backend),
@@ -92,10 +81,8 @@ def test_hint_loss(backend, amp):
 
 
 @pytest.mark.parametrize("amp", AMP_DTYPES, ids=["bf16", "fp16"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("abf_fuse"))
 def test_abf_fuse_follows_the_conv_policy(backend, amp):
-    if backend not in _backends("abf_fuse"):
-        pytest.skip(f"abf_fuse has no {backend} backend on {DEVICE}")
     x, y, att_w, att_b = _params((2, 3, 6, 5), (2, 3, 3, 2), (2, 6, 1, 1), (2,), seed=4)
     # a sum of squares: no cancellation that would turn bf16 rounding into a large relative error
     out = _check(lambda: kdkernels.abf_fuse(x, y, att_w, att_b, backend=backend).float().square().sum(),

@@ -9,25 +9,17 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import hcl as ref
 
-from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close
+from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close, backends_for, plane_cases
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
+BACKENDS = backends_for("hcl_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 32)] + [
     (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6)]
 GRAD_OUT = 1.7
 
 
 def _cases():
-    """(backend, dtype, shape); the CPU Triton interpreter gets the large planes in fp32 only."""
-    for backend in BACKENDS:
-        for dtype in DTYPES:
-            for shape in SHAPES:
-                slow = backend == "triton" and DEVICE.type == "cpu" and shape[2] * shape[3] > 256
-                if not slow or dtype == torch.float32:
-                    yield pytest.param(backend, dtype, shape,
-                                       id=f"{backend}-{str(dtype)[6:]}-{'x'.join(map(str, shape))}")
+    return plane_cases(BACKENDS, SHAPES)
 
 
 def _features(shapes, dtype, seed=0, teacher_grad=False):

@@ -11,13 +11,12 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import hint as ref
 
-from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close
+from _util import DEVICE, DTYPES, REL_TOL, assert_bitwise_repeatable, assert_rel_close, backends_for
 
 OP = "hint_loss"
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "torch"]}[DEVICE.type]
+BACKENDS = backends_for("hint_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
 INTERPRETED = DEVICE.type == "cpu"  # Triton runs in the (slow) interpreter
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CHANNELS = (1, 3, 16, 33, 128)
 SPATIAL = ((1, 1), (3, 5), (7, 7), (16, 16))
 GRAD_OUT = 1.7

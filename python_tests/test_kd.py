@@ -9,12 +9,11 @@ import kdkernels
 from kdkernels import backends
 from kdkernels.reference import kd as ref
 
-from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close
+from _util import DEVICE, DTYPES, REL_TOL, assert_bitwise_repeatable, assert_rel_close, backends_for
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
+BACKENDS = backends_for("kd_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
 NATIVE = {"cpu": "cpp", "cuda": "cuda"}[DEVICE.type]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 CLASSES = [1, 2, 100, 1000, 4099]
 GRAD_OUT = 1.7
 

@@ -12,10 +12,8 @@ import torch
 
 import kdkernels
 
-from _util import DEVICE
+from _util import DEVICE, backends_for
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
-NO_CUDA = [b for b in BACKENDS if b != "cuda"]  # abf_fuse and hint_loss have no csrc CUDA kernels
 VALUES = {"nan": float("nan"), "+inf": float("inf"), "-inf": float("-inf")}
 SIDES = ["student", "teacher"]
 
@@ -49,7 +47,7 @@ def _check(loss, student, expect_finite=False, finite_grad=False):
 
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
 @pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("hcl_loss"))
 def test_hcl_loss(backend, side, value):
     # two levels (H = 5: pools 4, 2, 1 with overlapping bins; H = 1: plain MSE); the bad value in the last element
     fs = [_randn(2, 3, 5, 5, seed=1), _randn(2, 3, 1, 1, seed=2)]
@@ -66,7 +64,7 @@ def test_hcl_loss(backend, side, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
 @pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", backends_for("kd_loss"))
 def test_kd_loss(backend, side, value):
     s, t = _randn(3, 37, seed=5), _randn(3, 37, seed=6)
     if side == "student":
@@ -86,7 +84,7 @@ def test_kd_loss(backend, side, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
 @pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("backend", NO_CUDA)
+@pytest.mark.parametrize("backend", backends_for("hint_loss"))
 def test_hint_loss(backend, side, value):
     fs, ft = _randn(2, 3, 3, 5, seed=7), _randn(2, 4, 3, 5, seed=8)
     w, b = (_randn(4, 3, 1, 1, seed=9) / 2).requires_grad_(), _randn(4, seed=10).requires_grad_()
@@ -101,7 +99,7 @@ def test_hint_loss(backend, side, value):
 
 @pytest.mark.parametrize("value", VALUES, ids=list(VALUES))
 @pytest.mark.parametrize("side", ["x", "y"])
-@pytest.mark.parametrize("backend", NO_CUDA)
+@pytest.mark.parametrize("backend", backends_for("abf_fuse"))
 def test_abf_fuse(backend, side, value):
     """abf_fuse is not a loss, but its output pixels must carry a non-finite x or up(y) value too."""
     x, y = _randn(1, 2, 4, 4, seed=11), _randn(1, 2, 2, 2, seed=12)

@@ -20,10 +20,8 @@ from hypothesis import strategies as st
 import kdkernels
 from kdkernels import reference
 
-from _util import DEVICE, REL_TOL, assert_rel_close, rel_error
+from _util import DEVICE, REL_TOL, assert_rel_close, backends_for, rel_error
 
-BACKENDS = {"cpu": ["triton", "cpp", "torch"], "cuda": ["triton", "cuda", "torch"]}[DEVICE.type]
-NO_CUDA = [b for b in BACKENDS if b != "cuda"]  # abf_fuse and hint_loss have no csrc CUDA kernels
 TOL = REL_TOL[torch.float32]
 # no shrinking: through the Triton interpreter it takes minutes; the failing example is printed as drawn
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None,
@@ -55,8 +53,11 @@ def _float32(inputs64):
             for x in inputs64]
 
 
-def _compare(name, fn, inputs64, gout64, backends):
-    """fn(*inputs, backend=...) in float32 on DEVICE for each backend vs fn's float64 reference."""
+def _compare(name, fn, inputs64, gout64, backends, condition=(1.0, 1.0)):
+    """fn(*inputs, backend=...) in float32 on DEVICE for each backend vs fn's float64 reference.
+
+    ``condition`` = (value, gradients), each >= 1, widens the bounds for results
+    that are small differences of large terms (see ``_kd_condition``)."""
     ref_out, ref_grads = _grads(fn(*inputs64, backend="reference"), inputs64, gout64)
     gout32 = gout64.to(DEVICE, torch.float32)
     # the plain float32 reference's own error: the bound where float32 cannot reach TOL
@@ -64,6 +65,7 @@ def _compare(name, fn, inputs64, gout64, backends):
     out32, grads32 = _grads(fn(*xs, backend="reference"), xs, gout32)
     tols = [max(TOL, 2 * rel_error(o, r)) for o, r in zip([out32] + grads32, [ref_out] + ref_grads)
             if r is not None]
+    tols = [tol * max(1.0, condition[0] if k == 0 else condition[1]) for k, tol in enumerate(tols)]
     for backend in backends:
         xs = _float32(inputs64)
         out, grads = _grads(fn(*xs, backend=backend), xs, gout32)
@@ -97,7 +99,7 @@ def test_hcl_loss(levels, teacher_grad, seed):
     g = _gen(seed)
     fs = [_rand(g, *shape).requires_grad_() for shape in levels]
     ft = [_rand(g, *shape, scale=0.5, shift=0.1).requires_grad_(teacher_grad) for shape in levels]
-    _compare("hcl_loss", _hcl, fs + ft, torch.tensor(1.7, dtype=torch.float64), BACKENDS)
+    _compare("hcl_loss", _hcl, fs + ft, torch.tensor(1.7, dtype=torch.float64), backends_for("hcl_loss"))
 
 
 # ------------------------------------------------------------------ abf_fuse
@@ -120,7 +122,7 @@ def test_abf_fuse(shape, seed):
     g = _gen(seed)
     inputs = [_rand(g, n, c, h, w), _rand(g, n, c, hy, wy), _rand(g, 2, 2 * c, 1, 1), _rand(g, 2)]
     inputs = [x.requires_grad_() for x in inputs]
-    _compare("abf_fuse", _abf, inputs, _rand(g, n, c, h, w), NO_CUDA)
+    _compare("abf_fuse", _abf, inputs, _rand(g, n, c, h, w), backends_for("abf_fuse"))
 
 
 # ------------------------------------------------------------------ hint_loss
@@ -139,7 +141,8 @@ def test_hint_loss(n, cs, ct, h, w, bias, teacher_grad, seed):
     ft = _rand(g, n, ct, h, w, scale=0.5, shift=0.1).requires_grad_(teacher_grad)
     wt = (_rand(g, ct, cs, 1, 1) / cs ** 0.5).requires_grad_()
     b = _rand(g, ct, scale=0.3).requires_grad_() if bias else None
-    _compare("hint_loss", _hint, [fs, ft, wt, b], torch.tensor(1.7, dtype=torch.float64), NO_CUDA)
+    _compare("hint_loss", _hint, [fs, ft, wt, b], torch.tensor(1.7, dtype=torch.float64),
+             backends_for("hint_loss"))
 
 
 # ------------------------------------------------------------------ kd_loss
@@ -160,7 +163,25 @@ def test_kd_loss(n, classes, temperature, reduction, scale, teacher_grad, seed):
     s = _rand(g, n, classes, scale=scale).requires_grad_()
     t = _rand(g, n, classes, scale=scale, shift=0.5).requires_grad_(teacher_grad)
     gout = _rand(g, n) if reduction == "none" else torch.tensor(1.7, dtype=torch.float64)
-    _compare(f"kd_loss(T={temperature}, {reduction})", _kd(temperature, reduction), [s, t], gout, BACKENDS)
+    _compare(f"kd_loss(T={temperature}, {reduction})", _kd(temperature, reduction), [s, t], gout,
+             backends_for("kd_loss"), condition=_kd_condition(s, t, temperature))
+
+
+def _kd_condition(s, t, temperature):
+    """How much float32 rounding a one-pass KL may amplify, as (value, gradient) factors.
+
+    The fused kernels compute each row's KL as E_pt[a_t - a_s] + (lse(a_s) - lse(a_t))
+    (a = logits / T) and its gradient as p_s - p_t: when student and teacher rows are
+    nearly equal, both are far smaller than the terms they are the difference of.
+    Returns (sum(|first| + |second|) / sum(KL), ||p_s| + |p_t|| / ||p_s - p_t||), in float64."""
+    a_s, a_t = s.detach() / temperature, t.detach() / temperature
+    p_s, p_t = torch.softmax(a_s, dim=1), torch.softmax(a_t, dim=1)
+    first = (p_t * (a_t - a_s)).sum(1)
+    second = torch.logsumexp(a_s, 1) - torch.logsumexp(a_t, 1)
+    kl = (first + second).sum().clamp_min(1e-300)
+    value = ((first.abs() + second.abs()).sum() / kl).item()
+    grad = ((p_s + p_t).norm() / (p_s - p_t).norm().clamp_min(1e-300)).item()
+    return value, grad
 
 
 def test_strategies_reach_the_awkward_shapes():

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/adaptive_pool.h"
 #include "../common/dtype.h"
 #include "../common/hcl.h"
@@ -369,11 +370,6 @@ class BatchKernel {
 // BatchKernel for short rows (PlaneKernel's per-row work does not pay off there),
 // as long as its P-plane scratch stays small.
 bool use_batches(int64_t H, int64_t W) { return W < 32 && H * W <= 16384; }
-
-void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
-}
 
 }  // namespace
 

@@ -43,6 +43,7 @@
 #include <thread>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/dtype.h"
 #include "../common/parallel.h"  // choose_threads
 
@@ -565,11 +566,6 @@ class WorkerPool {
   uint64_t epoch_ = 0;
   int64_t wanted_ = 0, active_ = 0, threads_ = 0;
 };
-
-void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
-}
 
 // Number of pixel groups (each with its own partials): from the shape only. At
 // least kMinBlocksPerGroup blocks per group where there are enough blocks, at

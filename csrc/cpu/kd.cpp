@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/dtype.h"
 #include "../common/kd.h"
 #include "../common/parallel.h"
@@ -297,11 +298,6 @@ KDK_KD_PICK(BFloat16, bf16)
 #undef KDK_KD_PICK
 #undef KDK_KD_DEFINE_ALL
 #undef KDK_KD_DEFINE
-
-void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
-}
 
 }  // namespace
 

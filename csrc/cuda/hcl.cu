@@ -26,6 +26,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/checks.h"
+#include "check_launch.h"
 #include "../common/adaptive_pool.h"
 #include "../common/dtype.h"
 #include "../common/hcl.h"
@@ -336,18 +338,6 @@ unsigned grid_for(const Shape& s) {
   const int64_t groups = kThreads >> (s.tx_bits + s.ty_bits);
   const int64_t tiles = (s.planes + groups - 1) / groups;
   return unsigned(std::min(tiles, kMaxBlocks));
-}
-
-void check_launch(const char* where) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(where) + ": CUDA error " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-}
-
-void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
 }
 
 template <typename T, int NP>

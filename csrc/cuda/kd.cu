@@ -18,6 +18,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "../common/checks.h"
+#include "check_launch.h"
 #include "../common/dtype.h"
 #include "../common/kd.h"
 
@@ -147,18 +149,6 @@ int fwd_threads(int64_t cols) {
   int threads = 32;
   while (threads < kMaxThreads && int64_t(threads) * 16 < cols) threads <<= 1;
   return threads;
-}
-
-void check_launch(const char* where) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(where) + ": CUDA error " + cudaGetErrorName(err) + ": " +
-                             cudaGetErrorString(err));
-}
-
-void check_pointers(const char* where, std::initializer_list<uintptr_t> ptrs) {
-  for (uintptr_t p : ptrs)
-    if (p == 0) throw std::invalid_argument(std::string(where) + ": null data pointer");
 }
 
 }  // namespace

@@ -47,6 +47,19 @@ def _eff(m):
 
 
 @triton.jit
+def _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w):
+    """A finished row: stats (max_s, log sum_s, max_t, log sum_t, E_t[a_t - a_s]) and its KL."""
+    ec = w / st
+    out = stats_ptr + row * 5
+    tl.store(out + 0, _eff(ms))
+    tl.store(out + 1, tl.log(ss))
+    tl.store(out + 2, _eff(mt))
+    tl.store(out + 3, tl.log(st))
+    tl.store(out + 4, ec)
+    tl.store(kl_ptr + row, ec + tl.log(ss / st))
+
+
+@triton.jit
 def _max_keep(a, b):
     """max(a, b) that never picks a NaN b (a NaN element still reaches the sums)."""
     return tl.where(b > a, b, a)
@@ -99,14 +112,7 @@ def _kd_fwd_kernel(
         on = e_t > 0.0  # where the teacher's term counts (also keeps -inf - -inf out)
         w += tl.sum(e_t * (tl.where(on, a_t, 0.0) - tl.where(on, a_s, 0.0)), axis=0)
     if FINAL:
-        ec = w / st
-        out = stats_ptr + row * 5
-        tl.store(out + 0, _eff(ms))
-        tl.store(out + 1, tl.log(ss))
-        tl.store(out + 2, _eff(mt))
-        tl.store(out + 3, tl.log(st))
-        tl.store(out + 4, ec)
-        tl.store(kl_ptr + row, ec + tl.log(ss / st))
+        _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w)
     else:
         out = part_ptr + (row * nseg + seg) * 5
         tl.store(out + 0, ms)
@@ -137,14 +143,7 @@ def _kd_combine_kernel(part_ptr, stats_ptr, kl_ptr, SPLIT, ACC: tl.constexpr, BL
     ss = tl.sum(alpha_s * ss_k, axis=0)
     st = tl.sum(alpha_t * st_k, axis=0)
     w = tl.sum(w_k, axis=0)
-    ec = w / st
-    out = stats_ptr + row * 5
-    tl.store(out + 0, _eff(ms))
-    tl.store(out + 1, tl.log(ss))
-    tl.store(out + 2, _eff(mt))
-    tl.store(out + 3, tl.log(st))
-    tl.store(out + 4, ec)
-    tl.store(kl_ptr + row, ec + tl.log(ss / st))
+    _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w)
 
 
 @triton.jit
