@@ -34,6 +34,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "checks.h"
 #include "macros.h"
 
 namespace kdk {
@@ -127,6 +128,17 @@ inline void kd_check_sizes(const char* where, int64_t rows, int64_t cols) {
   if (rows < 0 || cols < 0) throw std::invalid_argument(std::string(where) + ": negative size");
   if (cols > 0 && rows > std::numeric_limits<int64_t>::max() / cols)
     throw std::invalid_argument(std::string(where) + ": rows * cols overflows int64");
+}
+
+// What every entry point checks first; false when there is no work (no rows; for
+// the backward also no classes). The forward refuses rows of 0 classes: no softmax.
+inline bool kd_begin(const char* where, bool forward, int64_t rows, int64_t cols,
+                     std::initializer_list<uintptr_t> ptrs) {
+  kd_check_sizes(where, rows, cols);
+  if (rows == 0 || (!forward && cols == 0)) return false;
+  if (cols == 0) throw std::invalid_argument(std::string(where) + ": rows of 0 classes have no softmax");
+  check_pointers(where, ptrs);
+  return true;
 }
 
 // Pointers are addresses (tensor.data_ptr()); logits contiguous (rows, cols) of

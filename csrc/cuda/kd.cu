@@ -156,10 +156,7 @@ int fwd_threads(int64_t cols) {
 void kd_fwd_cuda(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr, uintptr_t kl_ptr, int64_t rows,
                  int64_t cols, double inv_t, uintptr_t stream_ptr) {
   const char* where = "kd_fwd_cuda";
-  kd_check_sizes(where, rows, cols);
-  if (rows == 0) return;
-  if (cols == 0) throw std::invalid_argument(std::string(where) + ": rows of 0 classes have no softmax");
-  check_pointers(where, {s_ptr, t_ptr, stats_ptr, kl_ptr});
+  if (!kd_begin(where, true, rows, cols, {s_ptr, t_ptr, stats_ptr, kl_ptr})) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
   dispatch_dtype(dtype, where, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -176,9 +173,7 @@ void kd_bwd_cuda(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_pt
                  uintptr_t grad_s_ptr, uintptr_t grad_t_ptr, int64_t rows, int64_t cols, double inv_t,
                  uintptr_t stream_ptr) {
   const char* where = "kd_bwd_cuda";
-  kd_check_sizes(where, rows, cols);
-  if (rows == 0 || cols == 0) return;
-  check_pointers(where, {s_ptr, t_ptr, stats_ptr, gscale_ptr, grad_s_ptr});
+  if (!kd_begin(where, false, rows, cols, {s_ptr, t_ptr, stats_ptr, gscale_ptr, grad_s_ptr})) return;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_ptr);
   dispatch_dtype(dtype, where, [&](auto tag) {
     using T = typename decltype(tag)::type;
