@@ -15,6 +15,11 @@ its input and weight), and ``abf_fuse`` returns that dtype.
 
 Outside autocast nothing is cast: mixed dtypes are an error there, as everywhere
 else in kdkernels.
+
+The policy lives in the public functions (``kdkernels.hcl_loss`` and the rest,
+and the modules built on them), which torch.compile traces like any Python; the
+raw ``torch.ops.kdkernels.*`` ops register no autocast kernel, so called
+directly they compute in whatever dtype they are given.
 """
 from __future__ import annotations
 
