@@ -26,11 +26,22 @@
 //  - backward: the y half of grad_w, sum_p da_k(p) u_c(p) = sum_q y_c(q) D_k(q)
 //    with D_k(q) = the sum of da_k over the output pixels of q, and the
 //    w[k][C + c] D_k(q) terms of grad_y; only g z_1 is scattered per channel.
+// The backward's per-channel pass (grad_x, g z_1 and the x half of grad_w)
+// also takes kGroup channels per sweep, with explicit short vectors (vec_t) so
+// that its dot products vectorise in a fixed lane order. When h = w = 1 (point)
+// nothing is gathered: u_c is the scalar y_c, and the scatter of g z_1 is a
+// plain sum taken in that same sweep. When H = 2h and W = 2w (halves, the usual
+// ReviewKD level) u is not gathered either: the sweeps read y's rows and repeat
+// each value in registers, and g z_1 is summed per 2x2 block in registers and
+// added to grad_y's accumulator without a buffer. Other shapes take the
+// general gather / scatter path.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dtype.h"
@@ -42,7 +53,74 @@ namespace {
 constexpr int64_t kUnitPixels = 2048;     // output pixels per work unit (at least one source row's worth)
 constexpr int64_t kChunkBytes = 1 << 20;  // bytes of one full-size tensor per chunk (at least one row)
 constexpr int kGroup = 4;                 // channels per sweep of a channel reduction
-constexpr int kLanes = 8;                 // independent partial sums of the dot products (fixed order)
+constexpr int kLanes = 8;                 // independent partial sums of the grad_b / point-scatter sums (fixed order)
+
+// Short vectors of the accumulation type (GCC / Clang vector extension), 16
+// bytes: one SSE2 / NEON register on the portable baseline. Written out so the
+// per-pixel loops that also carry reductions vectorise: the compiler may not
+// reorder a scalar sum by itself, and this fixes the order (lane l of a
+// vector sums the pixels k = l mod V, then the lanes add up in order).
+template <typename A> struct VecOf;
+template <> struct VecOf<float> { typedef float type __attribute__((vector_size(16))); };
+template <> struct VecOf<double> { typedef double type __attribute__((vector_size(16))); };
+template <typename A> using vec_t = typename VecOf<A>::type;
+template <typename A> constexpr int kVec = int(16 / sizeof(A));
+
+// The explicit-vector paths below serve float and double storage. fp16 / bf16
+// keep the scalar loops (gather into a buffer, one channel per sweep): the
+// compiler vectorises those together with the bit-level conversions, which an
+// element-by-element vload would not.
+template <typename T, typename A> constexpr bool kDirect = std::is_same<T, A>::value;
+
+template <typename A>
+inline vec_t<A> splat(A a) {
+  vec_t<A> v;
+  for (int i = 0; i < kVec<A>; ++i) v[i] = a;
+  return v;
+}
+
+template <typename T, typename A>
+inline vec_t<A> vload(const T* p) {
+  vec_t<A> v;
+  if constexpr (std::is_same<T, A>::value) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    for (int i = 0; i < kVec<A>; ++i) v[i] = Scalar<T>::load(p[i]);
+  }
+  return v;
+}
+
+template <typename T, typename A>
+inline void vstore(T* p, vec_t<A> v) {
+  if constexpr (std::is_same<T, A>::value) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    for (int i = 0; i < kVec<A>; ++i) p[i] = Scalar<T>::store(v[i]);
+  }
+}
+
+// (v0, v0, v1, v1, ...) and the same from the upper half of v: each source
+// value repeated for its two output columns when W = 2w.
+template <typename A>
+inline vec_t<A> dup_lo(vec_t<A> v) {
+  vec_t<A> r;
+  for (int i = 0; i < kVec<A>; ++i) r[i] = v[i / 2];
+  return r;
+}
+
+template <typename A>
+inline vec_t<A> dup_hi(vec_t<A> v) {
+  vec_t<A> r;
+  for (int i = 0; i < kVec<A>; ++i) r[i] = v[kVec<A> / 2 + i / 2];
+  return r;
+}
+
+template <typename A>
+inline A vsum(vec_t<A> v) {
+  A t = 0;
+  for (int i = 0; i < kVec<A>; ++i) t += v[i];
+  return t;
+}
 
 int64_t dtype_size(int dtype) { return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2; }
 
@@ -259,32 +337,114 @@ inline void channel_axpy(const T* x, int64_t stride, int n, const A* w0, const A
   }
 }
 
-// s0 += sum over the n channels of g_c x_c, s1 += sum of g_c u_c (u: n rows of P).
-template <typename T, typename A>
+// s0 += sum over the n channels of g_c x_c, s1 += sum of g_c u_c (u: n rows of P;
+// with kConstU, u[i] is channel i's single value: h = w = 1, nothing gathered).
+template <typename T, typename A, bool kConstU>
 inline void channel_dots(const T* g, const T* x, int64_t stride, const A* u, int n, A* __restrict s0,
                          A* __restrict s1, int64_t P) {
   using S = Scalar<T>;
+  const int64_t ustride = kConstU ? 1 : P;
   if (n == kGroup) {
     const T *__restrict ga = g, *__restrict gb = g + stride, *__restrict gc = g + 2 * stride,
                         *__restrict gd = g + 3 * stride;
     const T *__restrict xa = x, *__restrict xb = x + stride, *__restrict xc = x + 2 * stride,
                         *__restrict xd = x + 3 * stride;
-    const A *__restrict ua = u, *__restrict ub = u + P, *__restrict uc = u + 2 * P, *__restrict ud = u + 3 * P;
+    const A *__restrict ua = u, *__restrict ub = u + ustride, *__restrict uc = u + 2 * ustride,
+                        *__restrict ud = u + 3 * ustride;
     for (int64_t k = 0; k < P; ++k) {
+      const int64_t ku = kConstU ? 0 : k;
       const A e0 = S::load(ga[k]), e1 = S::load(gb[k]), e2 = S::load(gc[k]), e3 = S::load(gd[k]);
       s0[k] += (e0 * S::load(xa[k]) + e1 * S::load(xb[k])) + (e2 * S::load(xc[k]) + e3 * S::load(xd[k]));
-      s1[k] += (e0 * ua[k] + e1 * ub[k]) + (e2 * uc[k] + e3 * ud[k]);
+      s1[k] += (e0 * ua[ku] + e1 * ub[ku]) + (e2 * uc[ku] + e3 * ud[ku]);
     }
     return;
   }
   for (int i = 0; i < n; ++i) {
     const T* __restrict gi = g + i * stride;
     const T* __restrict xi = x + i * stride;
-    const A* __restrict ui = u + i * P;
+    const A* __restrict ui = u + i * ustride;
     for (int64_t k = 0; k < P; ++k) {
       const A e = S::load(gi[k]);
       s0[k] += e * S::load(xi[k]);
-      s1[k] += e * ui[k];
+      s1[k] += e * ui[kConstU ? 0 : k];
+    }
+  }
+}
+
+// channel_dots over output rows [r0, r1) (r0 even) when H = 2h and W = 2w, for
+// G channels: u_c is read straight from y (planes ystride apart, row 0 = source
+// row 0) and duplicated in registers instead of gathered into a buffer. The G
+// products are summed in channel order, then added to s0 / s1.
+template <typename T, typename A, int G>
+inline void channel_dots_halves(const T* g, const T* x, int64_t stride, const T* y, int64_t ystride,
+                                A* __restrict s0, A* __restrict s1, int64_t r0, int64_t r1, const Plan& p) {
+  using V = vec_t<A>;
+  using S = Scalar<T>;
+  constexpr int L = kVec<A>;
+  const int64_t W = p.W, w = p.w;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t yo = (r / 2) * w, o = (r - r0) * W;
+    int64_t q = 0;
+    for (; q + L <= w; q += L) {  // L source columns: 2L output columns
+      const int64_t k = o + 2 * q;
+      V a0 = splat<A>(0), a1 = splat<A>(0), b0 = splat<A>(0), b1 = splat<A>(0);
+      for (int i = 0; i < G; ++i) {
+        const V yv = vload<T, A>(y + i * ystride + yo + q);
+        const V ga = vload<T, A>(g + i * stride + k), gb = vload<T, A>(g + i * stride + k + L);
+        a0 += ga * vload<T, A>(x + i * stride + k);
+        b0 += gb * vload<T, A>(x + i * stride + k + L);
+        a1 += ga * dup_lo<A>(yv);
+        b1 += gb * dup_hi<A>(yv);
+      }
+      vstore<A, A>(s0 + k, vload<A, A>(s0 + k) + a0);
+      vstore<A, A>(s0 + k + L, vload<A, A>(s0 + k + L) + b0);
+      vstore<A, A>(s1 + k, vload<A, A>(s1 + k) + a1);
+      vstore<A, A>(s1 + k + L, vload<A, A>(s1 + k + L) + b1);
+    }
+    for (int64_t k = o + 2 * q; k < o + W; ++k) {
+      A a0 = 0, a1 = 0;
+      for (int i = 0; i < G; ++i) {
+        const A e = S::load(g[i * stride + k]);
+        a0 += e * S::load(x[i * stride + k]);
+        a1 += e * S::load(y[i * ystride + yo + (k - o) / 2]);
+      }
+      s0[k] += a0;
+      s1[k] += a1;
+    }
+  }
+}
+
+// out = x z0 + v z1 with one value v for the whole plane (h = w = 1)
+template <typename T, typename A>
+inline void fuse_const(const T* __restrict x, A v, const A* __restrict z0, const A* __restrict z1,
+                       T* __restrict out, int64_t P) {
+  for (int64_t k = 0; k < P; ++k) out[k] = Scalar<T>::store(Scalar<T>::load(x[k]) * z0[k] + v * z1[k]);
+}
+
+// out = x z0 + u z1 over output rows [r0, r1) (r0 even) when H = 2h and W = 2w,
+// x, z0, z1 and out starting at row r0: u is read straight from y's plane yc
+// and each value duplicated in registers, instead of gathered into a buffer.
+template <typename T, typename A>
+inline void fuse_halves(const T* x, const T* yc, const A* z0, const A* z1, T* out, int64_t r0, int64_t r1,
+                        const Plan& p) {
+  using V = vec_t<A>;
+  using S = Scalar<T>;
+  constexpr int L = kVec<A>;
+  const int64_t W = p.W, w = p.w;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* yr = yc + (r / 2) * w;
+    const int64_t o = (r - r0) * W;
+    int64_t q = 0;
+    for (; q + L <= w; q += L) {  // L source columns: 2L output columns
+      const V yv = vload<T, A>(yr + q);
+      const int64_t k = o + 2 * q;
+      vstore<T, A>(out + k, vload<T, A>(x + k) * vload<A, A>(z0 + k) + dup_lo<A>(yv) * vload<A, A>(z1 + k));
+      vstore<T, A>(out + k + L,
+                   vload<T, A>(x + k + L) * vload<A, A>(z0 + k + L) + dup_hi<A>(yv) * vload<A, A>(z1 + k + L));
+    }
+    for (int64_t k = o + 2 * q; k < o + W; ++k) {
+      const A u = S::load(yr[(k - o) / 2]);
+      out[k] = S::store(S::load(x[k]) * z0[k] + u * z1[k]);
     }
   }
 }
@@ -296,9 +456,11 @@ inline void fuse(const T* __restrict x, const A* __restrict u, const A* __restri
   for (int64_t k = 0; k < P; ++k) out[k] = Scalar<T>::store(Scalar<T>::load(x[k]) * z0[k] + u[k] * z1[k]);
 }
 
-// (sum of x d0, sum of x d1) in kLanes fixed-order partial sums.
+// (sum of x d0, sum of x d1) in kLanes fixed-order partial sums: the form the
+// compiler vectorises together with the fp16 / bf16 conversions.
 template <typename T, typename A>
-inline void dot2(const T* __restrict x, const A* __restrict d0, const A* __restrict d1, int64_t P, A& r0, A& r1) {
+inline void dot2_lanes(const T* __restrict x, const A* __restrict d0, const A* __restrict d1, int64_t P, A& r0,
+                       A& r1) {
   using S = Scalar<T>;
   A l0[kLanes] = {}, l1[kLanes] = {};
   int64_t k0 = 0;
@@ -317,7 +479,7 @@ inline void dot2(const T* __restrict x, const A* __restrict d0, const A* __restr
   r1 = lanes_total(l1);
 }
 
-// grad_x = g z0 + w0 da0 + w1 da1 and t = g z1.
+// grad_x = g z0 + w0 da0 + w1 da1 and t = g z1 (one channel; fp16 / bf16 path).
 template <typename T, typename A>
 inline void grad_x_pass(const T* __restrict g, const A* __restrict z0, const A* __restrict z1,
                         const A* __restrict da0, const A* __restrict da1, A w0, A w1, T* __restrict gx,
@@ -327,6 +489,156 @@ inline void grad_x_pass(const T* __restrict g, const A* __restrict z0, const A* 
     const A gv = S::load(g[k]);
     gx[k] = S::store(gv * z0[k] + w0 * da0[k] + w1 * da1[k]);
     t[k] = gv * z1[k];
+  }
+}
+
+// (sum of x d0, sum of x d1): vector lanes, then the P mod V tail, in a fixed order.
+template <typename T, typename A>
+inline void dot2(const T* __restrict x, const A* __restrict d0, const A* __restrict d1, int64_t P, A& r0, A& r1) {
+  if constexpr (!kDirect<T, A>) {
+    dot2_lanes<T, A>(x, d0, d1, P, r0, r1);
+    return;
+  }
+  using V = vec_t<A>;
+  constexpr int L = kVec<A>;
+  V a0 = splat<A>(0), a1 = splat<A>(0);
+  int64_t k = 0;
+  for (; k + L <= P; k += L) {
+    const V xv = vload<T, A>(x + k);
+    a0 += xv * vload<A, A>(d0 + k);
+    a1 += xv * vload<A, A>(d1 + k);
+  }
+  A s0 = vsum<A>(a0), s1 = vsum<A>(a1);
+  for (; k < P; ++k) {
+    const A xv = Scalar<T>::load(x[k]);
+    s0 += xv * d0[k];
+    s1 += xv * d1[k];
+  }
+  r0 = s0;
+  r1 = s1;
+}
+
+// One group of G channels (planes `stride` apart) of the backward's per-channel
+// pass: grad_x = g z0 + w0 da0 + w1 da1, t_i = g z1 (G rows of P, scattered into
+// grad_y afterwards) and the x half of grad_w, px_k[i] = sum_p x_i da_k. z and
+// da are loaded once per group instead of once per channel, and the two dot
+// products ride in the same sweep over x.
+//
+// With kSumT (h = w = 1, every output pixel maps to the one source pixel) the
+// scatter of t is just its sum, taken in the same sweep: t[i] = sum_p g_i z1.
+template <typename T, typename A, int G, bool kSumT>
+inline void grad_x_group(const T* g, const T* x, int64_t stride, const A* z0, const A* z1, const A* da0,
+                         const A* da1, const A* w0, const A* w1, T* gx, A* t, int64_t P, A* px0, A* px1) {
+  using V = vec_t<A>;
+  using S = Scalar<T>;
+  constexpr int L = kVec<A>;
+  V acc0[G], acc1[G], acct[G], w0v[G], w1v[G];
+  for (int i = 0; i < G; ++i) {
+    acc0[i] = acc1[i] = acct[i] = splat<A>(0);
+    w0v[i] = splat(w0[i]);
+    w1v[i] = splat(w1[i]);
+  }
+  int64_t k = 0;
+  for (; k + L <= P; k += L) {
+    const V vz0 = vload<A, A>(z0 + k), vz1 = vload<A, A>(z1 + k);
+    const V vd0 = vload<A, A>(da0 + k), vd1 = vload<A, A>(da1 + k);
+    for (int i = 0; i < G; ++i) {
+      const V gv = vload<T, A>(g + i * stride + k);
+      const V xv = vload<T, A>(x + i * stride + k);
+      vstore<T, A>(gx + i * stride + k, gv * vz0 + w0v[i] * vd0 + w1v[i] * vd1);
+      if constexpr (kSumT)
+        acct[i] += gv * vz1;
+      else
+        vstore<A, A>(t + i * P + k, gv * vz1);
+      acc0[i] += xv * vd0;
+      acc1[i] += xv * vd1;
+    }
+  }
+  for (int i = 0; i < G; ++i) {
+    A s0 = vsum<A>(acc0[i]), s1 = vsum<A>(acc1[i]), st = vsum<A>(acct[i]);
+    for (int64_t j = k; j < P; ++j) {  // the last P mod L pixels
+      const A gv = S::load(g[i * stride + j]), xv = S::load(x[i * stride + j]);
+      gx[i * stride + j] = S::store(gv * z0[j] + w0[i] * da0[j] + w1[i] * da1[j]);
+      if constexpr (kSumT)
+        st += gv * z1[j];
+      else
+        t[i * P + j] = gv * z1[j];
+      s0 += xv * da0[j];
+      s1 += xv * da1[j];
+    }
+    px0[i] = s0;
+    px1[i] = s1;
+    if constexpr (kSumT) t[i] = st;
+  }
+}
+
+// grad_x_group when H = 2h and W = 2w, over the chunk's output rows [r0, r1)
+// (whole row pairs): g z1 is summed over each 2x2 block in registers and added
+// straight to grad_y's accumulator gyacc (G rows of nq, row 0 = source row q0),
+// with no t buffer and no separate scatter.
+template <typename T, typename A, int G>
+inline void grad_x_group_halves(const T* g, const T* x, int64_t stride, const A* z0, const A* z1, const A* da0,
+                                const A* da1, const A* w0, const A* w1, T* gx, A* gyacc, int64_t nq, int64_t r0,
+                                int64_t r1, int64_t q0, const Plan& p, A* px0, A* px1) {
+  using V = vec_t<A>;
+  using S = Scalar<T>;
+  constexpr int L = kVec<A>;
+  const int64_t W = p.W, w = p.w;
+  V acc0[G], acc1[G], w0v[G], w1v[G];
+  A tail0[G], tail1[G];  // the columns past the last whole vector
+  for (int i = 0; i < G; ++i) {
+    acc0[i] = acc1[i] = splat<A>(0);
+    w0v[i] = splat(w0[i]);
+    w1v[i] = splat(w1[i]);
+    tail0[i] = tail1[i] = A(0);
+  }
+  for (int64_t r = r0; r < r1; r += 2) {
+    const int64_t ot = (r - r0) * W, ob = ot + W, yo = (r / 2 - q0) * w;
+    int64_t q = 0;
+    for (; q + L <= w; q += L) {  // L source columns: 2L output columns of both rows
+#pragma GCC unroll 4  // keeps acc0 / acc1 in registers
+      for (int i = 0; i < G; ++i) {
+        const T* gi = g + i * stride;
+        const T* xi = x + i * stride;
+        T* gxi = gx + i * stride;
+        // grad_x and the grad_w lanes at output offset k; returns g z1 there
+        auto pix = [&](int64_t k) {
+          const V gv = vload<T, A>(gi + k), xv = vload<T, A>(xi + k);
+          const V d0 = vload<A, A>(da0 + k), d1 = vload<A, A>(da1 + k);
+          vstore<T, A>(gxi + k, gv * vload<A, A>(z0 + k) + w0v[i] * d0 + w1v[i] * d1);
+          acc0[i] += xv * d0;
+          acc1[i] += xv * d1;
+          return gv * vload<A, A>(z1 + k);
+        };
+        const V top_lo = pix(ot + 2 * q), bot_lo = pix(ob + 2 * q);
+        const V top_hi = pix(ot + 2 * q + L), bot_hi = pix(ob + 2 * q + L);
+        const V lo = top_lo + bot_lo, hi = top_hi + bot_hi;
+        V even, odd;  // source column q + m sums output columns 2m, 2m + 1 of (lo, hi)
+        for (int m = 0; m < L; ++m) {
+          even[m] = m < L / 2 ? lo[2 * m] : hi[2 * m - L];
+          odd[m] = m < L / 2 ? lo[2 * m + 1] : hi[2 * m + 1 - L];
+        }
+        A* dst = gyacc + i * nq + yo + q;
+        vstore<A, A>(dst, vload<A, A>(dst) + (even + odd));
+      }
+    }
+    for (; q < w; ++q)
+      for (int i = 0; i < G; ++i) {
+        A tsum = 0;
+        for (const int64_t k0 : {ot + 2 * q, ob + 2 * q})
+          for (int64_t k = k0; k < k0 + 2; ++k) {
+            const A gv = S::load(g[i * stride + k]), xv = S::load(x[i * stride + k]);
+            gx[i * stride + k] = S::store(gv * z0[k] + w0[i] * da0[k] + w1[i] * da1[k]);
+            tail0[i] += xv * da0[k];
+            tail1[i] += xv * da1[k];
+            tsum += gv * z1[k];
+          }
+        gyacc[i * nq + yo + q] += tsum;
+      }
+  }
+  for (int i = 0; i < G; ++i) {
+    px0[i] = vsum<A>(acc0[i]) + tail0[i];
+    px1[i] = vsum<A>(acc1[i]) + tail1[i];
   }
 }
 
@@ -367,8 +679,14 @@ void fwd_unit(const T* x, const T* y, const std::vector<acc_t<T>>& wt, acc_t<T> 
       z1[k] = A(1) / (A(1) + std::exp(-a1[k]));
     }
     for (int64_t c = 0; c < C; ++c) {
-      gather_chunk<T, A>(y + c * hw, 0, rg, r0, u.data(), p);
-      fuse<T, A>(x + c * HW + p0, u.data(), z0, z1, out + c * HW + p0, P);
+      if (p.point) {
+        fuse_const<T, A>(x + c * HW + p0, Scalar<T>::load(y[c]), z0, z1, out + c * HW + p0, P);
+      } else if (kDirect<T, A> && p.halves) {
+        fuse_halves<T, A>(x + c * HW + p0, y + c * hw, z0, z1, out + c * HW + p0, r0, r1, p);
+      } else {
+        gather_chunk<T, A>(y + c * hw, 0, rg, r0, u.data(), p);
+        fuse<T, A>(x + c * HW + p0, u.data(), z0, z1, out + c * HW + p0, P);
+      }
     }
   }
 }
@@ -384,7 +702,7 @@ void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& w
   const int64_t R0 = p.rfirst[q0], R1 = p.rfirst[q1];
   const int64_t maxP = std::min(R1 - R0, p.chunk_rows) * W;
   std::vector<A> D0(nq, A(0)), D1(nq, A(0)), gyacc(C * nq, A(0));
-  std::vector<A> s0(maxP), s1(maxP), da0(maxP), da1(maxP), t(maxP), u(kGroup * maxP), rowsum(W);
+  std::vector<A> s0(maxP), s1(maxP), da0(maxP), da1(maxP), t(kGroup * maxP), u(kGroup * maxP), rowsum(W);
   RowGroups rg;
   A* pw = part;
   std::fill(pw, pw + 4 * C + 2, A(0));
@@ -397,8 +715,21 @@ void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& w
     std::fill(s1.begin(), s1.begin() + P, A(0));
     for (int64_t c = 0; c < C; c += kGroup) {
       const int n = int(std::min<int64_t>(kGroup, C - c));
-      for (int i = 0; i < n; ++i) gather_chunk<T, A>(y + (c + i) * hw, 0, rg, r0, u.data() + i * P, p);
-      channel_dots<T, A>(g + c * HW + p0, x + c * HW + p0, HW, u.data(), n, s0.data(), s1.data(), P);
+      if (p.point) {  // u_c is the single value y_c
+        for (int i = 0; i < n; ++i) u[i] = S::load(y[c + i]);
+        channel_dots<T, A, true>(g + c * HW + p0, x + c * HW + p0, HW, u.data(), n, s0.data(), s1.data(), P);
+      } else if (kDirect<T, A> && p.halves) {
+        if (n == kGroup)
+          channel_dots_halves<T, A, kGroup>(g + c * HW + p0, x + c * HW + p0, HW, y + c * hw, hw, s0.data(),
+                                            s1.data(), r0, r1, p);
+        else
+          for (int i = 0; i < n; ++i)
+            channel_dots_halves<T, A, 1>(g + (c + i) * HW + p0, x + (c + i) * HW + p0, HW, y + (c + i) * hw, hw,
+                                         s0.data(), s1.data(), r0, r1, p);
+      } else {
+        for (int i = 0; i < n; ++i) gather_chunk<T, A>(y + (c + i) * hw, 0, rg, r0, u.data() + i * P, p);
+        channel_dots<T, A, false>(g + c * HW + p0, x + c * HW + p0, HW, u.data(), n, s0.data(), s1.data(), P);
+      }
     }
     // da_k = s_k z_k (1 - z_k); the grad_b lanes; D_k = da_k summed per source pixel
     const A* z0 = z + p0;
@@ -420,14 +751,52 @@ void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& w
     scatter_chunk(da0.data(), rg, r0, q0, D0.data(), rowsum.data(), p);
     scatter_chunk(da1.data(), rg, r0, q0, D1.data(), rowsum.data(), p);
     // grad_x, the x half of grad_w, and g z_1 scattered into grad_y's accumulator
-    for (int64_t c = 0; c < C; ++c) {
-      A px0, px1;
-      grad_x_pass<T, A>(g + c * HW + p0, z0, z1, da0.data(), da1.data(), wt[c], wt[2 * C + c], gx + c * HW + p0,
-                        t.data(), P);
-      dot2<T, A>(x + c * HW + p0, da0.data(), da1.data(), P, px0, px1);
-      scatter_chunk(t.data(), rg, r0, q0, gyacc.data() + c * nq, rowsum.data(), p);
-      pw[c] += px0;
-      pw[2 * C + c] += px1;
+    for (int64_t c = 0; c < C; c += kGroup) {
+      const int n = int(std::min<int64_t>(kGroup, C - c));
+      A px0[kGroup], px1[kGroup];
+      const T* gc = g + c * HW + p0;
+      const T* xc = x + c * HW + p0;
+      T* gxc = gx + c * HW + p0;
+      const A *w0 = &wt[c], *w1 = &wt[2 * C + c];
+      if (!kDirect<T, A>) {  // fp16 / bf16: one channel per sweep
+        for (int i = 0; i < n; ++i) {
+          grad_x_pass<T, A>(gc + i * HW, z0, z1, da0.data(), da1.data(), w0[i], w1[i], gxc + i * HW, t.data(), P);
+          dot2_lanes<T, A>(xc + i * HW, da0.data(), da1.data(), P, px0[i], px1[i]);
+          scatter_chunk(t.data(), rg, r0, q0, gyacc.data() + (c + i) * nq, rowsum.data(), p);
+        }
+      } else if (p.point) {  // t[i] = sum_p g z1, added straight to grad_y's accumulator
+        if (n == kGroup)
+          grad_x_group<T, A, kGroup, true>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, t.data(), P,
+                                           px0, px1);
+        else
+          for (int i = 0; i < n; ++i)
+            grad_x_group<T, A, 1, true>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
+                                        w1 + i, gxc + i * HW, t.data() + i, P, px0 + i, px1 + i);
+        for (int i = 0; i < n; ++i) gyacc[c + i] += t[i];
+      } else if (p.halves) {  // g z1 summed per 2x2 block and added to grad_y's accumulator directly
+        A* gyc = gyacc.data() + c * nq;
+        if (n == kGroup)
+          grad_x_group_halves<T, A, kGroup>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, gyc, nq, r0, r1,
+                                            q0, p, px0, px1);
+        else
+          for (int i = 0; i < n; ++i)
+            grad_x_group_halves<T, A, 1>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
+                                         w1 + i, gxc + i * HW, gyc + i * nq, nq, r0, r1, q0, p, px0 + i, px1 + i);
+      } else {
+        if (n == kGroup)
+          grad_x_group<T, A, kGroup, false>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, t.data(), P,
+                                            px0, px1);
+        else
+          for (int i = 0; i < n; ++i)
+            grad_x_group<T, A, 1, false>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
+                                         w1 + i, gxc + i * HW, t.data() + i * P, P, px0 + i, px1 + i);
+        for (int i = 0; i < n; ++i)
+          scatter_chunk(t.data() + i * P, rg, r0, q0, gyacc.data() + (c + i) * nq, rowsum.data(), p);
+      }
+      for (int i = 0; i < n; ++i) {
+        pw[c + i] += px0[i];
+        pw[2 * C + c + i] += px1[i];
+      }
     }
   }
   pw[4 * C] = lanes_total(lb0);
