@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of every kdkernels op against the PyTorch reference and torch.compile.
 
-    python benchmarks/run.py                    # every op, CPU (or CUDA when present), ~5 min on 2 CPU cores
+    python benchmarks/run.py                    # every op, CPU (or CUDA when present), 2-5 min on 2 CPU cores
     python benchmarks/run.py --quick --ops hcl  # tiny shapes, seconds (CI smoke run)
     python benchmarks/run.py --device cuda --backends all
 
