@@ -25,16 +25,12 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import abf as reference
+from ..reference.abf import float32_ratio
 from ._common import DTYPE_CODE, acc_dtype
 from . import _autocast
 
 OP = "abf_fuse"
 backends.register_op(OP, ("triton", "cpp", "torch"))
-
-
-def _scale(n_in: int, n_out: int) -> float:
-    """in/out in float32, as PyTorch's nearest upsampling computes it."""
-    return float(torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32))
 
 
 @torch.library.custom_op("kdkernels::abf_fuse", mutates_args=())
@@ -52,8 +48,8 @@ def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, back
         tri.abf_fwd(x, y, wt, b, out, z)
     else:
         _native.native().abf_fwd_cpu(DTYPE_CODE[x.dtype], x.data_ptr(), y.data_ptr(), wt.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), z.data_ptr(), N, C, H, W, h, w, _scale(h, H), _scale(w, W),
-                                     torch.get_num_threads())
+                                     out.data_ptr(), z.data_ptr(), N, C, H, W, h, w, float32_ratio(h, H),
+                                     float32_ratio(w, W), torch.get_num_threads())
     return out, z
 
 
@@ -82,7 +78,8 @@ def abf_fuse_backward_op(grad: Tensor, x: Tensor, y: Tensor, att_weight: Tensor,
         gb = torch.empty(2, dtype=acc, device=x.device)
         _native.native().abf_bwd_cpu(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), wt.data_ptr(),
                                      z.data_ptr(), gx.data_ptr(), gy.data_ptr(), gw.data_ptr(), gb.data_ptr(),
-                                     N, C, H, W, h, w, _scale(h, H), _scale(w, W), torch.get_num_threads())
+                                     N, C, H, W, h, w, float32_ratio(h, H), float32_ratio(w, W),
+                                     torch.get_num_threads())
     return [gx, gy, gw.to(att_weight.dtype).reshape(att_weight.shape), gb.to(att_weight.dtype)]
 
 

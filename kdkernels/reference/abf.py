@@ -13,9 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
+def float32_ratio(num: int, den: int) -> float:
+    """num / den rounded to float32, as PyTorch's nearest upsampling computes its scale."""
+    return float(torch.tensor(num, dtype=torch.float32) / torch.tensor(den, dtype=torch.float32))
+
+
 def nearest_source_index(out_size: int, in_size: int) -> torch.Tensor:
     """Source index of each of ``out_size`` positions under legacy ``mode="nearest"`` (int64)."""
-    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    scale = torch.tensor(float32_ratio(in_size, out_size), dtype=torch.float32)
     dst = torch.arange(out_size, dtype=torch.float32)
     return torch.clamp(torch.floor(dst * scale).long(), max=in_size - 1)
 

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.abf import float32_ratio
 from . import launch_counts
 
 
@@ -188,12 +189,6 @@ def _check_plane(H: int, W: int) -> None:
                          f"the Triton kernels take fewer than 2^31 - 2^16 per plane")
 
 
-def _scales(H: int, W: int, h: int, w: int):
-    sh = float(torch.tensor(h, dtype=torch.float32) / torch.tensor(H, dtype=torch.float32))
-    sw = float(torch.tensor(w, dtype=torch.float32) / torch.tensor(W, dtype=torch.float32))
-    return sh, sw
-
-
 def _config(C: int, P: int, dtype: torch.dtype):
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     block_p = min(64, triton.next_power_of_2(P))
@@ -206,7 +201,7 @@ def abf_fwd(x, y, weight, bias, out, z) -> None:
     N, C, H, W = x.shape
     h, w = y.shape[-2:]
     _check_plane(H, W)
-    sh, sw = _scales(H, W, h, w)
+    sh, sw = float32_ratio(h, H), float32_ratio(w, W)
     acc, block_p, block_c = _config(C, H * W, x.dtype)
     grid = (triton.cdiv(H * W, block_p), N)
     _abf_fwd_kernel[grid](x, y, weight, bias, out, z, C, H, W, h, w, sh, sw,
@@ -219,7 +214,7 @@ def abf_bwd(g, x, y, weight, z, gx, gy):
     N, C, H, W = x.shape
     h, w = y.shape[-2:]
     _check_plane(H, W)
-    sh, sw = _scales(H, W, h, w)
+    sh, sw = float32_ratio(h, H), float32_ratio(w, W)
     acc, block_p, block_c = _config(C, H * W, x.dtype)
     blocks_p = triton.cdiv(H * W, block_p)
     da = torch.empty_like(z)
@@ -228,8 +223,7 @@ def abf_bwd(g, x, y, weight, z, gx, gy):
     _abf_bwd_pixel_kernel[(blocks_p, N)](g, x, y, weight, z, gx, da, pw, pb, C, H, W, h, w, sh, sw,
                                           ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
     block_q = min(64, triton.next_power_of_2(h * w))
-    inv_h = float(torch.tensor(H, dtype=torch.float32) / torch.tensor(h, dtype=torch.float32))
-    inv_w = float(torch.tensor(W, dtype=torch.float32) / torch.tensor(w, dtype=torch.float32))
+    inv_h, inv_w = float32_ratio(H, h), float32_ratio(W, w)
     # rows of source row qr: within [trunc(qr * H/h) - 1, + ceil(H/h) + 2) in float32
     # (checked exhaustively for H <= 4096); candidates outside the run are masked
     span_h = -(-H // h) + 2
