@@ -313,7 +313,7 @@ def test_triton_abf_samples_past_int32():
         x[n] = torch.randn(C, H, W, generator=g)
         y[n] = torch.randn(C, h, w, generator=g)
         go[n] = torch.randn(C, H, W, generator=g)
-    sh, sw = ta._scales(H, W, h, w)
+    sh, sw = ta.float32_ratio(h, H), ta.float32_ratio(w, W)
     acc, block_p, block_c = ta._config(C, H * W, x.dtype)
     blocks_p = -(-H * W // block_p)
     assert blocks_p == 1
