@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -91,6 +91,11 @@ class Case:
         modes: modes to run; drop ``backward``/``full`` for ops without gradients.
         tol: relative error the guard accepts (default by ``dtype``).
         note: shown in the table under the case (e.g. why kdkernels is missing).
+        floor: optional ``(label, fn)``: a lower bound the issue measures kdkernels
+            against (e.g. one fp32 GEMM of the same size), timed like the
+            providers as ``floor: <label>`` but not checked against the oracle
+            (it computes something else); the tables report kdkernels' time as
+            a multiple of it.
     """
 
     name: str
@@ -105,6 +110,7 @@ class Case:
     modes: Tuple[str, ...] = MODES
     tol: Optional[float] = None
     note: str = ""
+    floor: Optional[Tuple[str, Callable[..., Any]]] = None
 
 
 DEFAULT_TOL = {"fp64": 1e-10, "fp32": 1e-4, "tf32": 5e-3, "bf16": 3e-2, "fp16": 1e-2}
@@ -328,9 +334,10 @@ def rel_err(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> float:
 class Provider:
     name: str
     fn: Callable[..., Any]
-    kind: str  # eager | compile | kdkernels
+    kind: str  # eager | compile | kdkernels | floor
     note: str = ""
     timed: bool = True  # False: correctness guard only (e.g. the Triton interpreter on CPU)
+    checked: bool = True  # False: a floor, which computes something else than the op
 
 
 _COMPILED: Dict[int, Callable[..., Any]] = {}
@@ -375,6 +382,9 @@ def _kdkernels_backends(op: Optional[str], device: str) -> Tuple[List[str], str]
     return avail, default
 
 
+FLOOR_PREFIX = "floor: "
+
+
 def build_providers(case: Case, settings: Settings) -> Tuple[List[Provider], List[str]]:
     """The providers for ``case``, and notes on the ones that are missing."""
     provs = [Provider("eager", case.reference, "eager"), Provider("compile", _compiled(case.reference), "compile")]
@@ -392,6 +402,10 @@ def build_providers(case: Case, settings: Settings) -> Tuple[List[Provider], Lis
                 provs.append(Provider(f"kdkernels[{b}]", lambda *a, _kd=kd, _b=b: _kd(*a, backend=_b), "kdkernels",
                                       note="Triton interpreter: checked, not timed" if interp else "",
                                       timed=not interp))
+    if case.floor is not None:
+        label, fn = case.floor
+        provs.append(Provider(f"{FLOOR_PREFIX}{label}", fn, "floor", note="a floor: timed, not checked",
+                              checked=False))
     if settings.providers:
         wanted = set(settings.providers)
         provs = [p for p in provs if p.name in wanted or p.kind in wanted]
@@ -699,10 +713,13 @@ def run_op(op: str, cases: Sequence[Case], settings: Settings, meta: Dict[str, s
         modes = [m for m in MODES if m in case.modes and (m == "forward" or runner.has_backward)]
         for prov in providers:
             progress(f"{tag} · {prov.name}: check" + (" (compiling)" if prov.kind == "compile" else ""))
-            ok, err, first, note = runner.check(prov, ref)
-            row(case, prov.name, "check", "rel_err", err, note=note or prov.note)
-            row(case, prov.name, "check", "ok", int(ok), note=note or prov.note)
-            row(case, prov.name, "setup", "compile_s" if prov.kind == "compile" else "first_call_s", first)
+            if prov.checked:
+                ok, err, first, note = runner.check(prov, ref)
+                row(case, prov.name, "check", "rel_err", err, note=note or prov.note)
+                row(case, prov.name, "check", "ok", int(ok), note=note or prov.note)
+                row(case, prov.name, "setup", "compile_s" if prov.kind == "compile" else "first_call_s", first)
+            else:
+                ok = True
             if not ok or not prov.timed:
                 continue
             for mode in modes:
@@ -733,6 +750,9 @@ def run_op(op: str, cases: Sequence[Case], settings: Settings, meta: Dict[str, s
             for base in ("eager", "compile"):
                 if (base, mode) in med and t:
                     row(case, pname, mode, f"speedup_vs_{base}", med[(base, mode)] / t)
+            floor = case.floor and (FLOOR_PREFIX + case.floor[0], mode)
+            if pname == "kdkernels" and floor in med and med[floor]:
+                row(case, pname, mode, "x_floor", t / med[floor])
         del runner
         if settings.device == "cuda":
             torch.cuda.empty_cache()
@@ -884,12 +904,17 @@ def format_table(rows: Sequence[Dict[str, Any]], op: str, copy_bw_gbs: Optional[
                     f" {_mib(mem):>9} {(f'{bw:.1f}' if bw is not None else '—'):>7}"
                     f" {(f'{pct:.0f}%' if pct is not None else '—'):>6}"
                 )
+        for mode in MODES:
+            xf = get.get((case, "kdkernels", mode, "x_floor"))
+            fl = next((p for p in _ordered(r["provider"] for r in crow) if p.startswith(FLOOR_PREFIX)), None)
+            if xf and fl:
+                lines.append(f"  kdkernels {mode} = {_num(xf['value']):.2f}× the {fl}")
     # summary: speed-up of the full step, vs eager / vs compile
     provs = [p for p in _ordered(r["provider"] for r in rows if r["metric"] == "time_ms") if p != "eager"]
     cases = [c for c in _ordered(r["case"] for r in rows) if any((c, p, "full", "time_ms") in get for p in provs)]
     if provs and cases:
         lines.append("")
-        lines.append(f"Summary — full step (forward + backward), speed-up vs eager / vs compile:")
+        lines.append("Summary — full step (forward + backward), speed-up vs eager / vs compile:")
         w = max(len(c) for c in cases) + 2
         lines.append(" " * (w + 2) + "".join(f"{p:>22}" for p in provs))
         for c in cases:
@@ -923,6 +948,7 @@ def markdown_summary(rows: Sequence[Dict[str, Any]], provider: str = "kdkernels"
              "",
              "| op | case | shape | eager ms | compile ms | kdkernels ms | × eager | × compile | peak MiB eager → kdkernels |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    floors: List[str] = []
     for op in ops:
         for case in _ordered(r["case"] for r in rows if r["op"] == op):
             # ops without a backward (FSKD statistics, solve) are timed forward only
@@ -940,6 +966,14 @@ def markdown_summary(rows: Sequence[Dict[str, Any]], provider: str = "kdkernels"
             lines.append(f"| {op} | {case} | {shape} | {_ms(v('eager', 'time_ms'))} | {_ms(v('compile', 'time_ms'))}"
                          f" | {_ms(t)} | {f'{se:.2f}' if se is not None else '—'}"
                          f" | {f'{sc:.2f}' if sc is not None else '—'} | {_mib(me)} → {_mib(mk)} |")
+            xf = v(provider, "x_floor")
+            fl = next((r["provider"] for r in rows if r["op"] == op and r["case"] == case
+                       and r["provider"].startswith(FLOOR_PREFIX) and r["metric"] == "time_ms"), None)
+            if xf is not None and fl is not None:
+                floors.append(f"- {op} {case}: {provider} {_ms(t)} ms = {xf:.2f}× the {fl[len(FLOOR_PREFIX):]} "
+                              f"of the same size ({_ms(v(fl, 'time_ms'))} ms)")
+    if floors:
+        lines += ["", "Against a floor the issue names:"] + floors
     return "\n".join(lines) + "\n"
 
 

@@ -78,3 +78,32 @@ def test_markdown_summary_lists_every_case(quick_run):
     assert cases
     for case in cases:
         assert f"| hcl | {case} |" in text, (case, text)
+
+
+def test_floor_provider_is_timed_and_reported():
+    """A case's floor is timed (not checked), and kdkernels' time is reported as a multiple of it."""
+    import torch
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import harness
+    finally:
+        sys.path.pop(0)
+
+    def make_inputs():
+        return (torch.randn(64, 64),)
+
+    case = harness.Case(name="tiny", shape="64×64", make_inputs=make_inputs, reference=lambda x: x @ x,
+                        kdkernels=lambda x, backend=None: torch.mm(x, x), modes=("forward",),
+                        floor=("one GEMM", lambda x: torch.zeros(3)))  # computes something else: not checked
+    meta = harness.machine_info("cpu")
+    rows = harness.run_op("toy", [case], harness.Settings(device="cpu", quick=True, providers=None), meta, 0.0,
+                          harness.Progress(enabled=False))
+    floor = "floor: one GEMM"
+    assert not any(r["provider"] == floor and r["mode"] == "check" for r in rows)
+    times = {r["provider"]: r["value"] for r in rows if r["metric"] == "time_ms"}
+    assert set(times) == {"eager", "compile", "kdkernels", floor}
+    ratio = [r["value"] for r in rows if r["metric"] == "x_floor"]
+    assert len(ratio) == 1 and abs(ratio[0] - times["kdkernels"] / times[floor]) < 1e-12
+    assert "kdkernels forward = " in harness.format_table(rows, "toy")
+    assert "toy tiny: kdkernels" in harness.markdown_summary(rows)

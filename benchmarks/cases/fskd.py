@@ -7,6 +7,9 @@ Two cases, forward only (nothing here has gradients):
   first: two fp64 matmuls ``G += s sᵀ``, ``Hc += t sᵀ`` on upcast copies. The
   GramStats object persists across repetitions, as in a streaming pass, so its
   work buffer is reused; its output is (G, Hc). Minimum traffic: read s and t.
+  Its floor is one fp32 GEMM of the same size, (2C, M) @ (M, C) with M = N*H*W,
+  on operands already laid out as (channels, pixels) -- what GramStats computes,
+  minus the layout change, the shift and the fp64 sums.
 * ``solve``: Q for all 8 ResNet-18 BasicBlocks (widths 64, 64, 128, 128, 256,
   256, 512, 512) and for the 27 blocks of a CIFAR resnet56 (9 each of 16, 32,
   64) with the batched fp64 Cholesky of ``kdkernels.fskd.solve``, against a
@@ -30,8 +33,8 @@ RESNET18_WIDTHS = [64, 64, 128, 128, 256, 256, 512, 512]
 RESNET56_WIDTHS = [16] * 9 + [32] * 9 + [64] * 9
 
 
-def naive_update(s: torch.Tensor, t: torch.Tensor, stats=None):
-    """G = sum s sᵀ and Hc = sum t sᵀ with two fp64 matmuls (``stats`` is unused)."""
+def naive_update(s: torch.Tensor, t: torch.Tensor, stats=None, z=None):
+    """G = sum s sᵀ and Hc = sum t sᵀ with two fp64 matmuls (``stats``, ``z`` unused)."""
     cs, ct = s.shape[1], t.shape[1]
     s2 = s.detach().double().transpose(0, 1).reshape(cs, -1)
     t2 = t.detach().double().transpose(0, 1).reshape(ct, -1)
@@ -46,9 +49,10 @@ def _gramstats_case(c: int, h: int, batch: int, device: str, why: str) -> Case:
 
         s = torch.randn(shape, device=device) + 1.0  # pre-activation-like: a mean offset
         t = torch.randn(shape, device=device) + 1.0
-        return s, t, GramStats(c, c, device=device)
+        z = torch.randn(2 * c, batch * h * h, device=device)  # the floor's operand, [s; t] as (2C, M)
+        return s, t, GramStats(c, c, device=device), z
 
-    def kd(s, t, stats, backend=None):
+    def kd(s, t, stats, z=None, backend=None):
         stats.update(s, t)
         return stats.G, stats.Hc
 
@@ -62,7 +66,16 @@ def _gramstats_case(c: int, h: int, batch: int, device: str, why: str) -> Case:
         dtype="fp32",
         modes=("forward",),
         note=why,
+        floor=("fp32 GEMM", fp32_gemm),
     )
+
+
+def fp32_gemm(s, t, stats, z):
+    """One full-precision fp32 GEMM (2C, M) @ (M, C): the issue's yardstick for an update."""
+    from kdkernels.fskd.stats import ieee_fp32_matmul
+
+    with ieee_fp32_matmul(z.device):
+        return torch.mm(z, z[: z.shape[0] // 2].T)
 
 
 def loop_solve(gs: Sequence[torch.Tensor], hs: Sequence[torch.Tensor]):

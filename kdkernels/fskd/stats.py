@@ -18,9 +18,13 @@ Gram matrix it gives is not even positive definite. Here every update
 2. copies the shifted rows into one stacked (K, M) buffer
    Z = [z_s; 1; z_t] with K = Cs + 1 + Ct (the row of ones carries the counts
    and the channel sums through the same product);
-3. computes, tile by tile over the pixels, P = Z @ Z[:Cs+1].T in fp32 with TF32
+3. computes, tile by tile over the pixels, Z @ Z[:Cs].T in fp32 with TF32
    off: ONE batched GEMM that reads s and t once and yields, as blocks of the
-   (K, Cs+1) result, sum z_s z_s^T, sum z_t z_s^T, sum z_s, sum z_t and M;
+   (K, Cs) result, sum z_s z_s^T, sum z_s (the row of ones) and sum z_t z_s^T;
+   sum z_t is a row sum of the t half of the buffer. (Z[:Cs+1] as the right
+   operand would give sum z_t from the GEMM too, but an odd width of Cs+1
+   columns makes MKL's GEMM ~20% slower than the reduction costs.) With the
+   column of sums sum z = [sum z_s; M; sum z_t] appended this is P (K, Cs+1);
 4. adds the tiles in fp64 and restores the uncentred sums in fp64:
    with row shift a = [c_s; 0; c_t] and column shift b = [c_s; 0],
 
@@ -215,13 +219,18 @@ class GramStats:
         torch.sub(t3.transpose(0, 1), shift[cs + 1:, None, None], out=buf[cs + 1:, :m].view(ct, n, hw))
         buf[:, m:] = 0
 
-        # one batched GEMM over the pixel tiles: (tiles, K, tile) @ (tiles, tile, Cs+1)
+        # one batched GEMM over the pixel tiles: (tiles, K, tile) @ (tiles, tile, Cs)
         zt = buf.view(k, tiles, tile).transpose(0, 1)
         with ieee_fp32_matmul(s.device):
-            prod = torch.bmm(zt, zt[:, : cs + 1].transpose(1, 2))
-        # tile sums in fp64 (column Cs: sum z over rows, row Cs: sum z over columns, [Cs, Cs]: M)
-        col = prod[:, :, cs].sum(0, dtype=torch.float64)  # (K,)
-        row = prod[:, cs, :].sum(0, dtype=torch.float64)  # (Cs+1,)
+            prod = torch.bmm(zt, zt[:, :cs].transpose(1, 2))
+        # tile sums in fp64 (K, Cs), added straight into the running sums (the
+        # single-tile case casts inside add_: no fp64 temporary); their row Cs is sum z_s
+        p = prod[0] if tiles == 1 else prod.sum(0, dtype=torch.float64)
+        acc[:, :cs].add_(p)
+        sum_zt = zt[:, cs + 1:].sum(2).sum(0, dtype=torch.float64)  # (Ct,)
+        m64 = torch.full((1,), float(m), dtype=torch.float64, device=s.device)
+        row = torch.cat((p[cs].to(torch.float64), m64))  # (Cs+1,): [sum z_s; M]
+        col = torch.cat((row, sum_zt))  # (K,): [sum z_s; M; sum z_t], the column Cs of P
 
         # restore the uncentred sums in fp64, the correction as one rank-2 update:
         # P[:, Cs] b^T + a P[Cs, :] + M a b^T = [P[:, Cs] + M a, a] @ [b, P[Cs, :]]^T
@@ -229,7 +238,7 @@ class GramStats:
         b = a[: cs + 1]  # column shift [c_s; 0]
         u = torch.stack((col + m * a, a), dim=1)  # (K, 2)
         v = torch.stack((b, row), dim=0)  # (2, Cs+1)
-        acc.add_(prod[0] if tiles == 1 else prod.sum(0, dtype=torch.float64))
+        acc[:, cs].add_(col)
         acc.addmm_(u, v)
         self.count += m
         return self
