@@ -17,7 +17,15 @@
 // Threads own whole planes (a fixed split); a plane's result never depends on
 // the thread count or on which batch or lane it fell in.
 #include <algorithm>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define KDK_HCL_SSE 1
+#else
+#define KDK_HCL_SSE 0
+#endif
 
 #include "../common/checks.h"
 #include "../common/adaptive_pool.h"
@@ -257,6 +265,34 @@ inline void lanes_axpy(A* x, A a, const A* t) {  // x = a x + t
   for (int64_t l = 0; l < P; ++l) x[l] = a * xv[l] + tv[l];
 }
 
+#if KDK_HCL_SSE
+// Four planes x four elements, transposed in registers: d[j * stride + k] =
+// a[k][e + j] - b[k][e + j] for j, k < 4 (four 16-byte stores instead of
+// sixteen scalar ones; the scalar transpose was most of BatchKernel's time).
+inline void sub_transpose4(const float* const* a, const float* const* b, int64_t e, float* d, int64_t stride) {
+  __m128 r0 = _mm_sub_ps(_mm_loadu_ps(a[0] + e), _mm_loadu_ps(b[0] + e));
+  __m128 r1 = _mm_sub_ps(_mm_loadu_ps(a[1] + e), _mm_loadu_ps(b[1] + e));
+  __m128 r2 = _mm_sub_ps(_mm_loadu_ps(a[2] + e), _mm_loadu_ps(b[2] + e));
+  __m128 r3 = _mm_sub_ps(_mm_loadu_ps(a[3] + e), _mm_loadu_ps(b[3] + e));
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(d, r0);
+  _mm_storeu_ps(d + stride, r1);
+  _mm_storeu_ps(d + 2 * stride, r2);
+  _mm_storeu_ps(d + 3 * stride, r3);
+}
+
+// The inverse: out[k][e + j] = x[j * stride + k] for j, k < 4.
+inline void transpose4_store(const float* x, int64_t stride, float* const* out, int64_t e) {
+  __m128 r0 = _mm_loadu_ps(x), r1 = _mm_loadu_ps(x + stride);
+  __m128 r2 = _mm_loadu_ps(x + 2 * stride), r3 = _mm_loadu_ps(x + 3 * stride);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(out[0] + e, r0);
+  _mm_storeu_ps(out[1] + e, r1);
+  _mm_storeu_ps(out[2] + e, r2);
+  _mm_storeu_ps(out[3] + e, r3);
+}
+#endif
+
 // Short rows: P planes at a time, transposed into d_[e * P + lane], so that
 // everything done once per plane (cell and bin sums, the loss, the gradient
 // terms) runs as P-wide elementwise loops instead of short scalar chains.
@@ -319,7 +355,19 @@ class BatchKernel {
     const A a = g * (mse_ + mse_);
     for (int64_t e = 0; e < HW_; ++e) lanes_axpy<A, P>(&d_[e * P], a, &cells_[int64_t(cell_of_[e]) * P]);
     const A* __restrict x = d_.data();
-    for (int64_t l = 0; l < n; ++l) {
+    int64_t l = 0;
+#if KDK_HCL_SSE
+    if constexpr (std::is_same<T, float>::value) {
+      for (; l + 4 <= n; l += 4) {  // whole groups of four planes: 4 x 4 register transposes
+        float* out[4] = {grad + l * HW_, grad + (l + 1) * HW_, grad + (l + 2) * HW_, grad + (l + 3) * HW_};
+        int64_t e = 0;
+        for (; e + 4 <= HW_; e += 4) transpose4_store(x + e * P + l, P, out, e);
+        for (; e < HW_; ++e)
+          for (int64_t k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
+      }
+    }
+#endif
+    for (; l < n; ++l) {
       T* __restrict out = grad + l * HW_;
 #pragma GCC unroll 4
       for (int64_t e = 0; e < HW_; ++e) out[e] = Scalar<T>::store(x[e * P + l]);
@@ -329,7 +377,30 @@ class BatchKernel {
  private:
   void load(const T* fs, const T* ft, int64_t n) {
     A* __restrict d = d_.data();
-    for (int64_t l = 0; l < P; ++l) {
+    int64_t l = 0;
+#if KDK_HCL_SSE
+    if constexpr (std::is_same<T, float>::value) {
+      for (; l + 4 <= n; l += 4) {  // whole groups of four planes: 4 x 4 register transposes
+        const float* a[4] = {fs + l * HW_, fs + (l + 1) * HW_, fs + (l + 2) * HW_, fs + (l + 3) * HW_};
+        const float* b[4] = {ft + l * HW_, ft + (l + 1) * HW_, ft + (l + 2) * HW_, ft + (l + 3) * HW_};
+        // Reading 2 x 4 short planes at once defeats the hardware prefetcher at
+        // 16 x 16 (1 KB planes); fetch the next batch's planes (P planes on) early.
+        const int64_t ahead = P * HW_;
+        int64_t e = 0;
+        for (; e + 4 <= HW_; e += 4) {
+          if ((e & 15) == 0)
+            for (int k = 0; k < 4; ++k) {
+              __builtin_prefetch(a[k] + e + ahead);
+              __builtin_prefetch(b[k] + e + ahead);
+            }
+          sub_transpose4(a, b, e, d + e * P + l, P);
+        }
+        for (; e < HW_; ++e)
+          for (int64_t k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e] - b[k][e];
+      }
+    }
+#endif
+    for (; l < P; ++l) {
       if (l < n) {
         const T* __restrict a = fs + l * HW_;
         const T* __restrict b = ft + l * HW_;
