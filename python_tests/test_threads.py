@@ -4,11 +4,13 @@ The cpp kernels hold no global state (scratch, thread counts and partial sums
 are per call), so concurrent calls on different inputs must not interfere. Each
 op runs forward and backward; each thread checks every iteration against the
 result computed alone beforehand. The C++ entry points release the GIL
-(csrc/bindings.cpp), so the kernels really overlap; hint_loss's shared worker
-pool is exercised by its shape.
+(csrc/bindings.cpp), so the kernels really overlap, and the worker pool that
+every kernel shares (csrc/common/parallel.h) sees a concurrent caller. A forked
+child process (a DataLoader worker) must get a working pool of its own.
 """
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -104,3 +106,46 @@ def test_concurrent_calls_match_single_threaded(op):
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
     assert not failures, failures
+
+
+
+def _kd_forward_two_threads(s, t):
+    """The native KD forward on two threads (the shared pool), without torch's intra-op threads."""
+    from kdkernels import _native
+    from kdkernels.ops._common import DTYPE_CODE
+
+    stats, kl = torch.empty(s.shape[0], 5), torch.empty(s.shape[0])
+    _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), kl.data_ptr(),
+                                s.shape[0], s.shape[1], 0.25, 2)
+    return stats, kl
+
+
+def _child(s, t, queue):
+    torch.set_num_threads(1)  # torch's own OpenMP pool cannot run in a forked child (torch's rule, not ours)
+    # numpy arrays: tensors would travel as shared-memory handles, which need the child alive
+    queue.put([x.numpy().copy() for x in _kd_forward_two_threads(s, t)])
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork() on this platform")
+def test_forked_child_gets_its_own_pool():
+    """The parent's pool threads do not exist in a forked child (a DataLoader worker): the
+    pool must start afresh there, neither hang nor change the result."""
+    if "cpp" not in backends.available_backends("kd_loss", "cpu"):
+        why = {name: reason for name, _, reason in backends.backend_status("kd_loss", "cpu")}["cpp"]
+        pytest.skip(f"the cpp backend is not available here: {why}")
+    g = torch.Generator().manual_seed(7)
+    s, t = torch.randn(64, 1000, generator=g), torch.randn(64, 1000, generator=g)
+    expected = _kd_forward_two_threads(s, t)  # starts the pool's threads in the parent
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(s, t, queue))
+    proc.start()
+    try:
+        got = queue.get(timeout=120)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0, f"the child exited with {proc.exitcode}"
+    for name, a, b in zip(("stats", "kl"), got, expected):
+        assert torch.equal(torch.from_numpy(a), b), f"{name} of the forked child differs from the parent's"

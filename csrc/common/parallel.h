@@ -1,15 +1,29 @@
-// A minimal deterministic thread split for the CPU kernels (no OpenMP: torch
-// ships its own runtime). parallel_for(n, T, fn) calls fn(begin, end) on the
-// fixed chunks [n*t/T, n*(t+1)/T); chunk 0 runs on the calling thread. Which
-// thread runs a chunk never changes what it computes, so results do not depend
-// on the thread count as long as every output is owned by one index.
+// CPU threading for the kernels (no OpenMP: torch ships its own runtime).
+//
+// WorkerPool: a few persistent helper threads shared by every kernel, so that a
+// call does not pay for starting threads (tens of microseconds each, as much as
+// a small kernel). parallel_for(n, T, fn) calls fn(begin, end) on the fixed
+// chunks [n*t/T, n*(t+1)/T), claimed by the calling thread and up to T - 1 pool
+// threads. Which thread runs a chunk never changes what it computes, so results
+// do not depend on the thread count as long as every output is owned by one index.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define KDK_HAVE_PTHREAD_ATFORK 1
+#else
+#define KDK_HAVE_PTHREAD_ATFORK 0
+#endif
 
 namespace kdk {
 
@@ -21,6 +35,86 @@ inline int64_t choose_threads(int64_t requested, int64_t items, int64_t work, in
   return std::max<int64_t>(1, std::min({requested, items, by_work}));
 }
 
+// A few persistent helper threads. WorkerPool::run(helpers, body) calls body()
+// on the calling thread and wakes up to `helpers` pool threads to call it too,
+// then returns once the caller's call has returned and no pool thread is still
+// inside body. body must claim its work dynamically: a helper that wakes up late
+// (its core busy with another process, or torch's OpenMP threads spinning) finds
+// nothing left and is not waited for, so the caller never idles behind a thread
+// that has not started. One run at a time; a concurrent caller runs body alone.
+class WorkerPool {
+ public:
+  static void run(int64_t helpers, const std::function<void()>& body) {
+    WorkerPool& pool = instance();
+    std::unique_lock<std::mutex> busy(pool.run_mutex_, std::try_to_lock);
+    if (helpers <= 0 || !busy.owns_lock()) {
+      body();
+      return;
+    }
+    pool.start(helpers);
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex_);
+      pool.task_ = &body;
+      pool.wanted_ = helpers;
+      ++pool.epoch_;
+    }
+    pool.wake_.notify_all();
+    body();
+    std::unique_lock<std::mutex> lock(pool.mutex_);
+    pool.task_ = nullptr;  // helpers that have not joined yet skip this task
+    pool.wanted_ = 0;
+    pool.idle_.wait(lock, [&] { return pool.active_ == 0; });
+  }
+
+ private:
+  // Never destroyed: its threads live until the process ends. A forked child
+  // (e.g. a DataLoader worker) starts from a fresh pool: the parent's threads do
+  // not exist there, and the old pool's mutexes may have been held at the fork.
+  static WorkerPool*& current() {
+    static WorkerPool* pool = [] {
+#if KDK_HAVE_PTHREAD_ATFORK
+      pthread_atfork(nullptr, nullptr, [] { current() = new WorkerPool(); });
+#endif
+      return new WorkerPool();
+    }();
+    return pool;
+  }
+  static WorkerPool& instance() { return *current(); }
+
+  void start(int64_t helpers) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (; threads_ < helpers; ++threads_) {
+      try {
+        std::thread([this] { loop(); }).detach();
+      } catch (...) {
+        break;  // no more threads: the caller does the work
+      }
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return task_ != nullptr && epoch_ != seen && wanted_ > 0; });
+      seen = epoch_;
+      --wanted_;
+      ++active_;
+      const std::function<void()>* task = task_;
+      lock.unlock();
+      (*task)();  // body catches its own exceptions
+      lock.lock();
+      if (--active_ == 0) idle_.notify_all();
+    }
+  }
+
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_, idle_;
+  const std::function<void()>* task_ = nullptr;
+  uint64_t epoch_ = 0;
+  int64_t wanted_ = 0, active_ = 0, threads_ = 0;
+};
+
 template <typename F>
 void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
   if (n <= 0) return;
@@ -29,27 +123,19 @@ void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
     fn(int64_t(0), n);
     return;
   }
-  std::vector<std::exception_ptr> errors(T);
-  auto run = [&](int64_t t) {
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  WorkerPool::run(T - 1, [&] {
     try {
-      fn(n * t / T, n * (t + 1) / T);
+      for (int64_t t = next.fetch_add(1); t < T; t = next.fetch_add(1)) fn(n * t / T, n * (t + 1) / T);
     } catch (...) {
-      errors[t] = std::current_exception();
+      next.store(T);  // the others stop at their next claim
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
     }
-  };
-  std::vector<std::thread> workers;
-  workers.reserve(T - 1);
-  int64_t started = 1;
-  try {
-    for (; started < T; ++started) workers.emplace_back(run, started);
-  } catch (...) {
-    // Could not start another thread: run the remaining chunks here.
-  }
-  for (int64_t t = started; t < T; ++t) run(t);
-  run(0);
-  for (auto& w : workers) w.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  });
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace kdk

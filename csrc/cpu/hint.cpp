@@ -27,7 +27,7 @@
 // is compiled three times (AVX-512, AVX2+FMA, and the portable baseline); the
 // widest the CPU supports is picked at run time ($KDKERNELS_CPU_ISA can narrow
 // it). While a block's GEMMs run, the next block's input lines are prefetched.
-// Threads: a small persistent pool (WorkerPool), block buffers and partials
+// Threads: the shared persistent pool (common/parallel.h), block buffers and partials
 // kept per thread from call to call (no fresh memory to page-fault in).
 #include <algorithm>
 #include <atomic>
@@ -45,7 +45,7 @@
 
 #include "../common/checks.h"
 #include "../common/dtype.h"
-#include "../common/parallel.h"  // choose_threads
+#include "../common/parallel.h"  // choose_threads, WorkerPool
 
 namespace kdk {
 namespace {
@@ -495,77 +495,6 @@ template <> RunFn<float> runner<float>() { return KDK_RUNNERS(f32); }
 template <> RunFn<double> runner<double>() { return KDK_RUNNERS(f64); }
 template <> RunFn<Half> runner<Half>() { return KDK_RUNNERS(f16); }
 template <> RunFn<BFloat16> runner<BFloat16>() { return KDK_RUNNERS(bf16); }
-
-// A few persistent helper threads. WorkerPool::run(helpers, body) calls body()
-// on the calling thread and wakes up to `helpers` pool threads to call it too,
-// then returns once the caller's call has returned and no pool thread is still
-// inside body. body must claim its work dynamically: a helper that wakes up late
-// (its core busy with another process, or torch's OpenMP threads spinning) finds
-// nothing left and is not waited for, so the caller never idles behind a thread
-// that has not started. One run at a time; a concurrent caller runs body alone.
-class WorkerPool {
- public:
-  static void run(int64_t helpers, const std::function<void()>& body) {
-    WorkerPool& pool = instance();
-    std::unique_lock<std::mutex> busy(pool.run_mutex_, std::try_to_lock);
-    if (helpers <= 0 || !busy.owns_lock()) {
-      body();
-      return;
-    }
-    pool.start(helpers);
-    {
-      std::lock_guard<std::mutex> lock(pool.mutex_);
-      pool.task_ = &body;
-      pool.wanted_ = helpers;
-      ++pool.epoch_;
-    }
-    pool.wake_.notify_all();
-    body();
-    std::unique_lock<std::mutex> lock(pool.mutex_);
-    pool.task_ = nullptr;  // helpers that have not joined yet skip this task
-    pool.wanted_ = 0;
-    pool.idle_.wait(lock, [&] { return pool.active_ == 0; });
-  }
-
- private:
-  static WorkerPool& instance() {
-    static WorkerPool* pool = new WorkerPool();  // never destroyed: its threads live until the process ends
-    return *pool;
-  }
-
-  void start(int64_t helpers) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (; threads_ < helpers; ++threads_) {
-      try {
-        std::thread([this] { loop(); }).detach();
-      } catch (...) {
-        break;  // no more threads: the caller does the work
-      }
-    }
-  }
-
-  void loop() {
-    uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mutex_);
-    for (;;) {
-      wake_.wait(lock, [&] { return task_ != nullptr && epoch_ != seen && wanted_ > 0; });
-      seen = epoch_;
-      --wanted_;
-      ++active_;
-      const std::function<void()>* task = task_;
-      lock.unlock();
-      (*task)();  // body catches its own exceptions
-      lock.lock();
-      if (--active_ == 0) idle_.notify_all();
-    }
-  }
-
-  std::mutex run_mutex_, mutex_;
-  std::condition_variable wake_, idle_;
-  const std::function<void()>* task_ = nullptr;
-  uint64_t epoch_ = 0;
-  int64_t wanted_ = 0, active_ = 0, threads_ = 0;
-};
 
 // Number of pixel groups (each with its own partials): from the shape only. At
 // least kMinBlocksPerGroup blocks per group where there are enough blocks, at
