@@ -58,7 +58,7 @@ py::dict build_info() {
   info["compiler"] = py::none();
 #endif
   info["cxx_flags"] = std::string(KDKERNELS_CXX_FLAGS);
-  info["threads"] = "std::thread";
+  info["threads"] = "persistent std::thread pool";
 #if defined(KDKERNELS_WITH_CUDA)
   info["with_cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
