@@ -131,6 +131,24 @@ def test_dead_channels_keep_their_prior():
     assert np.array_equal(fskd.solve(empty).numpy(), np.eye(3))  # all dead: Q = Q0
 
 
+def test_dead_channels_in_a_padded_batch():
+    """A dead channel in the narrower block of a padded group (widths 6 and 5 share one batch)
+    gets its prior column there too, and each block equals its own unpadded solve."""
+    g = torch.Generator().manual_seed(12)
+    stats = []
+    for c in (6, 5):
+        s = torch.randn(40, c, 2, 2, generator=g, dtype=torch.float64)
+        s[:, 1] = 0
+        stats.append(fskd.GramStats(c).update(s, torch.randn(40, c, 2, 2, generator=g, dtype=torch.float64)))
+    assert len(solve_mod.width_groups([6, 5])) == 1  # one padded batch
+    for prior in ("identity", "zero"):
+        batched = fskd.solve(stats, alpha=1e-3, prior=prior)
+        for st, q in zip(stats, batched):
+            assert rel_err(q, fskd.solve(st, alpha=1e-3, prior=prior)) < 1e-12
+            col = np.eye(st.c_in)[:, 1] if prior == "identity" else np.zeros(st.c_in)
+            assert np.array_equal(q.numpy()[:, 1], col)
+
+
 def test_jitter_retries_only_the_failed_entries(monkeypatch):
     good_g = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     bad_g = torch.tensor([[1.0, 1.0], [1.0, 1.0 - 1e-13]], dtype=torch.float64)  # indefinite by a hair
