@@ -176,6 +176,8 @@ ext_modules = [
         include_dirs=["csrc"],
         depends=sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cuda/*.cu")),
         extra_compile_args=CXX_FLAGS,
+        # dlsym (csrc/common/parallel.h finds torch's OpenMP team at run time): libdl before glibc 2.34
+        libraries=["dl", "pthread"] if sys.platform.startswith("linux") else [],
         cxx_std=17,
     )
 ]

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/parallel.h"
 #include "common/hcl.h"
 #include "common/kd.h"
 
@@ -58,7 +59,7 @@ py::dict build_info() {
   info["compiler"] = py::none();
 #endif
   info["cxx_flags"] = std::string(KDKERNELS_CXX_FLAGS);
-  info["threads"] = "persistent std::thread pool";
+  info["threads"] = std::string(kdk::team_kind());
 #if defined(KDKERNELS_WITH_CUDA)
   info["with_cuda"] = true;
   info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
@@ -111,6 +112,7 @@ py::dict cuda_status() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  kdk::install_fork_flag();
   m.doc() = "kdkernels native kernels (C++ threads, and CUDA where built); see csrc/ for each entry point";
   using release = py::call_guard<py::gil_scoped_release>;
 

@@ -149,3 +149,44 @@ def test_forked_child_gets_its_own_pool():
     assert proc.exitcode == 0, f"the child exited with {proc.exitcode}"
     for name, a, b in zip(("stats", "kl"), got, expected):
         assert torch.equal(torch.from_numpy(a), b), f"{name} of the forked child differs from the parent's"
+
+
+_POOL_SCRIPT = """
+import sys, numpy, torch
+sys.path.insert(0, {tests!r})
+import test_threads as T
+from kdkernels import _native
+torch.set_num_threads(2)
+assert _native.native().build_info()["threads"] == "persistent std::thread pool"
+numpy.savez({out!r}, *[t.detach().numpy() for op in T.OPS for t in T.OPS[op](seed=3)()])
+"""
+
+
+def test_thread_pool_fallback_gives_the_same_bits(tmp_path):
+    """KDKERNELS_CPU_THREADS=pool (the fallback when torch's OpenMP team is not found) and the
+    default team give bitwise-identical results on two threads."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    for op in OPS:
+        if "cpp" not in backends.available_backends(op, "cpu"):
+            pytest.skip(f"the cpp backend of {op} is not available here")
+    out = tmp_path / "pool.npz"
+    script = _POOL_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(out))
+    env = dict(os.environ, KDKERNELS_CPU_THREADS="pool")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        here = [t.detach() for op in OPS for t in OPS[op](seed=3)()]
+    finally:
+        torch.set_num_threads(threads)
+    with np.load(out) as pool:
+        got = [torch.from_numpy(pool[f"arr_{i}"]) for i in range(len(pool.files))]
+    assert len(got) == len(here)
+    for i, (a, b) in enumerate(zip(got, here)):
+        assert torch.equal(a, b), f"result {i}: the thread pool and the default team differ"

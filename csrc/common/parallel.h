@@ -1,24 +1,35 @@
 // CPU threading for the kernels (no OpenMP: torch ships its own runtime).
 //
-// WorkerPool: a few persistent helper threads shared by every kernel, so that a
-// call does not pay for starting threads (tens of microseconds each, as much as
-// a small kernel). parallel_for(n, T, fn) calls fn(begin, end) on the fixed
-// chunks [n*t/T, n*(t+1)/T), claimed by the calling thread and up to T - 1 pool
-// threads. Which thread runs a chunk never changes what it computes, so results
-// do not depend on the thread count as long as every output is owned by one index.
+// run_team(helpers, body) runs body on the calling thread and on up to
+// `helpers` other threads at once; parallel_for(n, T, fn) calls fn(begin, end)
+// on the fixed chunks [n*t/T, n*(t+1)/T), claimed by the threads of one team.
+// Which thread runs a chunk never changes what it computes, so results do not
+// depend on the thread count as long as every output is owned by one index.
+//
+// The team is torch's own OpenMP team when torch's OpenMP runtime is in the
+// process (GOMP_parallel, found at run time: kdkernels is built without torch).
+// A separate pool would share the cores with torch's OpenMP workers, which
+// spin-wait for a while after every parallel torch op: three busy threads on two
+// cores made the C++ kernels up to a third slower right after a torch op.
+// Otherwise (no OpenMP runtime found, or in a forked child, where the parent's
+// OpenMP threads do not exist and libgomp cannot recover) it is WorkerPool: a
+// few persistent helper threads, so a call does not pay for starting threads.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <dlfcn.h>
 #include <pthread.h>
 #define KDK_HAVE_PTHREAD_ATFORK 1
 #else
@@ -79,6 +90,15 @@ class WorkerPool {
     }();
     return pool;
   }
+
+ public:
+  // True in a process forked after the first use of the threads (set in the child).
+  static std::atomic<bool>& forked() {
+    static std::atomic<bool> flag{false};
+    return flag;
+  }
+
+ private:
   static WorkerPool& instance() { return *current(); }
 
   void start(int64_t helpers) {
@@ -115,6 +135,53 @@ class WorkerPool {
   int64_t wanted_ = 0, active_ = 0, threads_ = 0;
 };
 
+// Called once when kdkernels._C is imported (before any DataLoader worker is
+// forked): a forked child then never enters the parent's OpenMP team.
+inline void install_fork_flag() {
+#if KDK_HAVE_PTHREAD_ATFORK
+  pthread_atfork(nullptr, nullptr, [] { WorkerPool::forked().store(true); });
+#endif
+}
+
+// libgomp's entry point for `#pragma omp parallel` (also provided by LLVM's and
+// Intel's OpenMP runtimes): fn(data) on a team of num_threads (0 = default).
+using GompParallelFn = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+inline GompParallelFn gomp_parallel() {
+#if KDK_HAVE_PTHREAD_ATFORK
+  static const GompParallelFn fn = [] {
+    const char* env = std::getenv("KDKERNELS_CPU_THREADS");
+    if (env != nullptr && std::string(env) == "pool") return GompParallelFn(nullptr);
+    return reinterpret_cast<GompParallelFn>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+  }();
+  return WorkerPool::forked().load() ? nullptr : fn;
+#else
+  return nullptr;
+#endif
+}
+
+inline void call_team_body(void* body) { (*static_cast<const std::function<void()>*>(body))(); }
+
+// body() on the calling thread and up to `helpers` more threads at once. body
+// must claim its work dynamically (a thread may join late, or not at all) and
+// must not throw.
+inline void run_team(int64_t helpers, const std::function<void()>& body) {
+  if (helpers <= 0) {
+    body();
+    return;
+  }
+  if (const GompParallelFn omp = gomp_parallel()) {
+    omp(&call_team_body, const_cast<void*>(static_cast<const void*>(&body)), unsigned(helpers + 1), 0);
+    return;
+  }
+  WorkerPool::run(helpers, body);
+}
+
+// What run_team uses here, for `python -m kdkernels info`.
+inline const char* team_kind() {
+  return gomp_parallel() != nullptr ? "torch's OpenMP team (GOMP_parallel)" : "persistent std::thread pool";
+}
+
 template <typename F>
 void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
   if (n <= 0) return;
@@ -126,7 +193,7 @@ void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
   std::atomic<int64_t> next{0};
   std::mutex error_mutex;
   std::exception_ptr error;
-  WorkerPool::run(T - 1, [&] {
+  run_team(T - 1, [&] {
     try {
       for (int64_t t = next.fetch_add(1); t < T; t = next.fetch_add(1)) fn(n * t / T, n * (t + 1) / T);
     } catch (...) {

@@ -27,7 +27,7 @@
 // is compiled three times (AVX-512, AVX2+FMA, and the portable baseline); the
 // widest the CPU supports is picked at run time ($KDKERNELS_CPU_ISA can narrow
 // it). While a block's GEMMs run, the next block's input lines are prefetched.
-// Threads: the shared persistent pool (common/parallel.h), block buffers and partials
+// Threads: run_team (common/parallel.h: torch's OpenMP team, else a persistent pool), block buffers and partials
 // kept per thread from call to call (no fresh memory to page-fault in).
 #include <algorithm>
 #include <atomic>
@@ -45,7 +45,7 @@
 
 #include "../common/checks.h"
 #include "../common/dtype.h"
-#include "../common/parallel.h"  // choose_threads, WorkerPool
+#include "../common/parallel.h"  // choose_threads, run_team
 
 namespace kdk {
 namespace {
@@ -574,7 +574,7 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
     std::atomic<int64_t> next_group{0};
     std::mutex error_mutex;
     std::exception_ptr error;
-    WorkerPool::run(threads - 1, [&] {
+    run_team(threads - 1, [&] {
       try {
         Scratch<T>& scratch = Scratch<T>::for_this_thread(job);
         for (int64_t g = next_group.fetch_add(1); g < groups; g = next_group.fetch_add(1)) run(job, scratch, g);
