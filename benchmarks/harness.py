@@ -904,9 +904,9 @@ def format_table(rows: Sequence[Dict[str, Any]], op: str, copy_bw_gbs: Optional[
                     f" {_mib(mem):>9} {(f'{bw:.1f}' if bw is not None else '—'):>7}"
                     f" {(f'{pct:.0f}%' if pct is not None else '—'):>6}"
                 )
+        fl = next((p for p in _ordered(r["provider"] for r in crow) if p.startswith(FLOOR_PREFIX)), None)
         for mode in MODES:
             xf = get.get((case, "kdkernels", mode, "x_floor"))
-            fl = next((p for p in _ordered(r["provider"] for r in crow) if p.startswith(FLOOR_PREFIX)), None)
             if xf and fl:
                 lines.append(f"  kdkernels {mode} = {_num(xf['value']):.2f}× the {fl}")
     # summary: speed-up of the full step, vs eager / vs compile

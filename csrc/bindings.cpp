@@ -112,7 +112,7 @@ py::dict cuda_status() {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  kdk::install_fork_flag();
+  kdk::install_fork_handler();
   m.doc() = "kdkernels native kernels (C++ threads, and CUDA where built); see csrc/ for each entry point";
   using release = py::call_guard<py::gil_scoped_release>;
 

@@ -1,4 +1,4 @@
-// CPU threading for the kernels (no OpenMP: torch ships its own runtime).
+// CPU threading for the kernels (no OpenMP runtime of our own: torch ships one).
 //
 // run_team(helpers, body) runs body on the calling thread and on up to
 // `helpers` other threads at once; parallel_for(n, T, fn) calls fn(begin, end)
@@ -26,7 +26,6 @@
 #include <mutex>
 #include <string>
 #include <thread>
-#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
@@ -77,28 +76,26 @@ class WorkerPool {
     pool.idle_.wait(lock, [&] { return pool.active_ == 0; });
   }
 
- private:
-  // Never destroyed: its threads live until the process ends. A forked child
-  // (e.g. a DataLoader worker) starts from a fresh pool: the parent's threads do
-  // not exist there, and the old pool's mutexes may have been held at the fork.
-  static WorkerPool*& current() {
-    static WorkerPool* pool = [] {
-#if KDK_HAVE_PTHREAD_ATFORK
-      pthread_atfork(nullptr, nullptr, [] { current() = new WorkerPool(); });
-#endif
-      return new WorkerPool();
-    }();
-    return pool;
-  }
-
- public:
-  // True in a process forked after the first use of the threads (set in the child).
+  // True in a forked child (a DataLoader worker), where the parent's threads,
+  // its pool's and its OpenMP team's, do not exist.
   static std::atomic<bool>& forked() {
     static std::atomic<bool> flag{false};
     return flag;
   }
 
+  // The fork handler of the child: a fresh pool (the old one's mutexes may have
+  // been held at the fork; it is abandoned, not destroyed).
+  static void after_fork_in_child() {
+    forked().store(true);
+    current() = new WorkerPool();
+  }
+
  private:
+  // Never destroyed: its threads live until the process ends.
+  static WorkerPool*& current() {
+    static WorkerPool* pool = new WorkerPool();
+    return pool;
+  }
   static WorkerPool& instance() { return *current(); }
 
   void start(int64_t helpers) {
@@ -136,10 +133,10 @@ class WorkerPool {
 };
 
 // Called once when kdkernels._C is imported (before any DataLoader worker is
-// forked): a forked child then never enters the parent's OpenMP team.
-inline void install_fork_flag() {
+// forked): a forked child then never enters the parent's OpenMP team or pool.
+inline void install_fork_handler() {
 #if KDK_HAVE_PTHREAD_ATFORK
-  pthread_atfork(nullptr, nullptr, [] { WorkerPool::forked().store(true); });
+  pthread_atfork(nullptr, nullptr, &WorkerPool::after_fork_in_child);
 #endif
 }
 
