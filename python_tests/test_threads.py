@@ -116,7 +116,7 @@ def _kd_forward_two_threads(s, t):
 
     stats, kl = torch.empty(s.shape[0], 5), torch.empty(s.shape[0])
     _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), kl.data_ptr(),
-                                s.shape[0], s.shape[1], 0.25, 2)
+                                s.shape[0], s.shape[1], 0.25, 1.0, False, 2)
     return stats, kl
 
 

@@ -145,10 +145,18 @@ inline bool kd_begin(const char* where, bool forward, int64_t rows, int64_t cols
 // dtype code `dtype`; stats (rows, 5), kl (rows,) and gscale (rows,) in the
 // accumulation dtype; grad_s / grad_t in the logits' dtype, grad_t may be 0
 // (not wanted). inv_t = 1 / T.
-void kd_fwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols,
-                double inv_t, int64_t num_threads);
-void kd_bwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gscale, uintptr_t grad_s,
-                uintptr_t grad_t, int64_t rows, int64_t cols, double inv_t, int64_t num_threads);
+//
+// The CPU entry points also do the few scalar steps around the kernels, since
+// on a CPU each extra tensor op costs as much as the kernel on small logits:
+// the forward writes the loss itself in the logits' dtype, out[0] =
+// out_scale * sum_n KL_n when `reduce`, else out[n] = out_scale * KL_n; the
+// backward reads grad_output in the logits' dtype, g_n = gout_scale *
+// gout[n * gout_stride] (stride 0 for a 0-dim grad_output).
+void kd_fwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t out, int64_t rows, int64_t cols,
+                double inv_t, double out_scale, bool reduce, int64_t num_threads);
+void kd_bwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gout, int64_t gout_stride,
+                double gout_scale, uintptr_t grad_s, uintptr_t grad_t, int64_t rows, int64_t cols, double inv_t,
+                int64_t num_threads);
 
 #if defined(KDKERNELS_WITH_CUDA)
 void kd_fwd_cuda(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols,

@@ -301,17 +301,18 @@ KDK_KD_PICK(BFloat16, bf16)
 
 }  // namespace
 
-void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr, uintptr_t kl_ptr, int64_t rows,
-                int64_t cols, double inv_t, int64_t num_threads) {
+void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr, uintptr_t out_ptr, int64_t rows,
+                int64_t cols, double inv_t, double out_scale, bool reduce, int64_t num_threads) {
   const char* where = "kd_fwd_cpu";
-  if (!kd_begin(where, true, rows, cols, {s_ptr, t_ptr, stats_ptr, kl_ptr})) return;
+  if (!kd_begin(where, true, rows, cols, {s_ptr, t_ptr, stats_ptr, out_ptr})) return;
   dispatch_dtype(dtype, where, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const T* s = reinterpret_cast<const T*>(s_ptr);
     const T* t = reinterpret_cast<const T*>(t_ptr);
     A* stats = reinterpret_cast<A*>(stats_ptr);
-    A* kl = reinterpret_cast<A*>(kl_ptr);
+    T* out = reinterpret_cast<T*>(out_ptr);
+    std::vector<A> kl(static_cast<size_t>(rows));
     const A scale = A(inv_t);
     const auto fwd_segment = segment_fns(tag).fwd;
     const int64_t segs = (cols + kSegment - 1) / kSegment;
@@ -320,38 +321,49 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     if (segs == 1) {
       parallel_for(rows, threads, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
-          kl[r] = fwd_segment(s + r * cols, t + r * cols, cols, scale).finish(stats + r * kKdStats, StdLog{});
+          kl[size_t(r)] = fwd_segment(s + r * cols, t + r * cols, cols, scale).finish(stats + r * kKdStats, StdLog{});
       });
-      return;
-    }
-    std::vector<KdState<A>> parts(static_cast<size_t>(items));
-    parallel_for(items, threads, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = i / segs, c0 = (i % segs) * kSegment;
-        const int64_t off = r * cols + c0;
-        parts[size_t(i)] = fwd_segment(s + off, t + off, std::min(kSegment, cols - c0), scale);
+    } else {
+      std::vector<KdState<A>> parts(static_cast<size_t>(items));
+      parallel_for(items, threads, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = i / segs, c0 = (i % segs) * kSegment;
+          const int64_t off = r * cols + c0;
+          parts[size_t(i)] = fwd_segment(s + off, t + off, std::min(kSegment, cols - c0), scale);
+        }
+      });
+      for (int64_t r = 0; r < rows; ++r) {  // merge each row's segments in order
+        KdState<A> row = parts[size_t(r * segs)];
+        for (int64_t k = 1; k < segs; ++k) row.merge(parts[size_t(r * segs + k)], StdExp{});
+        kl[size_t(r)] = row.finish(stats + r * kKdStats, StdLog{});
       }
-    });
-    for (int64_t r = 0; r < rows; ++r) {  // merge each row's segments in order
-      KdState<A> row = parts[size_t(r * segs)];
-      for (int64_t k = 1; k < segs; ++k) row.merge(parts[size_t(r * segs + k)], StdExp{});
-      kl[r] = row.finish(stats + r * kKdStats, StdLog{});
+    }
+    // The loss itself, so that the caller needs no further tensor op: rows in
+    // order (deterministic), rounded once to the logits' dtype.
+    const A mult = A(out_scale);
+    if (reduce) {
+      A sum = A(0);
+      for (int64_t r = 0; r < rows; ++r) sum += kl[size_t(r)];
+      out[0] = Scalar<T>::store(sum * mult);
+    } else {
+      for (int64_t r = 0; r < rows; ++r) out[r] = Scalar<T>::store(kl[size_t(r)] * mult);
     }
   });
 }
 
-void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr, uintptr_t gscale_ptr,
-                uintptr_t grad_s_ptr, uintptr_t grad_t_ptr, int64_t rows, int64_t cols, double inv_t,
-                int64_t num_threads) {
+void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr, uintptr_t gout_ptr,
+                int64_t gout_stride, double gout_scale, uintptr_t grad_s_ptr, uintptr_t grad_t_ptr, int64_t rows,
+                int64_t cols, double inv_t, int64_t num_threads) {
   const char* where = "kd_bwd_cpu";
-  if (!kd_begin(where, false, rows, cols, {s_ptr, t_ptr, stats_ptr, gscale_ptr, grad_s_ptr})) return;
+  if (!kd_begin(where, false, rows, cols, {s_ptr, t_ptr, stats_ptr, gout_ptr, grad_s_ptr})) return;
   dispatch_dtype(dtype, where, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const T* s = reinterpret_cast<const T*>(s_ptr);
     const T* t = reinterpret_cast<const T*>(t_ptr);
     const A* stats = reinterpret_cast<const A*>(stats_ptr);
-    const A* gscale = reinterpret_cast<const A*>(gscale_ptr);
+    const T* gout = reinterpret_cast<const T*>(gout_ptr);
+    const A gmult = A(gout_scale);
     T* grad_s = reinterpret_cast<T*>(grad_s_ptr);
     T* grad_t = reinterpret_cast<T*>(grad_t_ptr);
     const A scale = A(inv_t);
@@ -363,7 +375,8 @@ void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = i / segs, c0 = (i % segs) * kSegment;
         const int64_t off = r * cols + c0;
-        bwd_segment(s + off, t + off, std::min(kSegment, cols - c0), stats + r * kKdStats, gscale[r], scale,
+        bwd_segment(s + off, t + off, std::min(kSegment, cols - c0), stats + r * kKdStats,
+                    Scalar<T>::load(gout[r * gout_stride]) * gmult, scale,
                     grad_s + off, grad_t != nullptr ? grad_t + off : nullptr);
       }
     });

@@ -46,37 +46,31 @@ backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 
 
 def _fwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, kl: Tensor, inv_t: float) -> None:
+    """The GPU forwards: stats and the rows' KL into ``kl`` (N,), accumulation dtype."""
     if backend == "triton":
         from ..triton import kd as tri
 
         tri.kd_fwd(s, t, stats, kl, inv_t)
         return
     rows, cols = s.shape
-    C = _native.native()
-    args = (DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), kl.data_ptr(), rows, cols, inv_t)
-    if backend == "cpp":
-        C.kd_fwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(s.device):
-            C.kd_fwd_cuda(*args, stream_of(s))
+    with torch.cuda.device(s.device):
+        _native.native().kd_fwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
+                                     kl.data_ptr(), rows, cols, inv_t, stream_of(s))
 
 
 def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad_s: Tensor,
          grad_t: Optional[Tensor], inv_t: float) -> None:
+    """The GPU backwards, with gscale (N,) = grad_output * T per row in the accumulation dtype."""
     if backend == "triton":
         from ..triton import kd as tri
 
         tri.kd_bwd(s, t, stats, gscale, grad_s, grad_t, inv_t)
         return
     rows, cols = s.shape
-    C = _native.native()
-    args = (DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), gscale.data_ptr(),
-            grad_s.data_ptr(), grad_t.data_ptr() if grad_t is not None else 0, rows, cols, inv_t)
-    if backend == "cpp":
-        C.kd_bwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(s.device):
-            C.kd_bwd_cuda(*args, stream_of(s))
+    with torch.cuda.device(s.device):
+        _native.native().kd_bwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
+                                     gscale.data_ptr(), grad_s.data_ptr(),
+                                     grad_t.data_ptr() if grad_t is not None else 0, rows, cols, inv_t, stream_of(s))
 
 
 def _scale(reduction: str, rows: int, cols: int) -> float:
@@ -89,11 +83,17 @@ def _forward(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: 
     """(loss in the logits' dtype, stats (N, 5) in the accumulation dtype)."""
     s, t = logits_s.contiguous(), logits_t.contiguous()
     rows, cols = s.shape
-    acc = acc_dtype(s.dtype)
-    stats = torch.empty(rows, STATS, dtype=acc, device=s.device)
-    kl = torch.empty(rows, dtype=acc, device=s.device)
-    _fwd(backend, s, t, stats, kl, 1.0 / temperature)
+    stats = torch.empty(rows, STATS, dtype=acc_dtype(s.dtype), device=s.device)
     t2 = temperature * temperature
+    if backend == "cpp":  # the kernel also reduces and scales the rows (csrc/common/kd.h)
+        loss = torch.empty((rows,) if reduction == "none" else (), dtype=s.dtype)
+        _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
+                                    loss.data_ptr(), rows, cols, 1.0 / temperature,
+                                    t2 * _scale(reduction, rows, cols), reduction != "none",
+                                    torch.get_num_threads())
+        return loss, stats
+    kl = torch.empty(rows, dtype=stats.dtype, device=s.device)
+    _fwd(backend, s, t, stats, kl, 1.0 / temperature)
     if reduction == "none":
         loss = kl * t2
     else:
@@ -106,12 +106,20 @@ def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, t
     """[d loss/d logits_s * grad] (+ the same for logits_t when ``teacher_grad``)."""
     s, t = logits_s.contiguous(), logits_t.contiguous()
     rows, cols = s.shape
-    # per row: grad_output of the row's T^2 KL, times T (d (T^2 KL) / d logits = T (...))
-    g = grad.to(acc_dtype(s.dtype)) * (temperature * _scale(reduction, rows, cols))
-    gscale = g.expand(rows).contiguous()
+    stats = stats.contiguous()
     grad_s = torch.empty_like(s)
     grad_t = torch.empty_like(t) if teacher_grad else None
-    _bwd(backend, s, t, stats.contiguous(), gscale, grad_s, grad_t, 1.0 / temperature)
+    # per row: grad_output of the row's T^2 KL, times T (d (T^2 KL) / d logits = T (...))
+    mult = temperature * _scale(reduction, rows, cols)
+    if backend == "cpp":  # the kernel reads grad_output as it is: 0-dim, or (N,) with any stride
+        gout = grad if grad.dtype == s.dtype else grad.to(s.dtype)
+        _native.native().kd_bwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
+                                    gout.data_ptr(), gout.stride(0) if gout.dim() else 0, mult,
+                                    grad_s.data_ptr(), grad_t.data_ptr() if teacher_grad else 0, rows, cols,
+                                    1.0 / temperature, torch.get_num_threads())
+    else:
+        gscale = (grad.to(stats.dtype) * mult).expand(rows).contiguous()
+        _bwd(backend, s, t, stats, gscale, grad_s, grad_t, 1.0 / temperature)
     return [grad_s, grad_t] if teacher_grad else [grad_s]
 
 
