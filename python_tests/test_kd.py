@@ -68,6 +68,23 @@ def test_matches_reference(backend, dtype, classes, temperature):
     assert_rel_close(t.grad, ref_gt, tol, "grad logits_t")
 
 
+@pytest.mark.parametrize("classes", [1, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend", FAST)
+def test_inexact_temperature(backend, dtype, classes):
+    """T = 3: x / T is rounded (with T = 1 or 4 it is exact), and one class still gives exactly 0."""
+    s, t = _logits(4, classes, dtype, seed=7, teacher_grad=True)
+    loss = kdkernels.kd_loss(s, t, 3.0, backend=backend)
+    (loss * GRAD_OUT).backward()
+    if classes == 1:
+        assert loss.item() == 0 and not s.grad.any() and not t.grad.any()
+        return
+    ref_loss, ref_gs, ref_gt = _reference(s, t, 3.0)
+    assert_rel_close(loss, ref_loss, REL_TOL[dtype], "loss")
+    assert_rel_close(s.grad, ref_gs, REL_TOL[dtype], "grad logits_s")
+    assert_rel_close(t.grad, ref_gt, REL_TOL[dtype], "grad logits_t")
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reductions(backend, reduction):

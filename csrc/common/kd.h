@@ -143,7 +143,8 @@ inline bool kd_begin(const char* where, bool forward, int64_t rows, int64_t cols
 
 // Pointers are addresses (tensor.data_ptr()); logits contiguous (rows, cols) of
 // dtype code `dtype`; stats (rows, 5), kl (rows,) and gscale (rows,) in the
-// accumulation dtype; grad_s / grad_t in the logits' dtype, grad_t may be 0
+// accumulation dtype (the CPU kernels write their stats in their own layout,
+// see csrc/cpu/kd.cpp, and only their backward reads them); grad_s / grad_t in the logits' dtype, grad_t may be 0
 // (not wanted). inv_t = 1 / T.
 //
 // The CPU entry points also do the few scalar steps around the kernels, since

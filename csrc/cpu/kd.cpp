@@ -5,23 +5,25 @@
 // ranges of items, so rows of 1000 classes spread over threads as whole rows
 // and a single row of 128k classes still spreads over 16 items.
 //
-// Forward, per segment, one read of both inputs: blocks of kBlock classes are
-// scaled by 1/T into a small buffer, the block maxima (integer-key reductions,
-// see OrderKey) update the running maxima (rescaling the sums when they grow:
-// rare after the first blocks), then
-// kLanes independent lanes accumulate exp(a_s), exp(a_t) and exp(a_t)(a_t - a_s).
-// Lanes share the maxima, so they add up at the end in a fixed tree; a row's
-// segments merge in order. Nothing depends on the thread count: deterministic.
+// Forward, per segment, one read of both inputs: per block of kBlock classes,
+// the block maxima of the raw logits (integer-key reductions, see OrderKey)
+// update the running maxima (rescaling the sums when they grow: rare after the
+// first blocks), then kLanes independent lanes accumulate, in base 2 (see
+// fwd_segment_impl), exp(a_s), exp(a_t) and exp(a_t)(a_t - a_s) over the same
+// block, still in L1. Lanes share the maxima, so they add up at the end in a
+// fixed tree; a row's segments merge in order. Nothing depends on the thread
+// count: deterministic.
 //
 // Backward, given the per-row stats, is elementwise (two exps per class).
 //
-// The exps run through exp_neg below (a branch-free polynomial, accurate to a
+// The exps run through exp2_neg below (a branch-free polynomial, accurate to a
 // few ulp, for the arguments <= 0 that the kernel produces) so that the loops
 // vectorise; on x86-64 the hot functions are also compiled for AVX2+FMA and
 // AVX-512, and the first call picks what the CPU supports.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -105,48 +107,49 @@ template <> struct OrderKey<double> {
   }
 };
 
-// exp(x) for x <= 0, -inf (-> 0) and NaN (-> NaN), without branches.
-// x = k ln2 + r with k = round(x log2 e) and |r| <= ln2 / 2; ln2 is split in a
-// 16-bit head (k * head is exact) and the rest; e^r by its Taylor series to r^7
-// (truncation < 6e-9 relative); 2^k built in the exponent field. Below x = -87
-// (e^-87 is about 1.6e-38, near the smallest normal float) the bits are garbage
-// and the final mask returns 0 instead; there is deliberately no clamp of x
-// before that, since a second comparison keeps GCC from vectorising the loop.
-KDK_ALWAYS_INLINE float exp_neg(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Head = 0.693145751953125f;  // 45426 / 2^16
-  constexpr float kLn2Tail = 1.42860682030941723e-6f;
+// 2^x for x <= ~0 (a few ulp above 0 are fine), -inf (-> 0) and NaN (-> NaN),
+// without branches. The kernels work in base 2 (logits scaled by log2(e) / T),
+// which saves the Cody-Waite reduction of a natural exp: x = k + f with
+// k = round(x) and f = x - k exact, |f| <= 1/2; 2^f by a degree-6 polynomial
+// (near-minimax on [-1/2, 1/2], relative error 2e-9 in exact arithmetic, about
+// 1e-7 evaluated in float); 2^k built in the exponent field. Below x = -126
+// (2^-126 is the smallest normal float) the bits are garbage and the final mask
+// returns 0 instead; there is deliberately no clamp of x before that, since a
+// second comparison keeps GCC from vectorising the loop.
+KDK_ALWAYS_INLINE float exp2_neg(float x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kLow = -87.0f;
-  const float t = x * kLog2e + kRound;
+  constexpr float kLow = -126.0f;
+  const float t = x + kRound;
   const float k = t - kRound;
   const int32_t ki = int32_t(f2u(t) - f2u(kRound));  // the integer k, from t's mantissa
-  const float r = (x - k * kLn2Head) - k * kLn2Tail;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float f = x - k;
+  float p = 1.5345811601371988e-4f;
+  p = p * f + 1.3399931216112673e-3f;
+  p = p * f + 9.6184889586126e-3f;
+  p = p * f + 5.55032877697489e-2f;
+  p = p * f + 0.2402264689062022f;
+  p = p * f + 0.6931472057372617f;
+  p = p * f + 1.0f;
   const float scale = u2f(uint32_t(ki + 127) << 23);
   return keep_if(!(x < kLow), p * scale);
 }
 
 template <typename A> struct KdMath;
 template <> struct KdMath<float> {
-  static KDK_ALWAYS_INLINE float exp(float x) { return exp_neg(x); }
+  static KDK_ALWAYS_INLINE float exp2(float x) { return exp2_neg(x); }
 };
 template <> struct KdMath<double> {
-  static KDK_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
+  static KDK_ALWAYS_INLINE double exp2(double x) { return std::exp2(x); }
 };
 
-struct StdExp {
-  template <typename A> A operator()(A x) const { return std::exp(x); }
-};
-struct StdLog {
-  template <typename A> A operator()(A x) const { return std::log(x); }
+template <typename A> constexpr A kLog2e = A(1.442695040888963407359924681001892137);
+template <typename A> constexpr A kLn2 = A(0.693147180559945309417232121458176568);
+
+// exp(x / T) = 2^(x c) of a difference x of raw logits (KdState's rescales and merges).
+template <typename A>
+struct Exp2Scaled {
+  A c;
+  A operator()(A x) const { return std::exp2(x * c); }
 };
 
 template <typename A>
@@ -156,36 +159,52 @@ KDK_ALWAYS_INLINE A lane_sum(const A* v) {  // fixed tree over kLanes = 16
   return ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7]));
 }
 
-// The state of classes [0, n) of one row segment (see the top of the file).
+// Block i0 of a segment as accumulation-type values: the input itself when it
+// is already of that type and the block is whole, else a converted copy in buf
+// padded with -inf (which adds exp(-inf) = 0 and a gap of 0).
+template <typename T>
+KDK_ALWAYS_INLINE const acc_t<T>* block_values(const T* __restrict x, int64_t nb, acc_t<T>* __restrict buf) {
+  using A = acc_t<T>;
+  if constexpr (std::is_same<T, A>::value)
+    if (nb == kBlock) return x;
+  for (int64_t j = 0; j < nb; ++j) buf[j] = Scalar<T>::load(x[j]);
+  for (int64_t j = nb; j < kBlock; ++j) buf[j] = kd_neg_inf<A>();
+  return buf;
+}
+
+// The state of classes [0, n) of one row segment, in raw logit units: with the
+// running maxima m of the raw logits x (not of x / T) and d = x - e(m),
+// exp(d / T) = 2^(d c) with c = log2(e) / T, and
+//
+//   ss = sum 2^(d_s c),  st = sum 2^(d_t c),  w = sum 2^(d_t c) (d_t - d_s)
+//
+// (KdState's fields with x in place of x / T; merged with Exp2Scaled{c}). Raw
+// differences keep the largest logit's term exactly 1 (a single class gives a
+// loss and gradient of exactly 0, as the reference does), and 2^(d c) needs no
+// range reduction by ln 2.
 template <typename T>
 KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, const T* __restrict t, int64_t n,
-                                                     acc_t<T> inv_t) {
+                                                     acc_t<T> c) {
   using A = acc_t<T>;
   using M = KdMath<A>;
-  alignas(64) A zs[kBlock], zt[kBlock];
+  using K = OrderKey<A>;
+  using Key = typename K::type;
+  alignas(64) A buf_s[kBlock], buf_t[kBlock];
   alignas(64) A ss[kLanes] = {}, st[kLanes] = {}, w[kLanes] = {};
   A ms = kd_neg_inf<A>(), mt = kd_neg_inf<A>();
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t nb = std::min(kBlock, n - i0);
-    if (nb == kBlock) {
-      for (int64_t j = 0; j < kBlock; ++j) zs[j] = Scalar<T>::load(s[i0 + j]) * inv_t;
-      for (int64_t j = 0; j < kBlock; ++j) zt[j] = Scalar<T>::load(t[i0 + j]) * inv_t;
-    } else {  // the last, partial block: pad with -inf (adds exp(-inf) = 0, gap 0)
-      for (int64_t j = 0; j < nb; ++j) zs[j] = Scalar<T>::load(s[i0 + j]) * inv_t;
-      for (int64_t j = 0; j < nb; ++j) zt[j] = Scalar<T>::load(t[i0 + j]) * inv_t;
-      for (int64_t j = nb; j < kBlock; ++j) zs[j] = zt[j] = kd_neg_inf<A>();
-    }
-    using K = OrderKey<A>;
-    using Key = typename K::type;
-    Key ks = K::key(zs[0]), kt = K::key(zt[0]);
+    const A* __restrict xs = block_values(s + i0, nb, buf_s);
+    const A* __restrict xt = block_values(t + i0, nb, buf_t);
+    Key ks = K::key(xs[0]), kt = K::key(xt[0]);
     for (int64_t j = 1; j < kBlock; ++j) {  // integer max reductions: they vectorise
-      const Key a = K::key(zs[j]), b = K::key(zt[j]);
+      const Key a = K::key(xs[j]), b = K::key(xt[j]);
       ks = a > ks ? a : ks;
       kt = b > kt ? b : kt;
     }
     const A ms_new = kd_max(ms, K::value(ks)), mt_new = kd_max(mt, K::value(kt));
     if (ms_new != ms || mt_new != mt) {  // the maxima grew: rescale every lane
-      const A as = kd_alpha(ms, ms_new, StdExp{}), at = kd_alpha(mt, mt_new, StdExp{});
+      const A as = kd_alpha(ms, ms_new, Exp2Scaled<A>{c}), at = kd_alpha(mt, mt_new, Exp2Scaled<A>{c});
       const A dc = kd_shift(ms, mt, ms_new, mt_new);
       for (int64_t l = 0; l < kLanes; ++l) {
         w[l] = st[l] == A(0) ? A(0) : at * (w[l] - dc * st[l]);
@@ -198,30 +217,45 @@ KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, cons
     const A es = kd_eff(ms), et = kd_eff(mt);
     for (int64_t j = 0; j < kBlock; j += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
-        const A a_s = zs[j + l] - es, a_t = zt[j + l] - et;
-        const A e_s = M::exp(a_s), e_t = M::exp(a_t);
+        const A d_s = xs[j + l] - es, d_t = xt[j + l] - et;
+        const A e_s = M::exp2(d_s * c), e_t = M::exp2(d_t * c);
         ss[l] += e_s;
         st[l] += e_t;
-        w[l] += e_t * keep_if(e_t > A(0), a_t - a_s);  // kd_gap
+        w[l] += e_t * keep_if(e_t > A(0), d_t - d_s);  // kd_gap
       }
   }
   return KdState<A>{ms, mt, lane_sum(ss), lane_sum(st), lane_sum(w)};
 }
 
+// A row's stats from its raw-unit state (the CPU layout, see kd_fwd_cpu):
+// (e(m_s), log2 S_s, e(m_t), log2 S_t, KL) with KL = E_pt[d_t - d_s] / T + ln(S_s / S_t).
+template <typename A>
+KDK_ALWAYS_INLINE A finish_row(const KdState<A>& row, A inv_t, A* stats) {
+  const A kl = (row.w / row.st) * inv_t + std::log(row.ss / row.st);
+  stats[0] = kd_eff(row.ms);
+  stats[1] = std::log2(row.ss);
+  stats[2] = kd_eff(row.mt);
+  stats[3] = std::log2(row.st);
+  stats[4] = kl;
+  return kl;
+}
+
 // grad_s (and grad_t when GT) of classes [0, n) of one row, from its stats.
+// u = (x - m) c - log2 S = log2 p, so p = 2^u, and the teacher's factor
+// log p_t - log p_s - KL = (u_t - u_s) ln 2 - KL.
 template <typename T, bool GT>
 KDK_ALWAYS_INLINE void bwd_segment_impl(const T* __restrict s, const T* __restrict t, int64_t n,
-                                        const acc_t<T>* __restrict stats, acc_t<T> g, acc_t<T> inv_t,
+                                        const acc_t<T>* __restrict stats, acc_t<T> g, acc_t<T> c,
                                         T* __restrict grad_s, T* __restrict grad_t) {
   using A = acc_t<T>;
   using M = KdMath<A>;
-  const A ms = stats[0], ls = stats[1], mt = stats[2], lt = stats[3], ec = stats[4];
+  const A ms = stats[0], ls = stats[1], mt = stats[2], lt = stats[3], kl = stats[4];
   for (int64_t i = 0; i < n; ++i) {
-    const A a_s = Scalar<T>::load(s[i]) * inv_t - ms;
-    const A a_t = Scalar<T>::load(t[i]) * inv_t - mt;
-    const A p_s = M::exp(a_s - ls), p_t = M::exp(a_t - lt);
+    const A u_s = (Scalar<T>::load(s[i]) - ms) * c - ls;
+    const A u_t = (Scalar<T>::load(t[i]) - mt) * c - lt;
+    const A p_s = M::exp2(u_s), p_t = M::exp2(u_t);
     grad_s[i] = Scalar<T>::store(g * (p_s - p_t));
-    if (GT) grad_t[i] = Scalar<T>::store(g * p_t * (keep_if(p_t > A(0), a_t - a_s) - ec));  // kd_gap
+    if (GT) grad_t[i] = Scalar<T>::store(g * p_t * (keep_if(p_t > A(0), (u_t - u_s) * kLn2<A>) - kl));  // kd_gap
   }
 }
 
@@ -232,20 +266,21 @@ KDK_ALWAYS_INLINE void bwd_segment_impl(const T* __restrict s, const T* __restri
 template <typename T>
 struct SegmentFns {
   using A = acc_t<T>;
-  KdState<A> (*fwd)(const T* s, const T* t, int64_t n, A inv_t);
-  void (*bwd)(const T* s, const T* t, int64_t n, const A* stats, A g, A inv_t, T* grad_s, T* grad_t);
+  // c = log2(e) / T
+  KdState<A> (*fwd)(const T* s, const T* t, int64_t n, A c);
+  void (*bwd)(const T* s, const T* t, int64_t n, const A* stats, A g, A c, T* grad_s, T* grad_t);
 };
 
-#define KDK_KD_DEFINE(T, NAME, ATTR)                                                                          \
-  ATTR KdState<acc_t<T>> fwd_##NAME(const T* s, const T* t, int64_t n, acc_t<T> inv_t) {                    \
-    return fwd_segment_impl<T>(s, t, n, inv_t);                                                             \
-  }                                                                                                         \
-  ATTR void bwd_##NAME(const T* s, const T* t, int64_t n, const acc_t<T>* stats, acc_t<T> g, acc_t<T> inv_t, \
-                       T* grad_s, T* grad_t) {                                                              \
-    if (grad_t != nullptr)                                                                                  \
-      bwd_segment_impl<T, true>(s, t, n, stats, g, inv_t, grad_s, grad_t);                                 \
-    else                                                                                                    \
-      bwd_segment_impl<T, false>(s, t, n, stats, g, inv_t, grad_s, nullptr);                               \
+#define KDK_KD_DEFINE(T, NAME, ATTR)                                                                      \
+  ATTR KdState<acc_t<T>> fwd_##NAME(const T* s, const T* t, int64_t n, acc_t<T> c) {                    \
+    return fwd_segment_impl<T>(s, t, n, c);                                                             \
+  }                                                                                                     \
+  ATTR void bwd_##NAME(const T* s, const T* t, int64_t n, const acc_t<T>* stats, acc_t<T> g, acc_t<T> c, \
+                       T* grad_s, T* grad_t) {                                                          \
+    if (grad_t != nullptr)                                                                              \
+      bwd_segment_impl<T, true>(s, t, n, stats, g, c, grad_s, grad_t);                                 \
+    else                                                                                                \
+      bwd_segment_impl<T, false>(s, t, n, stats, g, c, grad_s, nullptr);                               \
   }
 #define KDK_KD_DEFINE_ALL(ISA, ATTR)          \
   KDK_KD_DEFINE(float, ISA##_f32, ATTR)       \
@@ -313,7 +348,7 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     A* stats = reinterpret_cast<A*>(stats_ptr);
     T* out = reinterpret_cast<T*>(out_ptr);
     std::vector<A> kl(static_cast<size_t>(rows));
-    const A scale = A(inv_t);
+    const A c = A(inv_t * kLog2e<double>), inv = A(inv_t);
     const auto fwd_segment = segment_fns(tag).fwd;
     const int64_t segs = (cols + kSegment - 1) / kSegment;
     const int64_t items = rows * segs;
@@ -321,7 +356,7 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     if (segs == 1) {
       parallel_for(rows, threads, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
-          kl[size_t(r)] = fwd_segment(s + r * cols, t + r * cols, cols, scale).finish(stats + r * kKdStats, StdLog{});
+          kl[size_t(r)] = finish_row(fwd_segment(s + r * cols, t + r * cols, cols, c), inv, stats + r * kKdStats);
       });
     } else {
       std::vector<KdState<A>> parts(static_cast<size_t>(items));
@@ -329,13 +364,13 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = i / segs, c0 = (i % segs) * kSegment;
           const int64_t off = r * cols + c0;
-          parts[size_t(i)] = fwd_segment(s + off, t + off, std::min(kSegment, cols - c0), scale);
+          parts[size_t(i)] = fwd_segment(s + off, t + off, std::min(kSegment, cols - c0), c);
         }
       });
       for (int64_t r = 0; r < rows; ++r) {  // merge each row's segments in order
         KdState<A> row = parts[size_t(r * segs)];
-        for (int64_t k = 1; k < segs; ++k) row.merge(parts[size_t(r * segs + k)], StdExp{});
-        kl[size_t(r)] = row.finish(stats + r * kKdStats, StdLog{});
+        for (int64_t k = 1; k < segs; ++k) row.merge(parts[size_t(r * segs + k)], Exp2Scaled<A>{c});
+        kl[size_t(r)] = finish_row(row, inv, stats + r * kKdStats);
       }
     }
     // The loss itself, so that the caller needs no further tensor op: rows in
@@ -366,7 +401,7 @@ void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     const A gmult = A(gout_scale);
     T* grad_s = reinterpret_cast<T*>(grad_s_ptr);
     T* grad_t = reinterpret_cast<T*>(grad_t_ptr);
-    const A scale = A(inv_t);
+    const A c = A(inv_t * kLog2e<double>);
     const auto bwd_segment = segment_fns(tag).bwd;
     const int64_t segs = (cols + kSegment - 1) / kSegment;
     const int64_t items = rows * segs;
@@ -376,7 +411,7 @@ void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
         const int64_t r = i / segs, c0 = (i % segs) * kSegment;
         const int64_t off = r * cols + c0;
         bwd_segment(s + off, t + off, std::min(kSegment, cols - c0), stats + r * kKdStats,
-                    Scalar<T>::load(gout[r * gout_stride]) * gmult, scale,
+                    Scalar<T>::load(gout[r * gout_stride]) * gmult, c,
                     grad_s + off, grad_t != nullptr ? grad_t + off : nullptr);
       }
     });

@@ -10,11 +10,13 @@ The custom op ``kd_loss(logits_s, logits_t, temperature, reduction, backend)``
 returns ``(loss, stats)``: the loss in the logits' dtype (reduced in the
 accumulation dtype: float32, or float64 for float64 logits) and ``stats``.
 Every backend reads each row once in the forward, with an online softmax of
-both inputs (csrc/common/kd.h derives it), and writes per row
-``stats = (e(m_s), log S_s, e(m_t), log S_t, E_{p_t}[a_t - a_s])`` -- the two
-log-sum-exps, split into max and log-sum so that they stay exact for logits
-around 1e4, plus the mean gap the teacher's gradient needs: 5 floats per row
-in the accumulation dtype. Autograd saves the two inputs and ``stats``, so the
+both inputs (csrc/common/kd.h derives it), and writes 5 floats per row in the
+accumulation dtype: the two log-sum-exps, split into max and log-sum so that
+they stay exact for logits around 1e4, plus what the teacher's gradient needs.
+The layout belongs to the backend that wrote it: the GPU kernels write
+``(e(m_s), log S_s, e(m_t), log S_t, E_{p_t}[a_t - a_s])`` of x / T, the C++
+CPU kernels ``(e(m_s), log2 S_s, e(m_t), log2 S_t, KL)`` with the maxima of the
+raw logits (they work in base 2, csrc/cpu/kd.cpp). Autograd saves the two inputs and ``stats``, so the
 backward is a single elementwise pass (g_n: grad_output of row n's T^2 KL)::
 
     d loss / d logits_s[n] = g_n T (p_s - p_t)
