@@ -122,10 +122,35 @@ def test_gradcheck_float64(backend):
 def test_opcheck(backend):
     op = torch.ops.kdkernels.hint_loss_fused.default
     fs, ft, w, b = _inputs(2, 5, 7, (3, 4), torch.float32, seed=4, teacher_grad=True)
-    torch.library.opcheck(op, (fs, ft, w, b, [True, True, True, True], backend, False, False))
+    torch.library.opcheck(op, (fs, ft, w, b, [True, True, True, True], backend, False, False, 1.0))
     d = [x.detach() for x in (fs, ft, w, b)]
-    torch.library.opcheck(op, (fs, d[1], d[2], None, [True, False, False, False], backend, False, False))
-    torch.library.opcheck(op, (d[0], d[1], d[2], d[3], [False] * 4, backend, False, False))
+    torch.library.opcheck(op, (fs, d[1], d[2], None, [True, False, False, False], backend, False, False, 0.25))
+    torch.library.opcheck(op, (d[0], d[1], d[2], d[3], [False] * 4, backend, False, False, 1.0))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_op_gradients_times_gscale(backend):
+    """The op's gradient outputs are gscale times the unscaled ones, whatever the backend."""
+    fs, ft, w, b = (x.detach() for x in _inputs(2, 5, 7, (3, 4), torch.float32, seed=8))
+    op = torch.ops.kdkernels.hint_loss_fused
+    one = op(fs, ft, w, b, [True] * 4, backend, False, False, 1.0)
+    scaled = op(fs, ft, w, b, [True] * 4, backend, False, False, 0.375)
+    assert torch.equal(one[0], scaled[0])
+    for name, a, c in zip(("fs", "weight", "bias", "ft"), one[1:], scaled[1:]):
+        assert_rel_close(c, a * 0.375, 1e-6, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("backend", FAST)
+def test_grad_output_one(backend, dtype):
+    """grad_output exactly 1 (a plain loss.backward()): the C++ path hands the forward's
+    gradients over without a multiply; they must still be the reference's."""
+    fs, ft, w, b = _inputs(2, 5, 7, (3, 4), dtype, seed=9, teacher_grad=True)
+    kdkernels.hint_loss(fs, ft, w, b, backend=backend).backward()
+    s64, t64, w64, b64 = (x.detach().double().requires_grad_() for x in (fs, ft, w, b))
+    ref.hint_loss(s64, t64, w64, b64).backward()
+    for name, x, x64 in zip(("fs", "ft", "weight", "bias"), (fs, ft, w, b), (s64, t64, w64, b64)):
+        assert_rel_close(x.grad, x64.grad, REL_TOL[dtype], f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -164,7 +189,8 @@ def test_gradients_only_when_required(backend):
         kdkernels.hint_loss(fs, ft, w.detach(), None, backend=backend)
     assert spy.needs == [[False] * 4, [False] * 4, [True, False, False, False]]
     # and the op then returns empty gradients
-    outs = torch.ops.kdkernels.hint_loss_fused(fs.detach(), ft, w.detach(), None, [False] * 4, backend, False, True)
+    outs = torch.ops.kdkernels.hint_loss_fused(fs.detach(), ft, w.detach(), None, [False] * 4, backend, False, True,
+                                               1.0)
     assert [tuple(o.shape) for o in outs[1:]] == [(0,)] * 4
 
 

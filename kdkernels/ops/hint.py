@@ -7,16 +7,24 @@ With r = conv1x1(fs; W, b) - ft (never materialised) and numel = N*Ct*H*W::
 Since the loss is a scalar, the gradients are computed in the *same pass* as the
 loss when any input requires grad (one read of fs and ft, three GEMMs in all):
 the private op ``torch.ops.kdkernels.hint_loss_fused`` returns the loss and the
-unscaled gradients
+gradients times a factor ``gscale`` of the caller's choice
 
-    W^T r  (like fs),   sum r fs^T  (like W, fp32/fp64),   sum r  (Ct, fp32/fp64),   r  (like ft)
+    gscale W^T r  (like fs),   gscale sum r fs^T  (like W, fp32/fp64),
+    gscale sum r  (Ct, fp32/fp64),   gscale r  (like ft)
 
 (each only when the matching input requires grad; an empty tensor otherwise),
-and its backward only multiplies them by 2 * grad_output / numel, in the
+and its backward multiplies them by 2 * grad_output / (numel * gscale), in the
 accumulation dtype. Nothing of the regressed map's size is saved for backward
 (the residual r only when the *teacher* requires grad, as its gradient). When
 the graph is not retained, the saved fs-sized gradient is scaled in place and
 handed to autograd, so the backward allocates nothing that large.
+
+:func:`hint_loss` asks the C++ kernel for ``gscale = 2 / numel`` in float32 and
+float64 (folded into W^T once per call: free), so with the usual grad_output of
+1 the backward has nothing to multiply and hands the saved gradients over as
+they are. fp16/bf16 and the Triton kernel keep ``gscale = 1``: 2 / numel times
+a gradient can underflow fp16 before grad_output (a loss scale) multiplies it,
+and a GPU cannot compare grad_output with 1 without a host sync.
 """
 from __future__ import annotations
 
@@ -53,13 +61,13 @@ def _outputs_like(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 @torch.library.custom_op("kdkernels::hint_loss_fused", mutates_args=())
 def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], needs: Sequence[bool],
-                       backend: str, allow_tf32: bool, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor,
-                                                                                      Tensor, Tensor]:
-    """Loss and unscaled gradients in one pass; ``needs`` = [fs, weight, bias, ft] flags.
+                       backend: str, allow_tf32: bool, consume_grads: bool,
+                       gscale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss and gradients (times ``gscale``) in one pass; ``needs`` = [fs, weight, bias, ft] flags.
 
-    Returns (loss 0-dim in fs's dtype, W^T r like fs, sum r fs^T like weight in the
-    accumulation dtype, sum r (Ct,) in the accumulation dtype, r like ft); a
-    gradient that is not needed is an empty (0,) tensor.
+    Returns (loss 0-dim in fs's dtype, gscale W^T r like fs, gscale sum r fs^T like
+    weight in the accumulation dtype, gscale sum r (Ct,) in the accumulation dtype,
+    gscale r like ft); a gradient that is not needed is an empty (0,) tensor.
 
     ``consume_grads=True`` is a promise that the caller never reads the returned
     gradients (:func:`hint_loss` drops them): a backward that does not retain the
@@ -84,13 +92,17 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
             gw.copy_(gw_t.view(gw.shape))
         if need_b:
             gb.copy_(gb_t)
+        if gscale != 1.0:  # the Triton kernel computes gscale = 1; the caller asked otherwise
+            for g, need in ((gfs, need_fs), (gw, need_w), (gb, need_b), (gft, need_ft)):
+                if need:
+                    g.mul_(gscale)
     elif backend == "cpp":
         loss_sum = torch.empty(1, dtype=acc)
         _native.native().hint_fwd_cpu(
             DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0,
             loss_sum.data_ptr(), gfs.data_ptr() if need_fs else 0, gw.data_ptr() if need_w else 0,
             gb.data_ptr() if need_b else 0, gft.data_ptr() if need_ft else 0, n, cs, ct, h * wd,
-            torch.get_num_threads())
+            float(gscale), torch.get_num_threads())
     else:
         raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
     loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
@@ -98,12 +110,12 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @hint_loss_fused_op.register_fake
-def _(fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads):
+def _(fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads, gscale):
     return _outputs_like(fs, ft, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
-    fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads = inputs
+    fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads, gscale = inputs
     _, gfs, gw, gb, gft = output
     ctx.mark_non_differentiable(gfs, gw, gb, gft)
     ctx.set_materialize_grads(False)  # no zero-filled fs-sized "gradients" for those outputs
@@ -111,6 +123,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.consume_grads = consume_grads
     ctx.numel = ft.numel()
+    ctx.gscale = gscale
     ctx.dtypes = (fs.dtype, ft.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(gfs, gw, gb, gft)
 
@@ -135,10 +148,17 @@ def _scaled(t: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
     return (t.to(s.dtype) * s).to(dtype)
 
 
+def _is_one(grad: Tensor) -> bool:
+    """grad_output == 1, read only where that costs nothing: a plain CPU tensor (no
+    device sync; not while torch.compile traces, where the value is unknown)."""
+    return (type(grad) is Tensor and grad.device.type == "cpu" and grad.numel() == 1
+            and not torch._is_functional_tensor(grad) and grad.item() == 1.0)
+
+
 def _backward(ctx, grad, *_unused):
     gfs, gw, gb, gft = ctx.saved_tensors
     if grad is None:  # the loss was not used: nothing flows back
-        return None, None, None, None, None, None, None, None
+        return (None,) * 9
     need_fs, need_w, need_b, need_ft = ctx.needs
     want_fs, want_ft, want_w, want_b = ctx.needs_input_grad[:4]
     missing = [name for name, want, have in (("fs", want_fs, need_fs), ("ft", want_ft, need_ft),
@@ -147,13 +167,21 @@ def _backward(ctx, grad, *_unused):
         raise RuntimeError(f"hint_loss_fused: gradients for {missing} were not computed in the forward "
                            "(call kdkernels.hint_loss, which sets `needs` from requires_grad)")
     fs_dtype, ft_dtype, w_dtype, b_dtype = ctx.dtypes
-    s = grad.to(acc_dtype(fs_dtype)) * (2.0 / ctx.numel)
+    factor = (2.0 / ctx.numel) / ctx.gscale
     in_place = ctx.consume_grads and not _keep_graph()
+    if in_place and factor == 1.0 and _is_one(grad):
+        # the forward already computed the gradients: hand them over (only the teacher's sign flips)
+        grad_fs = gfs.to(fs_dtype) if want_fs else None
+        grad_ft = gft.neg_().to(ft_dtype) if want_ft else None
+        grad_w = gw.to(w_dtype) if want_w else None
+        grad_b = gb.to(b_dtype) if (want_b and ctx.has_bias) else None
+        return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
+    s = grad.to(acc_dtype(fs_dtype)) * factor
     grad_fs = _scaled(gfs, s, fs_dtype, in_place) if want_fs else None
     grad_ft = _scaled(gft, -s, ft_dtype, in_place) if want_ft else None
     grad_w = (gw * s).to(w_dtype) if want_w else None
     grad_b = (gb * s).to(b_dtype) if (want_b and ctx.has_bias) else None
-    return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None
+    return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
 
 
 hint_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -235,5 +263,7 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
                  grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
-        loss = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True)[0]
+        # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring)
+        gscale = 2.0 / ft.numel() if (chosen == "cpp" and fs.dtype in (torch.float32, torch.float64)) else 1.0
+        loss = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]
     return loss if amp is None else _autocast.float32_result(loss)
