@@ -3,7 +3,9 @@
 Per sample C×H×W, shallow → deep, the last level being the pooled 1×1 feature
 (SPEC "Shapes that real configurations use"). Student features require grad,
 teacher features do not. Minimum traffic: the forward reads fs and ft; the
-backward reads both again and writes the gradient of fs.
+backward reads both again and writes the gradient of fs. That traffic, moved by
+torch's own memory-bound ops (:func:`traffic_floor`), is timed as the case's
+floor: the bound issue 2 sets its CPU target against.
 """
 from __future__ import annotations
 
@@ -65,6 +67,32 @@ def _kdkernels() -> Tuple[Optional[object], Optional[str], str]:
     return fn, op_name, ""
 
 
+class _TrafficFloor(torch.autograd.Function):
+    """An HCL step's minimum traffic at the speed of torch's own memory-bound ops.
+
+    Forward: one read of every fs and ft (a dot product, nothing written).
+    Backward: a second read of both and one write of a gradient of fs's shape
+    (fs - ft). The five passes over the tensors that issue 2 names as the floor.
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        half = len(tensors) // 2
+        ctx.save_for_backward(*tensors)
+        return sum(torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(tensors[:half], tensors[half:]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors
+        half = len(tensors) // 2
+        return tuple(torch.sub(a, b) for a, b in zip(tensors[:half], tensors[half:])) + (None,) * half
+
+
+def traffic_floor(fs: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The floor provider: see :class:`_TrafficFloor`."""
+    return _TrafficFloor.apply(*fs, *ft)
+
+
 def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, device: str,
           reference, kd, backend_op, why: str) -> Case:
     shapes = [(batch, c, h, w) for c, h, w in levels]
@@ -88,6 +116,7 @@ def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, d
         bytes_bwd=3 * numel * esize,  # read fs, ft; write d loss / d fs
         dtype=DTYPE_LABEL[dtype],
         note=why,
+        floor=("five passes", traffic_floor),
     )
 
 

@@ -13,7 +13,7 @@ identities. The 3×3 convolutions dominate, so expect modest end-to-end gains.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,7 @@ accumulation dtype. Nothing of the regressed map's size is saved for backward
 the graph is not retained, the saved fs-sized gradient is scaled in place and
 handed to autograd, so the backward allocates nothing that large.
 
-:func:`hint_loss` asks the C++ kernel for ``gscale = 2 / numel`` in float32 and
+In eager mode :func:`hint_loss` asks the C++ kernel for ``gscale = 2 / numel`` in float32 and
 float64 (folded into W^T once per call: free), so with the usual grad_output of
 1 the backward has nothing to multiply and hands the saved gradients over as
 they are. fp16/bf16 and the Triton kernel keep ``gscale = 1``: 2 / numel times
@@ -263,7 +263,10 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
                  grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
-        # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring)
-        gscale = 2.0 / ft.numel() if (chosen == "cpp" and fs.dtype in (torch.float32, torch.float64)) else 1.0
+        # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring);
+        # not under torch.compile: there the backward cannot skip the multiply anyway, and a float of
+        # the batch size would specialise a dynamic-shape graph to one batch
+        fold = chosen == "cpp" and fs.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+        gscale = 2.0 / ft.numel() if fold else 1.0
         loss = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]
     return loss if amp is None else _autocast.float32_result(loss)
