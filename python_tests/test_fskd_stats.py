@@ -156,3 +156,23 @@ def test_tile_size_does_not_change_the_result(monkeypatch):
     many = fskd.GramStats(4, 2).update(s, t)
     assert rel_err(many.G, one.G) < 1e-13 and rel_err(many.Hc, one.Hc) < 1e-13
     assert rel_err(many.sum_s, one.sum_s) < 1e-13 and many.count == one.count == 243
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_sample_chunks_do_not_change_the_result(monkeypatch, dtype):
+    """A batch too large for the cache is processed in chunks of whole samples (3, 3 and 1
+    samples here, the larger ones in 2 padded tiles): the same sums as in one piece."""
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(7, 4, 9, 9, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
+    t = torch.randn(7, 2, 9, 9, generator=g, dtype=torch.float64).to(dtype)
+    one = fskd.GramStats(4, 2).update(s, t)
+    per_sample = (4 + 1 + 2) * 81 * s.element_size()
+    monkeypatch.setattr(stats_mod, "CHUNK_MIN_BYTES", per_sample)  # any batch of 2+ samples is chunked
+    monkeypatch.setattr(stats_mod, "CHUNK_BYTES", 3 * per_sample)
+    monkeypatch.setattr(stats_mod, "TILE_PIXELS", 150)
+    chunked = fskd.GramStats(4, 2).update(s, t).update(s[:1], t[:1])
+    one.update(s[:1], t[:1])
+    tol = 1e-13 if dtype == torch.float64 else 1e-6
+    for name in ("G", "Hc", "sum_s", "sum_t"):
+        assert rel_err(getattr(chunked, name), getattr(one, name)) < tol, name
+    assert chunked.count == one.count == 8 * 81
