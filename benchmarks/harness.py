@@ -57,6 +57,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 MODES = ("forward", "backward", "full")
+#: timed repetitions of the providers of a case are interleaved in this many rounds
+ROUNDS = 5
 CSV_COLUMNS = (
     "op", "case", "shape", "dtype", "provider", "mode", "metric", "value", "q20", "q80",
     "note", "device", "device_name", "threads", "torch", "triton", "kdkernels", "commit", "date",
@@ -602,22 +604,39 @@ class CaseRunner:
                 times.append(t1 - t0)
         return times
 
-    def measure(self, fn: Callable[..., Any], mode: str) -> Stats:
-        prep, body, clear = self._mode_fns(fn, mode)
+    def measure(self, fns: Sequence[Callable[..., Any]], mode: str) -> List[Stats]:
+        """Time every function of ``fns`` in ``mode``, interleaved.
+
+        Each is warmed up and gets its repetition count from its own speed; then
+        the repetitions run in ROUNDS rounds, every function taking its share in
+        turn. A machine that speeds up or slows down meanwhile (a shared VM
+        does, by more than the differences measured) then moves every
+        provider's times alike instead of whichever one ran during the drift.
+        """
         pol = _timing_policy(self.s)
-        # warm-up (excluded): at least one pass over the copies' first entries, then by time
-        warm = self._time(prep, body, 3 if self.dev == "cuda" else 1)
-        est = max(statistics.median(warm), 1e-7)
-        if pol["warm_s"] > 0 and sum(warm) < pol["warm_s"]:
-            self._time(prep, body, min(200, int(math.ceil((pol["warm_s"] - sum(warm)) / est))))
-        if self.s.reps:
-            n = self.s.reps
-        else:
-            n = int(min(pol["max_reps"], max(pol["min_reps"], round(pol["target"] / est))))
-        times = self._time(prep, body, n, start=1)
-        for k in range(len(self.copies)):
-            clear(k)
-        return stats_of(times)
+        plans = []
+        for fn in fns:
+            prep, body, clear = self._mode_fns(fn, mode)
+            # warm-up (excluded): at least one pass over the copies' first entries, then by time
+            warm = self._time(prep, body, 3 if self.dev == "cuda" else 1)
+            est = max(statistics.median(warm), 1e-7)
+            if pol["warm_s"] > 0 and sum(warm) < pol["warm_s"]:
+                self._time(prep, body, min(200, int(math.ceil((pol["warm_s"] - sum(warm)) / est))))
+            if self.s.reps:
+                n = self.s.reps
+            else:
+                n = int(min(pol["max_reps"], max(pol["min_reps"], round(pol["target"] / est))))
+            plans.append((prep, body, clear, n))
+        times: List[List[float]] = [[] for _ in plans]
+        for r in range(ROUNDS):
+            for i, (prep, body, _, n) in enumerate(plans):
+                share = n * (r + 1) // ROUNDS - n * r // ROUNDS
+                if share:
+                    times[i] += self._time(prep, body, share, start=1 + len(times[i]))
+        for _, _, clear, _ in plans:
+            for k in range(len(self.copies)):
+                clear(k)
+        return [stats_of(t) for t in times]
 
     def peak_memory(self, fn: Callable[..., Any], mode: str) -> Optional[float]:
         """Bytes allocated at peak during one run of ``mode`` beyond what existed before it."""
@@ -711,6 +730,7 @@ def run_op(op: str, cases: Sequence[Case], settings: Settings, meta: Dict[str, s
             progress(f"{tag}: skipped ({msg})", final=True)
             continue
         modes = [m for m in MODES if m in case.modes and (m == "forward" or runner.has_backward)]
+        timed: List[Provider] = []
         for prov in providers:
             progress(f"{tag} · {prov.name}: check" + (" (compiling)" if prov.kind == "compile" else ""))
             if prov.checked:
@@ -720,12 +740,23 @@ def run_op(op: str, cases: Sequence[Case], settings: Settings, meta: Dict[str, s
                 row(case, prov.name, "setup", "compile_s" if prov.kind == "compile" else "first_call_s", first)
             else:
                 ok = True
-            if not ok or not prov.timed:
-                continue
-            for mode in modes:
-                progress(f"{tag} · {prov.name} · {mode}")
+            if ok and prov.timed:
+                timed.append(prov)
+        for mode in modes:
+            progress(f"{tag} · {mode}: {', '.join(p.name for p in timed)} interleaved")
+            try:
+                all_stats = runner.measure([p.fn for p in timed], mode)
+            except Exception:  # find which provider fails, and time the others on their own
+                all_stats = []
+                for prov in timed:
+                    try:
+                        all_stats.append(runner.measure([prov.fn], mode)[0])
+                    except Exception as exc:
+                        all_stats.append(exc)
+            for prov, st in zip(timed, all_stats):
                 try:
-                    st = runner.measure(prov.fn, mode)
+                    if isinstance(st, Exception):
+                        raise st
                     mem = runner.peak_memory(prov.fn, mode)
                 except Exception as exc:
                     msg = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
