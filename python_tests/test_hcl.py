@@ -13,8 +13,11 @@ from _util import DEVICE, REL_TOL, assert_bitwise_repeatable, assert_rel_close, 
 
 BACKENDS = backends_for("hcl_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
-SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 32)] + [
-    (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6)]
+# rows of 16 and 32 have their own compiled C++ loops (csrc/cpu/hcl.cpp): square, with
+# overlapping row bins (7, 5 rows), and with a single row
+SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 16, 32)] + [
+    (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6),
+    (2, 3, 7, 16), (1, 3, 1, 16), (2, 3, 5, 32)]
 GRAD_OUT = 1.7
 
 

@@ -117,10 +117,12 @@ Plan make_plan(int64_t H, int64_t W, const HclCoefs& coefs) {
 }
 
 // colsum[c] (=, or += when ADD) d[r, c] over one row; colsq[c] likewise with d^2 when SQ.
-template <typename T, bool ADD, bool SQ, bool SQ_ADD>
+// WC > 0: the row length W is that constant.
+template <typename T, bool ADD, bool SQ, bool SQ_ADD, int WC = 0>
 inline void row_sums(const T* __restrict a, const T* __restrict b, int64_t W, acc_t<T>* __restrict colsum,
                      acc_t<T>* __restrict colsq) {
   using A = acc_t<T>;
+  if (WC > 0) W = WC;
   for (int64_t c = 0; c < W; ++c) {
     const A d = Scalar<T>::load(a[c]) - Scalar<T>::load(b[c]);
     colsum[c] = ADD ? colsum[c] + d : d;
@@ -146,15 +148,18 @@ acc_t<T> sum_squares(const T* __restrict a, const T* __restrict b, int64_t n) {
   return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
-// Rows of 32 or more: one plane at a time (per-thread scratch).
-template <typename T>
+// One plane at a time (per-thread scratch): rows of 32 or more, and rows of
+// exactly 16. WC > 0 is the row length known at compile time (16, 32): the
+// per-row loops then unroll completely, which at 16 x 16 and 32 x 32 is the
+// difference between per-row loop overhead and streaming at memory speed.
+template <typename T, int WC = 0>
 class PlaneKernel {
  public:
   using A = acc_t<T>;
 
   PlaneKernel(const Plan& plan, const HclCoefs& coefs)
       : plan_(plan),
-        W_(plan.W),
+        W_(WC > 0 ? WC : plan.W),
         nr_(plan.rows.segments()),
         nc_(plan.cols.segments()),
         mse_(A(coefs.mse)),
@@ -202,7 +207,7 @@ class PlaneKernel {
         const T* __restrict x = fs + r * W_;
         const T* __restrict y = ft + r * W_;
         T* __restrict out = grad + r * W_;
-        for (int64_t c = 0; c < W_; ++c) {
+        for (int64_t c = 0; c < width(); ++c) {
           const A d = Scalar<T>::load(x[c]) - Scalar<T>::load(y[c]);
           out[c] = Scalar<T>::store(a * d + add[c]);
         }
@@ -219,11 +224,11 @@ class PlaneKernel {
     for (int64_t rs = 0; rs < nr_; ++rs) {
       const int64_t r0 = plan_.rows.edges[rs], r1 = plan_.rows.edges[rs + 1];
       if (rs == 0)
-        row_sums<T, false, WITH_SQ, false>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
+        row_sums<T, false, WITH_SQ, false, WC>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
       else
-        row_sums<T, false, WITH_SQ, true>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
+        row_sums<T, false, WITH_SQ, true, WC>(fs + r0 * W_, ft + r0 * W_, W_, colsum, colsq);
       for (int64_t r = r0 + 1; r < r1; ++r)
-        row_sums<T, true, WITH_SQ, true>(fs + r * W_, ft + r * W_, W_, colsum, colsq);
+        row_sums<T, true, WITH_SQ, true, WC>(fs + r * W_, ft + r * W_, W_, colsum, colsq);
       for (int64_t cs = 0; cs < nc_; ++cs) {
         A s = A(0);
         for (int64_t c = plan_.cols.edges[cs]; c < plan_.cols.edges[cs + 1]; ++c) s += colsum[c];
@@ -232,9 +237,11 @@ class PlaneKernel {
     }
     A sq = A(0);
     if (WITH_SQ)
-      for (int64_t c = 0; c < W_; ++c) sq += colsq[c];
+      for (int64_t c = 0; c < width(); ++c) sq += colsq[c];
     return sq;
   }
+
+  int64_t width() const { return WC > 0 ? WC : W_; }
 
   const Plan& plan_;
   const int64_t W_, nr_, nc_;
@@ -476,14 +483,18 @@ void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partia
         for (int64_t p = p0; p < p1; ++p) partial[p] = mse * sum_squares(fs + p * HW, ft + p * HW, HW);
         return;
       }
+      auto planes_with = [&](auto kernel) {
+        for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+      };
+      if (W == 16) return planes_with(PlaneKernel<T, 16>(plan, coefs));
+      if (W == 32) return planes_with(PlaneKernel<T, 32>(plan, coefs));
       if (use_batches(H, W)) {
         BatchKernel<T> kernel(plan, coefs);
         for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
           kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), partial + p);
         return;
       }
-      PlaneKernel<T> kernel(plan, coefs);
-      for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+      planes_with(PlaneKernel<T>(plan, coefs));
     });
   });
 }
@@ -513,14 +524,18 @@ void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_p
         for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
         return;
       }
+      auto planes_with = [&](auto kernel) {
+        for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+      };
+      if (W == 16) return planes_with(PlaneKernel<T, 16>(plan, coefs));
+      if (W == 32) return planes_with(PlaneKernel<T, 32>(plan, coefs));
       if (use_batches(H, W)) {
         BatchKernel<T> kernel(plan, coefs);
         for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
           kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), g, grad + p * HW);
         return;
       }
-      PlaneKernel<T> kernel(plan, coefs);
-      for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+      planes_with(PlaneKernel<T>(plan, coefs));
     });
   });
 }
