@@ -447,7 +447,16 @@ class BatchKernel {
 
 // BatchKernel for short rows (PlaneKernel's per-row work does not pay off there),
 // as long as its P-plane scratch stays small.
-bool use_batches(int64_t H, int64_t W) { return W < 32 && H * W <= 16384; }
+// (Rows of exactly 16 go to PlaneKernel<T, 16>, whose unrolled rows beat it.)
+bool use_batches(int64_t H, int64_t W) { return W < 32 && W != 16 && H * W <= 16384; }
+
+// f(kernel) with the PlaneKernel for rows of W: the compile-time width where there is one.
+template <typename T, typename F>
+void with_plane_kernel(const Plan& plan, const HclCoefs& coefs, F&& f) {
+  if (plan.W == 16) return f(PlaneKernel<T, 16>(plan, coefs));
+  if (plan.W == 32) return f(PlaneKernel<T, 32>(plan, coefs));
+  f(PlaneKernel<T>(plan, coefs));
+}
 
 }  // namespace
 
@@ -483,18 +492,15 @@ void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partia
         for (int64_t p = p0; p < p1; ++p) partial[p] = mse * sum_squares(fs + p * HW, ft + p * HW, HW);
         return;
       }
-      auto planes_with = [&](auto kernel) {
-        for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
-      };
-      if (W == 16) return planes_with(PlaneKernel<T, 16>(plan, coefs));
-      if (W == 32) return planes_with(PlaneKernel<T, 32>(plan, coefs));
       if (use_batches(H, W)) {
         BatchKernel<T> kernel(plan, coefs);
         for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
           kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), partial + p);
         return;
       }
-      planes_with(PlaneKernel<T>(plan, coefs));
+      with_plane_kernel<T>(plan, coefs, [&](auto kernel) {
+        for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+      });
     });
   });
 }
@@ -524,18 +530,15 @@ void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_p
         for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
         return;
       }
-      auto planes_with = [&](auto kernel) {
-        for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
-      };
-      if (W == 16) return planes_with(PlaneKernel<T, 16>(plan, coefs));
-      if (W == 32) return planes_with(PlaneKernel<T, 32>(plan, coefs));
       if (use_batches(H, W)) {
         BatchKernel<T> kernel(plan, coefs);
         for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
           kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), g, grad + p * HW);
         return;
       }
-      planes_with(PlaneKernel<T>(plan, coefs));
+      with_plane_kernel<T>(plan, coefs, [&](auto kernel) {
+        for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+      });
     });
   });
 }

@@ -21,13 +21,13 @@ Gram matrix it gives is not even positive definite. Here every update
 3. computes, tile by tile over the pixels, Z @ Z[:Cs].T in fp32 with TF32
    off: ONE batched GEMM that reads s and t once and yields, as blocks of the
    (K, Cs) result, sum z_s z_s^T, sum z_s (the row of ones) and sum z_t z_s^T;
-   sum z_t is a row sum of the t half of the buffer. (A batch whose buffer
-   would not fit in the cache goes through steps 2-3 in chunks of whole
-   samples, one GEMM each: s and t are still read once, and Z never leaves
-   the cache.) (Z[:Cs+1] as the right
+   sum z_t is a row sum of the t half of the buffer. (Z[:Cs+1] as the right
    operand would give sum z_t from the GEMM too, but an odd width of Cs+1
    columns makes MKL's GEMM ~20% slower than the reduction costs.) With the
-   column of sums sum z = [sum z_s; M; sum z_t] appended this is P (K, Cs+1);
+   column of sums sum z = [sum z_s; M; sum z_t] appended this is P (K, Cs+1).
+   A batch whose buffer would not fit in the cache goes through steps 2-3 in
+   chunks of whole samples, one GEMM each: s and t are still read once, and Z
+   never leaves the cache;
 4. adds the tiles in fp64 and restores the uncentred sums in fp64:
    with row shift a = [c_s; 0; c_t] and column shift b = [c_s; 0],
 
@@ -221,9 +221,9 @@ class GramStats:
         # P = sum z_s-column products (K, Cs) and sum z_t (Ct,), over chunks of whole
         # samples: one chunk unless Z would not fit in the cache (see CHUNK_BYTES)
         per_sample = k * hw * shift.element_size()
-        q = n if per_sample * n <= CHUNK_MIN_BYTES else max(1, CHUNK_BYTES // per_sample)
-        q = -(-n // -(-n // q))  # balanced: the same number of chunks, of near-equal size
-        if q >= n:
+        chunks = 1 if per_sample * n <= CHUNK_MIN_BYTES else -(-n // max(1, CHUNK_BYTES // per_sample))
+        q = -(-n // chunks)  # samples per chunk, near-equal
+        if chunks == 1:
             p, sum_zt = self._products(s3, t3, shift)
         else:
             p = torch.zeros(k, cs, dtype=torch.float64, device=s.device)
