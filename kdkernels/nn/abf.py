@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._autocast import autocast_dtype
 from ..ops.abf import abf_fuse
 
 Size = Union[int, Tuple[int, int]]
@@ -35,6 +36,11 @@ class ABF(nn.Module):
     ``up(y)`` by :func:`kdkernels.abf_fuse` (att_conv's weights; the sigmoid is
     inside the fused op) and nearest-upsampled to ``out_shape``. ``shape`` and
     ``out_shape`` may be ints (the reference's square maps) or (h, w) tuples.
+
+    Dtypes: outside autocast, ``y`` must have the dtype of ``conv1(x)`` (the
+    module's), else TypeError - the reference's ``cat`` + conv raises too; under
+    autocast the conv rule applies (inputs cast to the autocast dtype, float64
+    never cast, so a float64 ``y`` is an error there as well).
     """
 
     def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool):
@@ -70,8 +76,15 @@ class ABF(nn.Module):
             if tuple(x.shape[-2:]) != size:
                 raise ValueError(f"ABF: shape {size} must equal the size of conv1(x) {tuple(x.shape[-2:])}")
             conv = self.att_conv[0]
-            # as autocast would for the reference's conv: the attention weights take the features' dtype
-            x = abf_fuse(x, y.to(x.dtype), conv.weight.to(x.dtype), conv.bias.to(x.dtype), backend=backend)
+            if autocast_dtype(x.device) is None:
+                # as the reference's cat + conv would: no silent cast of the residual
+                for name, t in (("y", y), ("att_conv.0.weight", conv.weight), ("att_conv.0.bias", conv.bias)):
+                    if t.dtype != x.dtype:
+                        raise TypeError(f"ABF: {name} has dtype {t.dtype} but conv1(x) has {x.dtype} "
+                                        f"(x {tuple(x.shape)}, y {tuple(y.shape)}); outside autocast every "
+                                        f"input must have the module's dtype, as for nn.Conv2d")
+            # under autocast abf_fuse casts its inputs as a conv does (float64 is never cast)
+            x = abf_fuse(x, y, conv.weight, conv.bias, backend=backend)
         if out_shape is not None:
             out_size = _pair(out_shape, "out_shape")
             # an int is the reference's test (the last dim only); a tuple compares both dims
