@@ -53,7 +53,7 @@ def _worker(rank, port, out_dir):
                               progress=False)
         torch.save({"G": st.G, "Hc": st.Hc, "sum_s": st.sum_s, "sum_t": st.sum_t, "count": st.count,
                     "late_G": late.G, "late_count": late.count, "q": q,
-                    "merged_w": merged[0].weight.detach(), "merged_b": merged[0].bias.detach()},
+                    "merged_w": merged[0].weight.detach(), "merged_b": merged[1].bias.detach()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -90,5 +90,5 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
         assert got["late_count"] == only0.count and torch.equal(got["late_G"], only0.G)
         assert float((got["q"] - q64).norm() / q64.norm()) < 1e-6
         # distill(all_reduce=True) on each rank's images == distill on all images in one process
-        for key, want in (("merged_w", one[0].weight.detach()), ("merged_b", one[0].bias.detach())):
+        for key, want in (("merged_w", one[0].weight.detach()), ("merged_b", one[1].bias.detach())):
             assert float((got[key] - want).norm() / want.norm()) < 1e-5, key

@@ -104,11 +104,19 @@ def test_greedy_recovers_a_mixed_student_exactly(make, blocks, device):
     assert out_err(student, teacher, x) > 1e-2
     out = fskd.distill(student, teacher, blocks, data(), alpha=0.0, progress=False)  # CPU batches
     assert out_err(out, teacher, x) < 1e-4
+    # the student's structure and keys: the weight in the conv, each BN an identity-plus-bias
+    assert list(out.state_dict()) == list(student.state_dict())
     for conv_name, bn_name, _ in blocks:
-        assert isinstance(out.get_submodule(bn_name), nn.Identity)
-        assert out.get_submodule(conv_name).bias is not None
-    # original parameter count or less (BN affine 2C -> conv bias C)
-    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in student.parameters())
+        assert isinstance(out.get_submodule(bn_name), nn.BatchNorm2d)
+        bias = out.get_submodule(conv_name).bias  # the BN carries the whole merged bias
+        assert bias is None or not bias.any()
+    # the structure-changing merge: BN dropped, conv with bias (BN affine 2C -> conv bias C)
+    folded = fskd.distill(student, teacher, blocks, data(), alpha=0.0, progress=False, keep_structure=False)
+    assert out_err(folded, teacher, x) < 1e-4
+    for conv_name, bn_name, _ in blocks:
+        assert isinstance(folded.get_submodule(bn_name), nn.Identity)
+        assert folded.get_submodule(conv_name).bias is not None
+    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in student.parameters())
 
 
 @pytest.mark.parametrize("make, blocks", [(vgg, VGG_BLOCKS), (ResNetLike, RES_BLOCKS)], ids=["vgg", "resnet"])
@@ -172,7 +180,7 @@ def test_distill_equals_the_manual_pipeline():
         h.remove()
     merged = fskd.absorb(student.conv2, fskd.solve(st, alpha=1e-3), student.bn2)
     assert rel_err(out.conv2.weight, merged.weight) < 1e-6
-    assert rel_err(out.conv2.bias, merged.bias) < 1e-6
+    assert rel_err(out.bn2.bias, merged.bias) < 1e-6  # the BN carries the merged bias
 
 
 def test_num_samples_and_one_shot_iterators():
@@ -195,13 +203,16 @@ def test_modes_inplace_and_early_stop():
     out = fskd.distill(student, teacher, VGG_BLOCKS, data(3), progress=False)
     assert out is not student and torch.equal(student.conv2.weight, original.conv2.weight)
     assert isinstance(student.bn2, nn.BatchNorm2d)
-    assert all(m.training for m in out.modules()) and all(m.training for m in teacher.modules())
+    aligned = {out.get_submodule(bn) for _, bn, _ in VGG_BLOCKS}
+    assert all(not m.training for m in aligned)  # identity-plus-bias only in eval mode
+    assert all(m.training for m in out.modules() if m not in aligned)
+    assert all(m.training for m in teacher.modules())
 
     calls = {"s": 0, "t": 0}
     student.fc.register_forward_hook(lambda *a: calls.__setitem__("s", calls["s"] + 1))
     teacher.fc.register_forward_hook(lambda *a: calls.__setitem__("t", calls["t"] + 1))
     same = fskd.distill(student, teacher, VGG_BLOCKS, data(3), inplace=True, progress=False)
-    assert same is student and isinstance(student.bn2, nn.Identity)
+    assert same is student and student.bn2.running_var.eq(1 - student.bn2.eps).all()
     assert calls == {"s": 1, "t": 1}  # only the check run reaches the head; passes stop early
 
 

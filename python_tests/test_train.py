@@ -318,7 +318,9 @@ def test_fskd_distiller_through_fit():
     d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="independent")
     hist = train.fit(d, loader, epochs=1, progress=False, eval_loader=loader)
     assert "val_acc" in hist[0]
-    assert d.student is not student and isinstance(d.student.layer1[1], nn.Identity)
+    assert d.student is not student and list(d.student.state_dict()) == list(student.state_dict())
+    bn = d.student.layer1[1]  # kept, as an identity-plus-bias in eval mode
+    assert isinstance(bn, nn.BatchNorm2d) and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
     teacher.eval()
     with torch.no_grad():
         err = (d.student.eval()(x) - teacher(x)).abs().max()

@@ -9,7 +9,9 @@ its parameter count and FLOPs.
   tile products, fp64 running sums), ``all_reduce`` across ranks.
 * :func:`solve` - every block's ridge problem in batched fp64 Cholesky calls
   (one per group of similar widths, identity padding inside a group).
-* :func:`absorb` - q o bn o conv as one conv (BN folded, fp64, cast back).
+* :func:`absorb_into` - q o bn o conv stored in the conv and BN in place (the BN
+  becomes an identity-plus-bias in eval mode): structure and keys unchanged.
+* :func:`absorb` - q o bn o conv as one new conv with bias (BN folded, fp64, cast back).
 * :func:`distill` - the whole pipeline with forward hooks, greedy or independent.
 
 Example::
@@ -19,9 +21,9 @@ Example::
                            [("layer1.0.conv2", "layer1.0.bn2", "layer1.0.bn2")],
                            loader, schedule="greedy", num_samples=500)
 """
-from .merge import absorb
+from .merge import absorb, absorb_into
 from .pipeline import distill
 from .solve import solve
 from .stats import GramStats
 
-__all__ = ["GramStats", "solve", "absorb", "distill"]
+__all__ = ["GramStats", "solve", "absorb", "absorb_into", "distill"]

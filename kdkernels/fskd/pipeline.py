@@ -5,8 +5,14 @@ signal S is the output of the student BN (or of the conv when there is no BN),
 i.e. before the nonlinearity, and the target T is the output of the teacher
 module; both are (N, C, H, W) with equal C, H, W and are caught with forward
 hooks. FSKD fits a 1x1 conv Q with Q S ~ T (:func:`solve`) and merges it into
-the conv (:func:`absorb`, the BN folded in and replaced by ``nn.Identity``), so
-the student keeps its architecture, parameter count and FLOPs.
+the conv (:func:`absorb_into`: the weight in the conv, the BN turned into an
+exact identity-plus-bias in eval mode), so the student keeps its class,
+state_dict keys, parameter count and FLOPs.
+
+Pruned students: a block given as ``(conv, bn, teacher, keep)`` is aligned to
+the teacher's kept channels only, ``T[:, keep]`` (the official code's
+``origin_output[:, mask]``), with ``keep`` a boolean mask over the teacher's
+channels or an index of them.
 
 Schedules:
 
@@ -28,7 +34,7 @@ from torch import nn
 from ._checks import check_alpha, check_choice, shape_str
 from ._hooks import Hooks, StopForward, find_module, first_tensor, replace_module
 from ._progress import progress as progress_bar
-from .merge import absorb, check_bn, plain_conv_class
+from .merge import absorb, absorb_into, check_bn, plain_conv_class
 from .solve import solve
 from .stats import GramStats
 
@@ -45,6 +51,13 @@ class _Block:
     conv: nn.Module
     bn: Optional[nn.Module]
     target: nn.Module
+    keep: Optional[torch.Tensor] = None  # the teacher's kept channels (a pruned student), as an index
+
+    def teacher_value(self, out) -> torch.Tensor:
+        t = first_tensor(out, self.teacher_name)
+        if self.keep is None:
+            return t
+        return t.index_select(1, self.keep.to(t.device))
 
     @property
     def point(self) -> nn.Module:
@@ -57,25 +70,36 @@ class _Block:
 
 def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], batches: Iterable, *,
             schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
-            inplace: bool = False, progress: bool = True, all_reduce: bool = False) -> nn.Module:
+            inplace: bool = False, progress: bool = True, all_reduce: bool = False,
+            keep_structure: bool = True) -> nn.Module:
     """Align student blocks to the teacher from a few unlabeled samples, and merge.
 
     Args:
         student, teacher: the networks (any devices; inputs are moved to each).
         blocks: ``(student_conv_name, student_bn_name_or_None, teacher_module_name)``
-            triples, module names as in ``named_modules()``.
+            triples, module names as in ``named_modules()``; for a pruned student, a
+            fourth entry ``keep``: the teacher channels the student block kept, as a
+            boolean mask over the teacher module's channels or an index (tensor or
+            list of ints), one per student channel.
         batches: a re-iterable of input tensors (N, ...) or of tuples whose first
             element is the input (e.g. a DataLoader); a one-shot iterator is
             read into a list first.
         schedule: ``"greedy"`` or ``"independent"`` (module docstring).
         alpha: relative ridge toward Q = I (see :func:`solve`).
         num_samples: use only the first ``num_samples`` inputs of ``batches``.
-        inplace: modify ``student`` itself instead of a deep copy.
+        inplace: modify ``student`` itself instead of a deep copy (needed when the
+            student holds tensors that cannot be deep-copied, e.g. cached features
+            with an autograd graph).
         progress: show a progress bar over batches.
         all_reduce: sum the statistics over ``torch.distributed`` ranks before solving.
+        keep_structure: True (default): merge with :func:`absorb_into`, so the student keeps
+            its modules and state_dict keys and loads strictly into a fresh instance of its
+            class; each aligned BN becomes ``x + b`` in eval mode (put back in train mode it
+            normalises again, so those BNs are left in eval mode). False: replace each conv by a new conv with bias and each BN by
+            ``nn.Identity`` (:func:`absorb`; fewer layers, different keys).
 
     Returns:
-        the student with every Q merged (BN folded and replaced by ``nn.Identity``).
+        the student with every Q merged.
         Both models run in eval mode under ``no_grad``; their train/eval flags
         are restored afterwards.
 
@@ -96,7 +120,7 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
     data = _reiterable(batches)
 
     if not inplace:
-        student = copy.deepcopy(student)
+        student = _copy_student(student)
     resolved = [_resolve(student, teacher, *spec) for spec in specs]
     modes: Dict[nn.Module, bool] = {m: m.training for m in (*student.modules(), *teacher.modules())}
     student.eval()
@@ -107,12 +131,12 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
             if schedule == "independent":
                 stats = _collect(student, teacher, resolved, data, num_samples, progress,
                                  "fskd independent")
-                _merge(student, resolved, stats, alpha, all_reduce, modes)
+                _merge(student, resolved, stats, alpha, all_reduce, modes, keep_structure)
             else:
                 for k, blk in enumerate(resolved):
                     stats = _collect(student, teacher, [blk], data, num_samples, progress,
                                      f"fskd greedy {k + 1}/{len(resolved)}")
-                    _merge(student, [blk], stats, alpha, all_reduce, modes)
+                    _merge(student, [blk], stats, alpha, all_reduce, modes, keep_structure)
     finally:
         for m in (*student.modules(), *teacher.modules()):
             if m in modes:
@@ -129,10 +153,10 @@ def _parse_blocks(blocks) -> List[tuple]:
         raise ValueError("blocks is empty: name at least one (student_conv, student_bn, teacher) triple")
     specs = []
     for i, b in enumerate(blocks):
-        if not isinstance(b, (list, tuple)) or len(b) != 3:
+        if not isinstance(b, (list, tuple)) or len(b) not in (3, 4):
             raise ValueError(f"blocks[{i}] must be a (student_conv, student_bn_or_None, "
-                             f"teacher_module) triple, got {b!r}")
-        specs.append(tuple(b))
+                             f"teacher_module) triple, or a quadruple with the kept teacher channels, got {b!r}")
+        specs.append(tuple(b) if len(b) == 4 else tuple(b) + (None,))
     convs = [s[0] for s in specs]
     for name in convs:
         if convs.count(name) > 1:
@@ -151,7 +175,7 @@ def _reiterable(batches):
     return data
 
 
-def _resolve(student, teacher, conv_name, bn_name, teacher_name) -> _Block:
+def _resolve(student, teacher, conv_name, bn_name, teacher_name, keep=None) -> _Block:
     conv = find_module(student, conv_name, "student conv")
     plain_conv_class(conv)
     if conv.groups != 1:
@@ -162,7 +186,7 @@ def _resolve(student, teacher, conv_name, bn_name, teacher_name) -> _Block:
         bn = find_module(student, bn_name, "student BN")
         check_bn(bn, conv.out_channels, name=f"student BN {bn_name!r}")
     target = find_module(teacher, teacher_name, "teacher module")
-    return _Block(conv_name, bn_name, teacher_name, conv, bn, target)
+    return _Block(conv_name, bn_name, teacher_name, conv, bn, target, _keep_index(keep, teacher_name))
 
 
 def _inputs(data, num_samples: Optional[int]):
@@ -237,6 +261,8 @@ def _probe(student, teacher, blocks: List[_Block], x: torch.Tensor) -> List[_Blo
             if n != 1:
                 raise ValueError(f"{where} ran {n} times in one forward pass; FSKD needs exactly one call")
         s, t = shapes[id(b.point)], shapes[id(b.target)]
+        if b.keep is not None:
+            t = _kept_shape(b, t, s)
         if len(s) != len(t) or s[1] != t[1] or s[2:] != t[2:]:
             raise ValueError(
                 f"{b.label}: student output {shape_str(s)} and teacher output {shape_str(t)} "
@@ -277,7 +303,7 @@ def _collect(student, teacher, blocks: List[_Block], data, num_samples, show, de
 
     def teacher_hook(j, b):
         def hook(_m, _inp, out):
-            targets[j] = first_tensor(out, b.teacher_name).detach().clone()
+            targets[j] = b.teacher_value(out).detach().clone()
             count["t"] += 1
             if count["t"] == n:
                 raise StopForward
@@ -313,12 +339,18 @@ def _collect(student, teacher, blocks: List[_Block], data, num_samples, show, de
     return stats
 
 
-def _merge(student, blocks: List[_Block], stats: List[GramStats], alpha, all_reduce, modes) -> None:
+def _merge(student, blocks: List[_Block], stats: List[GramStats], alpha, all_reduce, modes,
+           keep_structure: bool = True) -> None:
     if all_reduce:
         for st in stats:
             st.all_reduce()
     qs = solve(stats, alpha=alpha, prior="identity", names=[b.label for b in blocks])
     for b, q in zip(blocks, qs):
+        if keep_structure:
+            absorb_into(b.conv, q, b.bn)
+            if b.bn is not None:
+                modes[b.bn] = False  # an identity-plus-bias only in eval mode: left there
+            continue
         merged = absorb(b.conv, q, b.bn)
         merged.training = modes.get(b.conv, False)
         modes[merged] = merged.training
@@ -327,3 +359,77 @@ def _merge(student, blocks: List[_Block], stats: List[GramStats], alpha, all_red
             ident = nn.Identity()
             modes[ident] = modes.get(b.bn, False)
             replace_module(student, b.bn_name, ident)
+
+
+# -------------------------------------------------- copies and pruned students
+def _copy_student(student: nn.Module) -> nn.Module:
+    """``copy.deepcopy(student)``, with an error that names the cause when it fails."""
+    try:
+        return copy.deepcopy(student)
+    except RuntimeError as exc:
+        held = [f"{name + '.' if name else ''}{attr} ({_held_what(value)})"
+                for name, m in student.named_modules() for attr, value in vars(m).items()
+                if not attr.startswith("_") and _holds_graph(value)]
+        where = (f"it holds tensors with an autograd graph: {', '.join(held[:5])}"
+                 if held else "copy.deepcopy failed")
+        raise RuntimeError(
+            f"fskd.distill cannot copy the student ({type(student).__name__}): {where}. Such tensors "
+            f"are usually features cached by a forward pass run with grad (e.g. a model built with "
+            f"save_feature=True). Clear them (or run that forward under torch.no_grad()), or pass "
+            f"inplace=True to merge into the student itself. (deepcopy said: {exc})") from exc
+
+
+def _holds_graph(value, depth: int = 0) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.grad_fn is not None
+    if depth < 2 and isinstance(value, (list, tuple)):
+        return any(_holds_graph(v, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, dict):
+        return any(_holds_graph(v, depth + 1) for v in value.values())
+    return False
+
+
+def _held_what(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor {shape_str(value)}"
+    return f"a {type(value).__name__} of {len(value)}"
+
+
+def _keep_index(keep, teacher_name: str) -> Optional[torch.Tensor]:
+    """A pruned block's kept teacher channels as a 1-D int64 index (a mask stays a mask
+    until its length can be checked against the teacher in :func:`_kept_shape`)."""
+    if keep is None:
+        return None
+    where = f"the kept channels of teacher module {teacher_name!r}"
+    if not isinstance(keep, torch.Tensor):
+        try:
+            keep = torch.as_tensor(keep)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"{where} must be a boolean mask or an integer index, got "
+                            f"{type(keep).__name__}") from None
+    if keep.dim() != 1 or not (keep.dtype == torch.bool or not keep.is_floating_point() and not keep.is_complex()):
+        raise TypeError(f"{where} must be a 1-D boolean mask or an integer index, got a "
+                        f"{keep.dtype} tensor {shape_str(keep)}")
+    return keep.detach().cpu() if keep.dtype == torch.bool else keep.detach().cpu().long()
+
+
+def _kept_shape(block: _Block, t: torch.Size, s: torch.Size) -> torch.Size:
+    """The teacher's output shape after keeping ``block.keep``; turns a mask into an index."""
+    keep, channels = block.keep, t[1]
+    where = f"{block.label}: the kept channels"
+    if keep.dtype == torch.bool:
+        if keep.numel() != channels:
+            raise ValueError(f"{where} are a mask of {keep.numel()} entries but the teacher module has "
+                             f"{channels} channels")
+        keep = keep.nonzero().flatten()
+    elif keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= channels):
+        bad = int(keep.max()) if int(keep.max()) >= channels else int(keep.min())
+        raise ValueError(f"{where}: index {bad} is out of range for the {channels} channels of the "
+                         f"teacher module")
+    elif keep.unique().numel() != keep.numel():
+        raise ValueError(f"{where}: the index repeats a channel")
+    if keep.numel() != s[1]:
+        raise ValueError(f"{where}: the block keeps {keep.numel()} teacher channels but the student has "
+                         f"{s[1]} (student output {shape_str(s)})")
+    block.keep = keep
+    return torch.Size((t[0], keep.numel(), *t[2:]))

@@ -12,6 +12,8 @@ labels)`` returns ``(logits, losses)`` with already-weighted loss terms, and
 * :class:`FSKD` - closed-form few-sample alignment (``kdkernels.fskd.distill``).
 * :func:`fit` - epochs, AMP, clipping, metrics, checkpoint/resume, DDP.
 * :class:`FeatureTaps` - named modules' outputs (or ``"name:input"``) via hooks.
+* :class:`Output` - a feature or the logits picked from a model's output (a key,
+  an index, a path of both, or a callable), e.g. ``Output(1, "preact_feats", 2)``.
 
 Ten lines::
 
@@ -27,7 +29,7 @@ from .fskd import FSKD
 from .kd import KD
 from .reviewkd import FeatureStudent, ReviewKD
 from .sskd import SSKD
-from .taps import FeatureTaps
+from .taps import FeatureTaps, Output
 
-__all__ = ["Distiller", "FeatureTaps", "FeatureStudent", "KD", "FitNets", "ReviewKD", "SSKD", "FSKD",
+__all__ = ["Distiller", "FeatureTaps", "Output", "FeatureStudent", "KD", "FitNets", "ReviewKD", "SSKD", "FSKD",
            "fit", "evaluate"]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .taps import FeatureTaps, eval_mode, first_input
+from .taps import FeatureTaps, Output, eval_mode, first_input
 
 Losses = Dict[str, torch.Tensor]
 
@@ -65,16 +65,35 @@ def nn_module(name: str):
     return _lazy("kdkernels.nn", name)
 
 
-def logits_of(output) -> torch.Tensor:
-    """The logits in a model's output: a tensor, a ``{"logits": ...}`` dict or an object with ``.logits``."""
+def logits_of(output, where=None, what: str = "the model") -> torch.Tensor:
+    """The logits in a model's output.
+
+    ``where`` (an :class:`~kdkernels.train.Output`, a key, an index or a callable)
+    says where they are; without it: a tensor, a ``{"logits": ...}`` dict, an object
+    with ``.logits``, or a ``(logits, dict)`` pair (mdistiller's ``(logits,
+    {"feats": ...})``; a distiller's own ``(logits, losses)``).
+    """
+    if where is not None:
+        try:
+            value = Output.of(where, "logits")(output)
+        except ValueError as exc:
+            raise ValueError(f"the logits of {what}: {exc}") from None
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"the logits of {what} ({where!r}) are a {type(value).__name__}, expected a tensor")
+        return value
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, dict) and "logits" in output:
         return output["logits"]
     if hasattr(output, "logits"):
         return output.logits
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}: return a "
-                    f"tensor, a dict with 'logits' or an object with a .logits attribute")
+    if (isinstance(output, (tuple, list)) and len(output) >= 2 and isinstance(output[0], torch.Tensor)
+            and all(isinstance(o, dict) for o in output[1:])):
+        return output[0]
+    raise TypeError(f"cannot find logits in the output of {what}, a {type(output).__name__}: return a "
+                    f"tensor, a dict with 'logits', an object with .logits or a (logits, dict) pair, or "
+                    f"say where they are with student_logits= / teacher_logits= (a key, an index, a "
+                    f"callable or an Output)")
 
 
 def sample_input(sample, n: int = 2) -> torch.Tensor:
@@ -99,13 +118,20 @@ class Distiller(nn.Module):
     ``sum(losses.values())``. ``logits`` are the student's (``None`` in stages
     that do not run the whole student). Subclasses implement :meth:`forward`.
 
+    ``student_logits`` / ``teacher_logits`` (keyword arguments of KD,
+    FitNets, ReviewKD and FSKD) say where the logits are in a model's output: a key, an index, a
+    callable or an :class:`~kdkernels.train.Output` path; by default
+    :func:`logits_of` finds them in a tensor, a ``{"logits": ...}`` dict, an
+    object with ``.logits`` or a ``(logits, dict)`` pair.
+
     Schedules that depend on the epoch (ReviewKD's warm-up, FitNets' annealed
     KD weight) read :attr:`epoch` (1-based, set by :meth:`set_epoch`;
     :func:`~kdkernels.train.fit` calls it at the start of every epoch, a
     hand-written loop calls it itself).
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, register_student: bool = True):
+    def __init__(self, student: nn.Module, teacher: nn.Module, *, register_student: bool = True,
+                 student_logits=None, teacher_logits=None):
         super().__init__()
         for model, what in ((student, "student"), (teacher, "teacher")):
             if not isinstance(model, nn.Module):
@@ -115,6 +141,9 @@ class Distiller(nn.Module):
         if register_student:
             self.student = student
         self.__dict__["_teacher"] = teacher  # outside the module tree: see the module docstring
+        # where the logits are in each model's output (None: found by logits_of's rules)
+        self._logits_where = tuple(None if w is None else Output.of(w, name) for w, name in
+                                   ((student_logits, "student_logits"), (teacher_logits, "teacher_logits")))
         self.epoch = 1
         self.epochs: Optional[int] = None
         self.stage = None
@@ -209,6 +238,14 @@ class Distiller(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- helpers
+    def student_logits(self, output) -> torch.Tensor:
+        """The logits in the student's ``output`` (``student_logits=`` says where)."""
+        return logits_of(output, self._logits_where[0], "the student")
+
+    def teacher_logits(self, output) -> torch.Tensor:
+        """The logits in the teacher's ``output`` (``teacher_logits=`` says where)."""
+        return logits_of(output, self._logits_where[1], "the teacher")
+
     def task_loss(self, logits: torch.Tensor, labels: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if labels is None:
             return None

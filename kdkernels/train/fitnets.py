@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .base import Distiller, Losses, check_real, device_of, logits_of, nn_module, op, reachable_params, sample_input
+from .base import Distiller, Losses, check_real, device_of, nn_module, op, reachable_params, sample_input
 from .taps import FeatureTaps, shape_4d
 
 REGRESSORS = ("auto", "1x1", "convreg")
@@ -40,8 +40,9 @@ class FitNets(Distiller):
 
     Args:
         student, teacher: the networks (unchanged; the taps are forward hooks).
-        student_layer: the guided layer, e.g. ``"layer2"`` (see :class:`FeatureTaps`).
-        teacher_layer: the hint layer, e.g. ``"layer2"``.
+        student_layer: the guided layer, e.g. ``"layer2"`` (see :class:`FeatureTaps`), or an
+            :class:`Output` that picks it from the model's output (``Output(1, "feats", 2)``).
+        teacher_layer: the hint layer, e.g. ``"layer2"`` or ``Output(1, "preact_feats", 2)``.
         sample: a batch (or ``(inputs, labels)``) for the eval-mode shape dry run.
         two_stage: the paper's two stages (True) or the single-stage variant.
         hint_weight: weight of the hint loss; default 1 for two stages (stage 1
@@ -51,6 +52,8 @@ class FitNets(Distiller):
             anneal (paper: (4, 1)) or one number for a constant.
         temperature: stage 2's KD temperature (paper: 3).
         regressor: ``"auto"``, ``"1x1"`` or ``"convreg"`` (module docstring).
+        student_logits, teacher_logits: where the logits are in each model's output
+            (see :class:`Distiller`).
 
     Stage 1 / stage 2 (two-stage)::
 
@@ -70,8 +73,8 @@ class FitNets(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, student_layer: str, teacher_layer: str,
                  sample, *, two_stage: bool = True, hint_weight: Optional[float] = None,
                  ce_weight: float = 1.0, kd_weight: Union[float, Sequence[float]] = (4.0, 1.0),
-                 temperature: float = 3.0, regressor: str = "auto"):
-        super().__init__(student, teacher)
+                 temperature: float = 3.0, regressor: str = "auto", student_logits=None, teacher_logits=None):
+        super().__init__(student, teacher, student_logits=student_logits, teacher_logits=teacher_logits)
         if regressor not in REGRESSORS:
             raise ValueError(f"regressor must be one of {REGRESSORS}, got {regressor!r}")
         self.temperature = check_real(temperature, "temperature", positive=True)
@@ -161,8 +164,8 @@ class FitNets(Distiller):
             losses["hint"] = self.hint_weight * self._hint(fs, ft)
             return None, losses
         if self.stage == 2:
-            logits = logits_of(self.student(images))
-            logits_t = logits_of(self.teacher_forward(self.teacher, images))
+            logits = self.student_logits(self.student(images))
+            logits_t = self.teacher_logits(self.teacher_forward(self.teacher, images))
             ce = self.task_loss(logits, labels)
             if ce is not None:
                 losses["ce"] = self.ce_weight * ce
@@ -171,7 +174,7 @@ class FitNets(Distiller):
             losses["kd"] = (self.current_kd_weight() / (t * t)) * kd
             return logits, losses
         out, (fs,) = self.student_taps(images)
-        logits = logits_of(out)
+        logits = self.student_logits(out)
         _, (ft,) = self.teacher_forward(self.teacher_taps, images, stop=True)
         ce = self.task_loss(logits, labels)
         if ce is not None:

@@ -1,4 +1,4 @@
-r"""FSKD as a distiller: a call into :func:`kdkernels.fskd.distill` (SPEC section 5).
+r"""FSKD as a distiller: a call into :func:`kdkernels.fskd.distill` (docs/spec.md section 5).
 
 There is no optimiser and no loss: :meth:`FSKD.distill` reads a few unlabeled
 batches, fits one 1x1 conv per block in closed form and merges it into the
@@ -8,7 +8,14 @@ block's conv. :func:`~kdkernels.train.fit` recognises it and calls
 Which features: FSKD aligns each block *before its nonlinearity* - name the
 student's conv and the BN right after it (or ``None`` without BN), and the
 teacher module at the matching point, e.g. ``("layer1.0.conv2",
-"layer1.0.bn2", "layer1.0.bn2")`` for a pruned torchvision ResNet.
+"layer1.0.bn2", "layer1.0.bn2")`` for a pruned torchvision ResNet. A pruned
+block names the teacher channels it kept as a fourth entry (a boolean mask
+over the teacher's channels or an index): ``("layer1.0.conv2", "layer1.0.bn2",
+"layer1.0.bn2", mask)`` aligns the student to ``T[:, mask]``.
+
+The merged student keeps its class and state_dict keys (each aligned BN
+becomes ``x + b`` in eval mode; back in train mode it would normalise again),
+so it loads strictly into a fresh instance of the user's model class.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .base import Distiller, Losses, logits_of
+from .base import Distiller, Losses
 
 
 class FSKD(Distiller):
@@ -26,12 +33,17 @@ class FSKD(Distiller):
 
     Args:
         student, teacher: the networks; the student's aligned blocks must have
-            the teacher's widths and sizes at the matching points.
-        blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names.
+            the teacher's widths (or, pruned, the kept channels') and sizes at the
+            matching points.
+        blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names, with an
+            optional fourth entry: the teacher's kept channels (mask or index).
         schedule: ``"greedy"`` (the paper's, block by block) or ``"independent"``.
         alpha: relative ridge toward Q = I.
         num_samples: use only this many inputs (per process).
         inplace: modify the given student instead of a copy.
+        keep_structure: merge into the existing conv and BN (default) or replace them
+            by one conv with bias and ``nn.Identity`` (see :func:`kdkernels.fskd.distill`).
+        student_logits: where the logits are in the student's output (see :class:`Distiller`).
 
     Example::
 
@@ -44,11 +56,11 @@ class FSKD(Distiller):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
                  schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
-                 inplace: bool = False):
+                 inplace: bool = False, keep_structure: bool = True, student_logits=None):
         from ..fskd._checks import check_alpha, check_choice
         from ..fskd.pipeline import SCHEDULES
 
-        super().__init__(student, teacher)
+        super().__init__(student, teacher, student_logits=student_logits)
         self.blocks = [tuple(b) for b in blocks]
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
         self.alpha = check_alpha(alpha)
@@ -57,6 +69,7 @@ class FSKD(Distiller):
             raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
         self.num_samples = num_samples
         self.inplace = inplace
+        self.keep_structure = bool(keep_structure)
         self.distilled = False
         self._remember_trainable()
 
@@ -74,7 +87,7 @@ class FSKD(Distiller):
             all_reduce = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         merged = fskd.distill(self.student, self.teacher, self.blocks, batches, schedule=self.schedule,
                               alpha=self.alpha, num_samples=self.num_samples, inplace=self.inplace,
-                              progress=progress, all_reduce=all_reduce)
+                              progress=progress, all_reduce=all_reduce, keep_structure=self.keep_structure)
         self.student = merged
         self.distilled = True
         self._remember_trainable()
@@ -82,6 +95,6 @@ class FSKD(Distiller):
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, Losses]:
-        logits = logits_of(self.student(images))
+        logits = self.student_logits(self.student(images))
         ce = self.task_loss(logits, labels)
         return logits, ({} if ce is None else {"ce": ce})

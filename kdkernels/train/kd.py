@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .base import Distiller, Losses, check_real, logits_of, op
+from .base import Distiller, Losses, check_real, op
 
 
 class KD(Distiller):
@@ -24,19 +24,21 @@ class KD(Distiller):
         sum(losses.values()).backward()
 
     Losses: ``"ce"`` (absent when ``labels`` is ``None``) and ``"kd"``.
+    ``student_logits`` / ``teacher_logits``: where the logits are in each model's
+    output (a key, an index, a callable or an :class:`Output`; see :class:`Distiller`).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, ce_weight: float = 1.0,
-                 kd_weight: float = 1.0, temperature: float = 4.0):
-        super().__init__(student, teacher)
+                 kd_weight: float = 1.0, temperature: float = 4.0, student_logits=None, teacher_logits=None):
+        super().__init__(student, teacher, student_logits=student_logits, teacher_logits=teacher_logits)
         self.ce_weight = check_real(ce_weight, "ce_weight")
         self.kd_weight = check_real(kd_weight, "kd_weight")
         self.temperature = check_real(temperature, "temperature", positive=True)
         self._remember_trainable()
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Losses]:
-        logits = logits_of(self.student(images))
-        logits_t = logits_of(self.teacher_forward(self.teacher, images))
+        logits = self.student_logits(self.student(images))
+        logits_t = self.teacher_logits(self.teacher_forward(self.teacher, images))
         losses: Losses = {}
         ce = self.task_loss(logits, labels)
         if ce is not None:

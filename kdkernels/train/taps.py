@@ -24,13 +24,22 @@ The hooks are registered once and do nothing unless the taps are armed, i.e.
 inside :meth:`FeatureTaps.__call__` / :meth:`probe`: running the model on its
 own (evaluation, export) is unaffected and keeps no tensors alive.
 
+Taps on the model's output. Models that return their features (mdistiller's
+``(logits, {"feats": [...], "preact_feats": [...], "pooled_feat": ...})``)
+compute some of them inline - a pre-activation sum with a functional ReLU has
+no module to hook. Such a feature is named by where it lies in the output: an
+:class:`Output` (``Output(1, "preact_feats", 2)`` is ``out[1]["preact_feats"][2]``,
+``Output(fn)`` is ``fn(out)``) or a plain callable, next to module-name taps in
+the same list. The forward pass then always runs to the end (``stop=True`` has
+no effect), since the output exists only there.
+
 One process, one forward at a time: the taps keep their features on the
 object, so use DistributedDataParallel (one model per process), not the
 multi-threaded ``nn.DataParallel``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -39,7 +48,83 @@ from ..fskd._hooks import StopForward, find_module, first_tensor
 
 INPUT_SUFFIX = ":input"
 
-__all__ = ["FeatureTaps", "StopForward", "eval_mode", "first_input"]
+__all__ = ["FeatureTaps", "Output", "StopForward", "eval_mode", "first_input"]
+
+
+def _describe(value) -> str:
+    """A short description of a value inside a model's output, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor {tuple(value.shape)}"
+    if isinstance(value, dict):
+        return f"dict with keys {', '.join(repr(k) for k in value)}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__} of {len(value)}"
+    return type(value).__name__
+
+
+class Output:
+    """Where a value lies in a model's output: a path of keys and indices, or a callable.
+
+    ``Output(0)`` is ``out[0]``; ``Output(1, "feats", 2)`` is ``out[1]["feats"][2]``;
+    ``Output("logits")`` is ``out["logits"]`` (an attribute when ``out`` has no item
+    of that name, e.g. a HuggingFace ``ModelOutput``); ``Output(fn)`` is ``fn(out)``.
+    Used as a feature tap (in the lists that take module names) and for the
+    logits (``student_logits=`` / ``teacher_logits=`` of the distillers).
+    """
+
+    def __init__(self, *path):
+        if not path:
+            raise ValueError("Output needs a path of keys / indices or one callable, got nothing")
+        self.fn: Optional[Callable[[Any], Any]] = None
+        if len(path) == 1 and callable(path[0]) and not isinstance(path[0], (str, int)):
+            self.fn = path[0]
+            path = ()
+        for k in path:
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise TypeError(f"Output: a path holds str keys and int indices, got {k!r} in {path!r}")
+        self.path: Tuple = tuple(path)
+
+    @classmethod
+    def of(cls, where, what: str) -> "Output":
+        """``where`` as an Output: an Output, a key (str), an index (int) or a callable."""
+        if isinstance(where, Output):
+            return where
+        if isinstance(where, (str, int)) and not isinstance(where, bool) or callable(where):
+            return cls(where)
+        raise TypeError(f"{what} must be a key (str), an index (int), a callable or an Output, "
+                        f"got {type(where).__name__}")
+
+    def __call__(self, output):
+        if self.fn is not None:
+            return self.fn(output)
+        value = output
+        for depth, k in enumerate(self.path):
+            try:
+                if isinstance(k, str) and not isinstance(value, dict) and hasattr(value, k):
+                    value = getattr(value, k)
+                else:
+                    value = value[k]
+            except (KeyError, IndexError, TypeError):
+                where = "out" + "".join(f"[{p!r}]" for p in self.path[:depth])
+                raise ValueError(f"{self!r}: {where} is a {_describe(value)}: it has no "
+                                 f"{'key' if isinstance(k, str) else 'index'} {k!r}") from None
+        return value
+
+    def __repr__(self) -> str:
+        if self.fn is not None:
+            return f"Output({getattr(self.fn, '__name__', repr(self.fn))})"
+        return f"Output({', '.join(repr(k) for k in self.path)})"
+
+
+def _tap_spec(name, i: int) -> Union[str, Output]:
+    if isinstance(name, Output):
+        return name
+    if isinstance(name, str):
+        return name
+    if callable(name):
+        return Output(name)
+    raise TypeError(f"tap {i} must be a module name (str), or an Output / a callable that picks "
+                    f"the feature from the model's output, got {type(name).__name__}")
 
 
 class eval_mode:
@@ -109,7 +194,8 @@ class FeatureTaps:
     Args:
         model: the network; it is not modified except for the (dormant) hooks.
         names: tap names, see the module docstring (``"layer1"``,
-            ``"layer2.1.bn2"``, ``"layer2.1.relu:input"``).
+            ``"layer2.1.bn2"``, ``"layer2.1.relu:input"``), or :class:`Output`
+            selectors / callables that pick a feature from the model's output.
         clone: ``"auto"`` (copy only the taps that the dry run sees modified
             in place), ``True`` (always copy) or ``False`` (never; a later
             in-place modification raises).
@@ -133,9 +219,12 @@ class FeatureTaps:
             raise ValueError(f"names must be a non-empty list of module names, got {names!r}")
         if clone not in ("auto", True, False):
             raise ValueError(f"clone must be 'auto', True or False, got {clone!r}")
+        specs = [_tap_spec(n, i) for i, n in enumerate(names)]
         self.model = model
-        self.names: List[str] = [str(n) for n in names]
-        self._is_input = [n.endswith(INPUT_SUFFIX) for n in self.names]
+        #: per tap, the Output that picks it from the model's output (None for a module tap)
+        self.outputs: List[Optional[Output]] = [s if isinstance(s, Output) else None for s in specs]
+        self.names: List[str] = [s if isinstance(s, str) else repr(s) for s in specs]
+        self._is_input = [o is None and n.endswith(INPUT_SUFFIX) for n, o in zip(self.names, self.outputs)]
         self.clone_flags = [clone is True] * len(self.names)
         self._auto = clone == "auto"
         #: calls of each tapped module in one forward pass (1 until :meth:`probe` ran)
@@ -149,6 +238,8 @@ class FeatureTaps:
         self._count: List[int] = []
         self._handles = []
         for i, name in enumerate(self.names):
+            if self.outputs[i] is not None:
+                continue
             mod_name = name[: -len(INPUT_SUFFIX)] if self._is_input[i] else name
             module = find_module(model, mod_name, "tap")
             hook = _Hook(self, i)
@@ -164,9 +255,22 @@ class FeatureTaps:
         self._versions = [None] * n
         self._count = [0] * n
 
+    def _read_outputs(self, out) -> None:
+        """Fill the output taps from the model's output ``out``."""
+        for i, sel in enumerate(self.outputs):
+            if sel is None:
+                continue
+            value = sel(out)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"tap {self.names[i]} picked a {_describe(value)} from the output of "
+                                f"{type(self.model).__name__}, expected a tensor")
+            self._feats[i] = value
+            self._count[i] += 1
+
     def _run(self, args, kwargs, stop: bool):
         self._reset()
-        self._armed, self._stop = True, stop
+        # the output taps exist only once the forward has returned: never stop early then
+        self._armed, self._stop = True, stop and not any(o is not None for o in self.outputs)
         out = None
         try:
             out = self.model(*args, **kwargs)
@@ -174,6 +278,8 @@ class FeatureTaps:
             out = None
         finally:
             self._armed, self._stop = False, False
+        if out is not None:
+            self._read_outputs(out)
         missing = [n for n, f in zip(self.names, self._feats) if f is None]
         if missing:
             raise RuntimeError(f"taps {missing} did not run in the forward pass of "
@@ -208,9 +314,10 @@ class FeatureTaps:
             self._reset()
             self._armed = True
             try:
-                self.model(*args, **kwargs)
+                out = self.model(*args, **kwargs)
             finally:
                 self._armed = False
+            self._read_outputs(out)
         missing = [n for n, f in zip(self.names, self._feats) if f is None]
         if missing:
             raise RuntimeError(f"taps {missing} did not run in the forward pass of "
