@@ -94,9 +94,10 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
         all_reduce: sum the statistics over ``torch.distributed`` ranks before solving.
         keep_structure: True (default): merge with :func:`absorb_into`, so the student keeps
             its modules and state_dict keys and loads strictly into a fresh instance of its
-            class; each aligned BN becomes ``x + b`` in eval mode (put back in train mode it
-            normalises again, so those BNs are left in eval mode). False: replace each conv by a new conv with bias and each BN by
-            ``nn.Identity`` (:func:`absorb`; fewer layers, different keys).
+            class; each aligned BN becomes ``x + b`` in eval mode and is left in eval mode
+            (put back in train mode it normalises again). False: replace each conv by a new
+            conv with bias and each BN by ``nn.Identity`` (:func:`absorb`; fewer layers,
+            different keys).
 
     Returns:
         the student with every Q merged.
@@ -186,7 +187,7 @@ def _resolve(student, teacher, conv_name, bn_name, teacher_name, keep=None) -> _
         bn = find_module(student, bn_name, "student BN")
         check_bn(bn, conv.out_channels, name=f"student BN {bn_name!r}")
     target = find_module(teacher, teacher_name, "teacher module")
-    return _Block(conv_name, bn_name, teacher_name, conv, bn, target, _keep_index(keep, teacher_name))
+    return _Block(conv_name, bn_name, teacher_name, conv, bn, target, _as_keep(keep, teacher_name))
 
 
 def _inputs(data, num_samples: Optional[int]):
@@ -395,7 +396,7 @@ def _held_what(value) -> str:
     return f"a {type(value).__name__} of {len(value)}"
 
 
-def _keep_index(keep, teacher_name: str) -> Optional[torch.Tensor]:
+def _as_keep(keep, teacher_name: str) -> Optional[torch.Tensor]:
     """A pruned block's kept teacher channels as a 1-D int64 index (a mask stays a mask
     until its length can be checked against the teacher in :func:`_kept_shape`)."""
     if keep is None:
