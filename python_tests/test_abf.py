@@ -1,4 +1,4 @@
-"""ABF fusion (SPEC section 2, step 2): every backend against the float64 reference."""
+"""ABF fusion (docs/spec.md §2, step 2): every backend against the float64 reference."""
 from __future__ import annotations
 
 import pytest

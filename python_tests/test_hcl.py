@@ -1,4 +1,4 @@
-"""HCL (SPEC section 1): every backend against the float64 reference, and the op's contracts."""
+"""HCL (docs/spec.md §1): every backend against the float64 reference, and the op's contracts."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,10 @@ GRAD_OUT = 1.7
 
 
 def _cases():
-    return plane_cases(BACKENDS, SHAPES)
+    """Every backend × dtype × shape, except the torch backend in fp16/bf16: that is the
+    reference run in low precision, so it would only test the reference against itself."""
+    return [p for p in plane_cases(BACKENDS, SHAPES)
+            if not (p.values[0] == "torch" and p.values[1] in (torch.float16, torch.bfloat16))]
 
 
 def _features(shapes, dtype, seed=0, teacher_grad=False):
@@ -57,8 +60,6 @@ def test_matches_reference(backend, dtype, shape):
     (loss * GRAD_OUT).backward()
     ref_loss, ref_gs, _ = _reference(fs, ft)
     tol = REL_TOL[dtype]
-    if backend == "torch" and dtype in (torch.float16, torch.bfloat16):
-        tol = 5e-2  # the reference itself pools in low precision
     assert_rel_close(loss, ref_loss, tol, "loss")
     assert_rel_close(fs[0].grad, ref_gs[0], tol, "grad fstudent")
     assert ft[0].grad is None

@@ -1,4 +1,4 @@
-"""ABF fusion step (ReviewKD, SPEC section 2, step 2) at the fusion levels of real configurations.
+"""ABF fusion step (ReviewKD, docs/spec.md §2, step 2) at the fusion levels of real configurations.
 
 Each case is one fusion level: x (N, mid, H, H) fused with the deeper residual
 y (N, mid, h, h), att_weight (2, 2 mid, 1, 1). Minimum traffic: the forward

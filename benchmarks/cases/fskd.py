@@ -1,4 +1,4 @@
-"""FSKD (SPEC section 5): the statistics update and the batched solve, at ResNet-18 shapes.
+"""FSKD (docs/spec.md §5): the statistics update and the batched solve, at ResNet-18 shapes.
 
 Two cases, forward only (nothing here has gradients):
 
@@ -15,8 +15,8 @@ Two cases, forward only (nothing here has gradients):
   64) with the batched fp64 Cholesky of ``kdkernels.fskd.solve``, against a
   per-block loop of ``torch.linalg.solve`` on the same ridge systems.
 
-Targets stated in the issue (CPU): the batched solve at least 3x faster than the
-loop; the update within 1.5x of one fp32 GEMM of the same size.
+Targets (CPU): the batched solve at least 3x faster than the loop; the update
+within 1.5x of one fp32 GEMM of the same size.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _gramstats_case(c: int, h: int, batch: int, device: str, why: str) -> Case:
 
 
 def fp32_gemm(s, t, stats, z):
-    """One full-precision fp32 GEMM (2C, M) @ (M, C): the issue's yardstick for an update."""
+    """One full-precision fp32 GEMM (2C, M) @ (M, C): the yardstick of an update."""
     from kdkernels.fskd.stats import ieee_fp32_matmul
 
     with ieee_fp32_matmul(z.device):

@@ -1,11 +1,11 @@
-"""HCL (ReviewKD's hierarchical context loss, SPEC section 1) at the shapes of real configurations.
+"""HCL (ReviewKD's hierarchical context loss, docs/spec.md §1) at the shapes of real configurations.
 
 Per sample C×H×W, shallow → deep, the last level being the pooled 1×1 feature
-(SPEC "Shapes that real configurations use"). Student features require grad,
+(docs/spec.md "Shapes that real configurations use"). Student features require grad,
 teacher features do not. Minimum traffic: the forward reads fs and ft; the
 backward reads both again and writes the gradient of fs. That traffic, moved by
 torch's own memory-bound ops (:func:`traffic_floor`), is timed as the case's
-floor: the bound issue 2 sets its CPU target against.
+floor: the lower bound the CPU kernel's time is stated against.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class _TrafficFloor(torch.autograd.Function):
 
     Forward: one read of every fs and ft (a dot product, nothing written).
     Backward: a second read of both and one write of a gradient of fs's shape
-    (fs - ft). The five passes over the tensors that issue 2 names as the floor.
+    (fs - ft). Five passes over the tensors: no fused kernel can move less.
     """
 
     @staticmethod

@@ -1,6 +1,6 @@
-"""FitNets hint loss through a 1×1 regressor (SPEC section 3) at the hint shapes of real configurations.
+"""FitNets hint loss through a 1×1 regressor (docs/spec.md §3) at the hint shapes of real configurations.
 
-Batch 64, student and teacher hint layers of equal width (SPEC "Shapes"):
+Batch 64, student and teacher hint layers of equal width (docs/spec.md "Shapes that real configurations use"):
 128×16² (resnet8x4 → resnet32x4), 32×16², 64×16², 256×8². As in the hint stage,
 the student features and the regressor's weight and bias require grad, the
 teacher features do not. The reference (``eager``) is ``mse_loss(conv2d(fs, W, b), ft)``,

@@ -1,4 +1,4 @@
-"""Hinton KD (SPEC section 4) at the logit shapes of real configurations.
+"""Hinton KD (docs/spec.md §4) at the logit shapes of real configurations.
 
 N×100 (CIFAR-100) and N×1000 (ImageNet) with N = 256, N×32000 and N×128256
 (language-model vocabularies) with N = 64 on a GPU and 16 on the CPU; T = 4,

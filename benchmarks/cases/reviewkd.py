@@ -1,4 +1,4 @@
-"""ReviewKD's whole distillation head (SPEC sections 1-2): every ABF, then HCL, forward and backward.
+"""ReviewKD's whole distillation head (docs/spec.md §1–§2): every ABF, then HCL, forward and backward.
 
 Inputs are the student's features (shallow → deep, the last the pooled N×C×1×1
 vector, requiring grad), the teacher's features and the ABF parameters. The ABFs

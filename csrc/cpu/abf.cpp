@@ -1,4 +1,4 @@
-// ABF fusion on CPU (SPEC section 2, step 2; the per-pixel math is in kdkernels/triton/abf.py).
+// ABF fusion on CPU (docs/spec.md §2, step 2; the per-pixel math is in kdkernels/triton/abf.py).
 //
 // x, out, grad_out g, grad_x: (N, C, H, W); y, grad_y: (N, C, h, w); z: (N, 2, H, W)
 // in the accumulation type A (float; double for float64). Weights w[k][c] act on

@@ -1,4 +1,4 @@
-// FitNets hint loss through a 1x1 regressor on CPU (SPEC section 3), loss and
+// FitNets hint loss through a 1x1 regressor on CPU (docs/spec.md §3), loss and
 // gradients in one pass over the pixels.
 //
 // Pixels are samples: pixel q in [0, N*P) is (n, p) = (q / P, q % P), P = H*W,
