@@ -144,6 +144,27 @@ def test_cpp_units_and_chunks_independent_of_threads(shape):
         assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")
 
 
+# cpp only: many row chunks in one work unit. A unit covers about 2,048 output pixels (8 rows
+# of 256 here); a chunk about 1 MiB of one full-size tensor, so with C = 1024 channels of 256
+# columns a chunk is 1 row (2 for whole row pairs, 2 in 16-bit dtypes): 4 to 8 chunks per unit,
+# on each shape path (halves, point, general).
+CPP_CHUNKED = [(1, 1024, 12, 256, 6, 128), (1, 1024, 12, 256, 1, 1), (1, 1024, 11, 256, 4, 100)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", CPP_CHUNKED, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_several_chunks_per_unit(shape, dtype):
+    inputs = _inputs(shape, dtype, seed=11)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(12)).to(dtype)
+    out, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="cpp"), inputs, gout)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    assert_rel_close(out, ref_out, REL_TOL[dtype], "out")
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
+        assert_rel_close(g, r, REL_TOL[dtype], f"grad {name}")
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
 def test_triton_interpreter_really_ran():
     from triton.runtime.interpreter import InterpretedFunction
