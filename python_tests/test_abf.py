@@ -165,6 +165,33 @@ def test_cpp_several_chunks_per_unit(shape, dtype):
         assert_rel_close(g, r, REL_TOL[dtype], f"grad {name}")
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("which", range(9))
+def test_cpp_entry_points_reject_null_pointers(which):
+    """The native entry points check every pointer before touching memory (a 0 would crash)."""
+    from kdkernels import _native
+
+    lib = _native.native()
+    big = lambda: torch.randn(1, 2, 4, 4)  # noqa: E731  (N, C, H, W)
+    small = lambda: torch.randn(1, 2, 2, 2)  # noqa: E731  (N, C, h, w)
+    sizes = (1, 2, 4, 4, 2, 2, 0.5, 0.5, 1)
+    keep = []
+
+    def ptrs(*tensors):
+        keep.extend(tensors)
+        out = [t.data_ptr() for t in tensors]
+        out[which % len(out)] = 0
+        return out
+
+    # x, y, att_weight, att_bias, out, z
+    with pytest.raises(ValueError, match="abf_fwd_cpu: null data pointer"):
+        lib.abf_fwd_cpu(0, *ptrs(big(), small(), torch.randn(8), torch.randn(2), big(), big()), *sizes)
+    # grad, x, y, att_weight, z, grad_x, grad_y, grad_w, grad_b
+    with pytest.raises(ValueError, match="abf_bwd_cpu: null data pointer"):
+        lib.abf_bwd_cpu(0, *ptrs(big(), big(), small(), torch.randn(8), big(), big(), small(), torch.randn(8),
+                                 torch.randn(2)), *sizes)
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
 def test_triton_interpreter_really_ran():
     from triton.runtime.interpreter import InterpretedFunction
