@@ -23,8 +23,9 @@ LEVELS = {
 }
 CPU_PLAN = [("resnet32x4→resnet8x4", 64), ("ResNet34→ResNet18", 4)]
 CUDA_PLAN = [("resnet32x4→resnet8x4", 64), ("ResNet34→ResNet18", 64)]
-# GPU quick mode: the fusion levels of one real configuration (halves 16²←8², 32²←16²; point 8²←1²)
-CUDA_QUICK = [("resnet32x4→resnet8x4", 64)]
+# GPU quick mode: two fusion levels of one real configuration, one per kernel path
+# (point 8²←1², halves 32²←16²), as (label, batch, mid, H, h)
+CUDA_QUICK = [("resnet32x4→resnet8x4", 64, 256, 8, 1), ("resnet32x4→resnet8x4", 64, 256, 32, 16)]
 
 
 def _case(label, batch, mid, H, h, device, dtype=torch.float32) -> Case:
@@ -51,7 +52,7 @@ def _case(label, batch, mid, H, h, device, dtype=torch.float32) -> Case:
 
 
 def cases(device: str, quick: bool) -> List[Case]:
-    if quick and device != "cuda":
-        return [_case("tiny", 2, 8, 8, 4, device)]
-    plan = (CUDA_QUICK if quick else CUDA_PLAN) if device == "cuda" else CPU_PLAN
+    if quick:
+        return [_case(*q, device) for q in CUDA_QUICK] if device == "cuda" else [_case("tiny", 2, 8, 8, 4, device)]
+    plan = CUDA_PLAN if device == "cuda" else CPU_PLAN
     return [_case(label, batch, mid, H, h, device) for label, batch in plan for mid, H, h in LEVELS[label]]
