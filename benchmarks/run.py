@@ -7,10 +7,14 @@
 
 Prints a table per op, writes ``results.csv`` (long format, one value per row)
 and ``<op>.png`` (speed-up vs eager) to ``benchmarks/results/<device-tag>/``
-(``--out`` overrides). Rows of ops not run this time are kept in the CSV.
-Exit status 1 when a requested op could not run or a provider failed its
-correctness check (everything is still written).
-How it measures: see the docstring of ``benchmarks/harness.py``.
+(``--out`` overrides). Rows of ops not run this time are kept in the CSV; the
+rows of each case are appended as soon as it is measured, so a run stopped by a
+time limit keeps the cases it finished. ``--quick --device cuda`` is a GPU
+quick mode: every op at one or two real but small configurations.
+Exit status 1 when an op could not run, a case could not be set up, a provider
+failed its correctness check or a measurement raised (what ran is still
+written, and the reasons are printed).
+How it measures: ``benchmarks/measure.py``; what a case is: ``benchmarks/harness.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import importlib.util
 import os
 import sys
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
@@ -32,6 +37,8 @@ import torch  # noqa: E402
 
 import cases as case_modules  # noqa: E402
 import harness  # noqa: E402
+import machine  # noqa: E402
+import report  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,16 +72,13 @@ def main(argv=None) -> int:
         device=device, quick=args.quick, reps=args.reps, backends=args.backends,
         providers=[p.strip() for p in args.providers.split(",")] if args.providers else None,
     )
-    out_dir = args.out or os.path.join(HERE, "results", harness.device_tag(device))
+    out_dir = args.out or os.path.join(HERE, "results", machine.device_tag(device))
     progress = harness.Progress(enabled=not args.no_progress)
 
-    meta = harness.machine_info(device)
-    try:
-        import kdkernels
+    import kdkernels  # a kdkernels that does not import is not benchmarked: the traceback says why
 
-        kd_where = os.path.dirname(os.path.abspath(kdkernels.__file__ or "."))
-    except Exception as exc:
-        kd_where = f"not importable ({type(exc).__name__}: {exc})"
+    meta = machine.machine_info(device)
+    kd_where = os.path.dirname(os.path.abspath(kdkernels.__file__ or "."))
     print(f"kdkernels benchmark · {device}: {meta['device_name']} · {meta['threads']} threads · "
           f"torch {meta['torch']} · triton {meta['triton']} · kdkernels {meta['kdkernels']} ({kd_where}) · "
           f"commit {meta['commit']} · {meta['date']}")
@@ -83,63 +87,57 @@ def main(argv=None) -> int:
         print(f"note: load average {load:.1f} on {os.cpu_count()} CPUs before starting: other processes "
               f"compete for the cores, so CPU timings will be noisy")
     progress("measuring copy bandwidth")
-    copy_bw = harness.copy_bandwidth(device, quick=args.quick)
+    copy_bw = machine.copy_bandwidth(device, quick=args.quick)
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s (bytes read + written per second of a large tensor copy)")
 
     rows = [dict(op="_machine", case="", shape="", dtype="", provider="", mode="", metric="copy_bandwidth_gbs",
                  value=copy_bw / 1e9, q20="", q80="", note="", **meta),
             dict(op="_machine", case="", shape="", dtype="", provider="", mode="", metric="load_avg_1min",
                  value=load, q20="", q80="", note="load average when the run started", **meta)]
+    csv_path = os.path.join(out_dir, "results.csv")
+    sink = report.CsvSink(csv_path, [o for o in ops if o in present] + ["_machine"])
+    if sink.replaced:
+        print(f"note: {sink.replaced}")
+    sink.append(rows)
     failed_ops, ran_ops = [], []
     for op in ops:
         if op not in present:
-            print(f"\n{op}: no benchmark cases (benchmarks/cases/{op}.py is missing); skipped")
+            print(f"\n{op}: no benchmark cases (benchmarks/cases/{op}.py is missing)")
             failed_ops.append(op)
             continue
         try:
-            mod = case_modules.load(op)
-            op_cases = mod.cases(device, args.quick)
-        except Exception as exc:
-            print(f"\n{op}: cases could not be set up ({type(exc).__name__}: {exc}); skipped")
+            op_cases = case_modules.load(op).cases(device, args.quick)
+        except Exception:  # a broken case module must not take the other ops down: say why, go on
+            print(f"\n{op}: its cases could not be set up:\n{traceback.format_exc()}")
             failed_ops.append(op)
             continue
         if not op_cases:
-            print(f"\n{op}: no cases for {device}{' (quick)' if args.quick else ''}; skipped")
-            continue
-        try:
-            op_rows = harness.run_op(op, op_cases, settings, meta, copy_bw, progress)
-        except Exception as exc:  # a broken op must not take the others down
-            progress.done()
-            print(f"\n{op}: benchmark failed ({type(exc).__name__}: {exc}); skipped")
+            print(f"\n{op}: no cases for {device}{' (quick)' if args.quick else ''}")
             failed_ops.append(op)
             continue
+        op_rows = harness.run_op(op, op_cases, settings, meta, copy_bw, progress, sink=sink.append)
         rows.extend(op_rows)
         ran_ops.append(op)
     progress.done()
 
-    csv_path = os.path.join(out_dir, "results.csv")
-    harness.write_csv(csv_path, rows, ran_ops + ["_machine"])
-    bad_checks = []
     for op in ran_ops:
-        table = harness.format_table(rows, op, copy_bw / 1e9)
+        table = report.format_table(rows, op, copy_bw / 1e9)
         print("\n" + table, end="")
         with open(os.path.join(out_dir, f"{op}.txt"), "w") as f:
             f.write(table)
-        note = harness.plot_op(csv_path, op, os.path.join(out_dir, f"{op}.png"))
+        note = report.plot_op(csv_path, op, os.path.join(out_dir, f"{op}.png"))
         if note:
             print(note)
-        bad_checks += [f"{op} / {r['case']} / {r['provider']}: {r['note']}" for r in rows
-                       if r["op"] == op and r["metric"] == "ok" and r["value"] == 0
-                       and str(r["note"]).startswith(("mismatch", "error"))]
 
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(harness.markdown_summary(harness.read_csv(csv_path)))
+        f.write(report.markdown_summary(report.read_csv(csv_path)))
     print(f"\nwrote {csv_path}, summary.md and the tables/charts beside it · total {time.perf_counter() - t_start:.1f} s")
     if failed_ops:
         print(f"ops that did not run: {', '.join(failed_ops)}")
-    if bad_checks:
-        print("providers that failed the correctness check (not timed):\n  " + "\n  ".join(bad_checks))
-    return 1 if (bad_checks or (args.ops and failed_ops)) else 0
+    bad = harness.failures(rows)
+    if bad:
+        print("failures (not timed, or not measured):\n  " + "\n  ".join(bad))
+    return 1 if (bad or failed_ops) else 0
 
 
 if __name__ == "__main__":

@@ -29,14 +29,14 @@
 
 namespace py = pybind11;
 
-namespace kdk {  // FitNets hint (SPEC section 3, csrc/cpu/hint.cpp)
+namespace kdk {  // FitNets hint (docs/spec.md §3, csrc/cpu/hint.cpp)
 void hint_fwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t w, uintptr_t b, uintptr_t loss, uintptr_t gfs,
                   uintptr_t gw, uintptr_t gb, uintptr_t gft, int64_t N, int64_t Cs, int64_t Ct, int64_t P,
                   double gscale, int64_t num_threads);
 const char* hint_cpu_isa();
 }  // namespace kdk
 
-namespace kdk {  // ABF fusion (SPEC section 2, csrc/cpu/abf.cpp)
+namespace kdk {  // ABF fusion (docs/spec.md §2, csrc/cpu/abf.cpp)
 void abf_fwd_cpu(int dtype, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t bias, uintptr_t out, uintptr_t z,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, double scale_h, double scale_w,
                  int64_t num_threads);
@@ -121,7 +121,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_status", &cuda_status,
         "dict: driver_version, runtime_version, device_count, error (initialises the CUDA driver)");
 
-  // ---- HCL (SPEC section 1, csrc/common/hcl.h) ----
+  // ---- HCL (docs/spec.md §1, csrc/common/hcl.h) ----
   m.def(
       "hcl_fwd_cpu",
       [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,
@@ -174,7 +174,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
       py::arg("stream"), release(), "CUDA hcl_bwd_cpu, launched on `stream`; *gout stays on the device");
 
-  // ---- Hinton KD (SPEC section 4, csrc/common/kd.h) ----
+  // ---- Hinton KD (docs/spec.md §4, csrc/common/kd.h) ----
   m.def("kd_fwd_cpu", &kdk::kd_fwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),
         py::arg("out_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"), py::arg("out_scale"),
         py::arg("reduce"), py::arg("num_threads"), release(),
@@ -214,7 +214,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("grad_s_ptr"), py::arg("grad_t_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"),
       py::arg("stream"), release(), "CUDA kd_bwd_cpu, launched on `stream`");
 
-  // ---- FitNets hint (SPEC section 3, csrc/cpu/hint.cpp) ----
+  // ---- FitNets hint (docs/spec.md §3, csrc/cpu/hint.cpp) ----
   m.def("hint_fwd_cpu", &kdk::hint_fwd_cpu, py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"),
         py::arg("w_ptr"), py::arg("b_ptr"), py::arg("loss_ptr"), py::arg("gfs_ptr"), py::arg("gw_ptr"),
         py::arg("gb_ptr"), py::arg("gft_ptr"), py::arg("N"), py::arg("Cs"), py::arg("Ct"), py::arg("P"),
@@ -224,7 +224,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("hint_cpu_isa", &kdk::hint_cpu_isa,
         "variant hint_fwd_cpu runs here: avx512, avx2 or baseline (the widest the CPU has, or $KDKERNELS_CPU_ISA)");
 
-  // ---- ABF fusion (SPEC section 2, csrc/cpu/abf.cpp) ----
+  // ---- ABF fusion (docs/spec.md §2, csrc/cpu/abf.cpp) ----
   m.def("abf_fwd_cpu", &kdk::abf_fwd_cpu, py::arg("dtype"), py::arg("x_ptr"), py::arg("y_ptr"), py::arg("w_ptr"),
         py::arg("b_ptr"), py::arg("out_ptr"), py::arg("z_ptr"), py::arg("N"), py::arg("C"), py::arg("H"),
         py::arg("W"), py::arg("h"), py::arg("w"), py::arg("scale_h"), py::arg("scale_w"), py::arg("num_threads"),

@@ -18,4 +18,4 @@ from .ops import hint_loss
 from . import backends, fskd, nn, reference
 from . import train
 
-__all__ = ["__version__", "hcl_loss", "abf_fuse", "kd_loss", "hint_loss", "backends", "fskd", "nn", "reference"]
+__all__ = ["__version__", "hcl_loss", "abf_fuse", "kd_loss", "hint_loss", "backends", "fskd", "nn", "reference", "train"]

@@ -12,7 +12,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # the backends tested on each device, in this order; an op is tested on those it implements
 _TESTED = {"cpu": ("triton", "cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 
-# relative-error bounds against a float64 reference (DESIGN.md "Tests")
+# relative-error bounds against a float64 reference (docs/design.md "Tests")
 REL_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 

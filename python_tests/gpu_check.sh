@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with an NVIDIA GPU (DESIGN.md "Tests", tier 3):
+# One-shot check on a machine with an NVIDIA GPU (docs/design.md "Tests", tier 3):
 # builds kdkernels with its CUDA kernels, runs the whole test suite on CUDA
 # tensors (compiled Triton, the CUDA kernels and the reference), then the
 # benchmark with --device cuda. Everything goes into the folder given:

@@ -1,4 +1,4 @@
-"""ABF fusion (SPEC section 2, step 2): every backend against the float64 reference."""
+"""ABF fusion (docs/spec.md §2, step 2): every backend against the float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -142,6 +142,54 @@ def test_cpp_units_and_chunks_independent_of_threads(shape):
     assert_rel_close(many[0], ref_out, REL_TOL[torch.float32], "out")
     for name, g, r in zip(("x", "y", "att_weight", "att_bias"), many[1], ref_grads):
         assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")
+
+
+# cpp only: many row chunks in one work unit. A unit covers about 2,048 output pixels (8 rows
+# of 256 here); a chunk about 1 MiB of one full-size tensor, so with C = 1024 channels of 256
+# columns a chunk is 1 row (2 for whole row pairs, 2 in 16-bit dtypes): 4 to 8 chunks per unit,
+# on each shape path (halves, point, general).
+CPP_CHUNKED = [(1, 1024, 12, 256, 6, 128), (1, 1024, 12, 256, 1, 1), (1, 1024, 11, 256, 4, 100)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", CPP_CHUNKED, ids=lambda s: "x".join(map(str, s)))
+def test_cpp_several_chunks_per_unit(shape, dtype):
+    inputs = _inputs(shape, dtype, seed=11)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(12)).to(dtype)
+    out, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="cpp"), inputs, gout)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    assert_rel_close(out, ref_out, REL_TOL[dtype], "out")
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
+        assert_rel_close(g, r, REL_TOL[dtype], f"grad {name}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("which", range(9))
+def test_cpp_entry_points_reject_null_pointers(which):
+    """The native entry points check every pointer before touching memory (a 0 would crash)."""
+    from kdkernels import _native
+
+    lib = _native.native()
+    big = lambda: torch.randn(1, 2, 4, 4)  # noqa: E731  (N, C, H, W)
+    small = lambda: torch.randn(1, 2, 2, 2)  # noqa: E731  (N, C, h, w)
+    sizes = (1, 2, 4, 4, 2, 2, 0.5, 0.5, 1)
+    keep = []
+
+    def ptrs(*tensors):
+        keep.extend(tensors)
+        out = [t.data_ptr() for t in tensors]
+        out[which % len(out)] = 0
+        return out
+
+    # x, y, att_weight, att_bias, out, z
+    with pytest.raises(ValueError, match="abf_fwd_cpu: null data pointer"):
+        lib.abf_fwd_cpu(0, *ptrs(big(), small(), torch.randn(8), torch.randn(2), big(), big()), *sizes)
+    # grad, x, y, att_weight, z, grad_x, grad_y, grad_w, grad_b
+    with pytest.raises(ValueError, match="abf_bwd_cpu: null data pointer"):
+        lib.abf_bwd_cpu(0, *ptrs(big(), big(), small(), torch.randn(8), big(), big(), small(), torch.randn(8),
+                                 torch.randn(2)), *sizes)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")

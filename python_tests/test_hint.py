@@ -1,4 +1,4 @@
-"""FitNets hint loss (SPEC section 3): every backend against the float64 reference, and the op's contracts."""
+"""FitNets hint loss (docs/spec.md §3): every backend against the float64 reference, and the op's contracts."""
 from __future__ import annotations
 
 import itertools
@@ -33,6 +33,8 @@ def _cases():
     backends; the other dtypes (and the Triton interpreter) get every third combination."""
     for backend in BACKENDS:
         for dtype in DTYPES:
+            if backend == "torch" and dtype in (torch.float16, torch.bfloat16):
+                continue  # the reference in low precision: it would only be tested against itself
             for k, (cs, ct, hw, bias) in enumerate(_combos()):
                 thin = (dtype != torch.float32) or (backend == "triton" and INTERPRETED)
                 if thin and k % 3 != DTYPES.index(dtype) % 3:
@@ -88,10 +90,7 @@ def test_expected_backends_are_available():
 @pytest.mark.parametrize("backend, dtype, cs, ct, hw, bias", list(_cases()))
 def test_matches_reference(backend, dtype, cs, ct, hw, bias):
     fs, ft, w, b = _inputs(2, cs, ct, hw, dtype, bias=bias, seed=cs * 1000 + ct)
-    tol = REL_TOL[dtype]
-    if backend == "torch" and dtype in (torch.float16, torch.bfloat16):
-        tol = 5e-2  # the reference itself convolves and squares in low precision
-    _check_against_reference(fs, ft, w, b, backend, tol)
+    _check_against_reference(fs, ft, w, b, backend, REL_TOL[dtype])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

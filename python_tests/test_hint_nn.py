@@ -1,4 +1,4 @@
-"""FitNets modules (SPEC section 3): ConvReg, HintLoss, and the least-squares 1x1 regressor."""
+"""FitNets modules (docs/spec.md §3): ConvReg, HintLoss, and the least-squares 1x1 regressor."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +14,7 @@ from _util import DEVICE, assert_rel_close
 
 
 class _SpecConvReg(nn.Module):
-    """The regressor as SPEC section 3 describes the originals (test oracle for structure and init)."""
+    """The regressor as docs/spec.md §3 describes the originals (test oracle for structure and init)."""
 
     def __init__(self, s_shape, t_shape, use_relu=True):
         super().__init__()

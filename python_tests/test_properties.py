@@ -3,7 +3,7 @@
 For hcl_loss, abf_fuse, hint_loss and kd_loss, hypothesis draws small shapes
 (H = 1, odd channels, non-square maps, batch 1 included) and a seed for the
 values; every available backend must match the float64 reference in value and
-in every gradient, by relative error below REL_TOL[float32] (DESIGN "Tests"), or,
+in every gradient, by relative error below REL_TOL[float32] (docs/design.md "Tests"), or,
 where float32 itself cannot do better (KL of two nearly equal distributions is a
 difference of nearly equal sums), below twice the error of the plain float32
 reference (STYLE "Tolerance that means something"); for kd_loss, both bounds are

@@ -1,7 +1,7 @@
-"""ABF / ReviewKD / ReviewKDLoss modules: drop-in parity with the official classes (SPEC section 2).
+"""ABF / ReviewKD / ReviewKDLoss modules: drop-in parity with the official classes (docs/spec.md §2).
 
 ``RefABF`` and ``RefReviewKD`` below are plain-PyTorch copies of the official
-classes written from SPEC section 2 (square maps only, as the originals).
+classes written from docs/spec.md §2 (square maps only, as the originals).
 """
 from __future__ import annotations
 

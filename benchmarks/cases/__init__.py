@@ -8,7 +8,9 @@ Adding an op = adding a file here (nothing to register). The module defines::
         ...
 
 returning the op's configurations for ``device`` ("cpu" or "cuda"); ``quick``
-asks for one or two tiny shapes (the CI smoke run). See :class:`harness.Case`
+asks, on CPU, for one or two tiny shapes (the CI smoke run) and, on CUDA, for
+one or two real configurations at a modest batch (the GPU quick mode: every op
+in well under a minute, compilation included). See :class:`harness.Case`
 for the fields: label and shape, ``make_inputs`` (fresh tensors, with
 ``requires_grad`` on what is differentiated), ``reference`` (plain PyTorch; the
 ``eager`` provider, compiled for ``compile``, and the float64 oracle),
@@ -16,8 +18,9 @@ for the fields: label and shape, ``make_inputs`` (fresh tensors, with
 name in ``kdkernels.backends``) and the minimum bytes moved forward/backward.
 Keep the default CPU run of all ops at about a minute on a 2-core machine.
 
-A module that fails to import, or whose ``cases`` raises, is reported and the
-other ops still run.
+Import what the cases measure at the top of the module, with no guard: a
+module that fails to import, or whose ``cases`` raises, is reported with its
+traceback, the other ops still run, and the run exits non-zero.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ABF fusion step (ReviewKD, SPEC section 2, step 2) at the fusion levels of real configurations.
+"""ABF fusion step (ReviewKD, docs/spec.md §2, step 2) at the fusion levels of real configurations.
 
 Each case is one fusion level: x (N, mid, H, H) fused with the deeper residual
 y (N, mid, h, h), att_weight (2, 2 mid, 1, 1). Minimum traffic: the forward
@@ -11,7 +11,9 @@ from typing import List
 
 import torch
 
+import kdkernels
 from harness import Case
+from kdkernels.reference.abf import abf_fuse as reference
 
 # configuration: its fusion levels (mid, H, h), deep to shallow: x (N, mid, H, H) fused with
 # the residual of the level below, y (N, mid, h, h)
@@ -21,12 +23,12 @@ LEVELS = {
 }
 CPU_PLAN = [("resnet32x4→resnet8x4", 64), ("ResNet34→ResNet18", 4)]
 CUDA_PLAN = [("resnet32x4→resnet8x4", 64), ("ResNet34→ResNet18", 64)]
+# GPU quick mode: two fusion levels of one real configuration, one per kernel path
+# (point 8²←1², halves 32²←16²), as (label, batch, mid, H, h)
+CUDA_QUICK = [("resnet32x4→resnet8x4", 64, 256, 8, 1), ("resnet32x4→resnet8x4", 64, 256, 32, 16)]
 
 
 def _case(label, batch, mid, H, h, device, dtype=torch.float32) -> Case:
-    import kdkernels
-    from kdkernels.reference.abf import abf_fuse as reference
-
     def make_inputs():
         x = torch.randn(batch, mid, H, H, device=device, dtype=dtype).requires_grad_()
         y = torch.randn(batch, mid, h, h, device=device, dtype=dtype).requires_grad_()
@@ -51,6 +53,6 @@ def _case(label, batch, mid, H, h, device, dtype=torch.float32) -> Case:
 
 def cases(device: str, quick: bool) -> List[Case]:
     if quick:
-        return [_case("tiny", 2, 8, 8, 4, device)]
+        return [_case(*q, device) for q in CUDA_QUICK] if device == "cuda" else [_case("tiny", 2, 8, 8, 4, device)]
     plan = CUDA_PLAN if device == "cuda" else CPU_PLAN
     return [_case(label, batch, mid, H, h, device) for label, batch in plan for mid, H, h in LEVELS[label]]

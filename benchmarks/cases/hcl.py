@@ -1,19 +1,21 @@
-"""HCL (ReviewKD's hierarchical context loss, SPEC section 1) at the shapes of real configurations.
+"""HCL (ReviewKD's hierarchical context loss, docs/spec.md §1) at the shapes of real configurations.
 
 Per sample C×H×W, shallow → deep, the last level being the pooled 1×1 feature
-(SPEC "Shapes that real configurations use"). Student features require grad,
+(docs/spec.md "Shapes that real configurations use"). Student features require grad,
 teacher features do not. Minimum traffic: the forward reads fs and ft; the
 backward reads both again and writes the gradient of fs. That traffic, moved by
 torch's own memory-bound ops (:func:`traffic_floor`), is timed as the case's
-floor: the bound issue 2 sets its CPU target against.
+floor: the lower bound the CPU kernel's time is stated against.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
+import kdkernels
 from harness import Case, shape_label
+from kdkernels.reference.hcl import hcl_loss as reference
 
 Level = Tuple[int, int, int]  # C, H, W
 
@@ -47,24 +49,14 @@ CUDA_PLAN = [
     ("resnet32x4→resnet8x4", 128, torch.bfloat16),
     ("ResNet50→MobileNetV1", 64, torch.bfloat16),
 ]
+# GPU quick mode: one CIFAR and one ImageNet configuration (every level plan: H = 1, 7, 8, ≥ 14)
+CUDA_QUICK = [("resnet32x4→resnet8x4", 64, torch.float32), ("ResNet34→ResNet18", 64, torch.bfloat16)]
 DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def _kdkernels() -> Tuple[Optional[object], Optional[str], str]:
-    """(kdkernels.hcl_loss or None, its name in kdkernels.backends, why missing)."""
-    try:
-        import kdkernels
-
-        fn = kdkernels.hcl_loss
-    except Exception as exc:
-        return None, None, f"kdkernels.hcl_loss is not importable: {type(exc).__name__}: {exc}"
-    try:
-        from kdkernels.ops import hcl as ops_hcl
-
-        op_name = getattr(ops_hcl, "OP", "hcl_loss")
-    except Exception:
-        op_name = "hcl_loss"
-    return fn, op_name, ""
+def _dtype_suffix(dtype: torch.dtype) -> str:
+    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
+    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
 
 
 class _TrafficFloor(torch.autograd.Function):
@@ -72,7 +64,7 @@ class _TrafficFloor(torch.autograd.Function):
 
     Forward: one read of every fs and ft (a dot product, nothing written).
     Backward: a second read of both and one write of a gradient of fs's shape
-    (fs - ft). The five passes over the tensors that issue 2 names as the floor.
+    (fs - ft). Five passes over the tensors: no fused kernel can move less.
     """
 
     @staticmethod
@@ -93,8 +85,7 @@ def traffic_floor(fs: Sequence[torch.Tensor], ft: Sequence[torch.Tensor]) -> tor
     return _TrafficFloor.apply(*fs, *ft)
 
 
-def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, device: str,
-          reference, kd, backend_op, why: str) -> Case:
+def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, device: str) -> Case:
     shapes = [(batch, c, h, w) for c, h, w in levels]
     numel = sum(n * c * h * w for n, c, h, w in shapes)
     esize = torch.empty((), dtype=dtype).element_size()
@@ -106,26 +97,24 @@ def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, d
 
     inner = ", ".join(shape_label(l) for l in levels)
     return Case(
-        name=f"{label} b{batch}",
+        name=f"{label} b{batch}" + _dtype_suffix(dtype),
         shape=f"{batch}×[{inner}]",
         make_inputs=make_inputs,
         reference=reference,
-        kdkernels=(lambda fs, ft, backend=None: kd(fs, ft, backend=backend)) if kd is not None else None,
-        backend_op=backend_op,
+        kdkernels=lambda fs, ft, backend=None: kdkernels.hcl_loss(fs, ft, backend=backend),
+        backend_op="hcl_loss",
         bytes_fwd=2 * numel * esize,  # read fs, ft
         bytes_bwd=3 * numel * esize,  # read fs, ft; write d loss / d fs
         dtype=DTYPE_LABEL[dtype],
-        note=why,
         floor=("five passes", traffic_floor),
     )
 
 
 def cases(device: str, quick: bool) -> List[Case]:
-    from kdkernels.reference.hcl import hcl_loss as reference
-
-    kd, backend_op, why = _kdkernels()
-    if quick:
+    if quick and device == "cuda":
+        plan = [(p, PAIRS[p], b, dt) for p, b, dt in CUDA_QUICK]
+    elif quick:
         plan = [("tiny", TINY, 2, torch.float32)]
     else:
         plan = [(p, PAIRS[p], b, dt) for p, b, dt in (CUDA_PLAN if device == "cuda" else CPU_PLAN)]
-    return [_case(label, levels, b, dt, device, reference, kd, backend_op, why) for label, levels, b, dt in plan]
+    return [_case(label, levels, b, dt, device) for label, levels, b, dt in plan]

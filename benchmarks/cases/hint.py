@@ -1,6 +1,6 @@
-"""FitNets hint loss through a 1×1 regressor (SPEC section 3) at the hint shapes of real configurations.
+"""FitNets hint loss through a 1×1 regressor (docs/spec.md §3) at the hint shapes of real configurations.
 
-Batch 64, student and teacher hint layers of equal width (SPEC "Shapes"):
+Batch 64, student and teacher hint layers of equal width (docs/spec.md "Shapes that real configurations use"):
 128×16² (resnet8x4 → resnet32x4), 32×16², 64×16², 256×8². As in the hint stage,
 the student features and the regressor's weight and bias require grad, the
 teacher features do not. The reference (``eager``) is ``mse_loss(conv2d(fs, W, b), ft)``,
@@ -11,11 +11,13 @@ fs) is a floor for the bandwidth column, not what limits it.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
 
+import kdkernels
 from harness import Case, shape_label
+from kdkernels.reference.hint import hint_loss as _reference_hint
 
 # (label, batch, Cs, Ct, H, W, dtype)
 PLAN = [
@@ -30,27 +32,22 @@ CUDA_EXTRA = [
     ("resnet8x4 layer3", 64, 256, 256, 8, 8, torch.bfloat16),
 ]
 QUICK = [("tiny", 2, 16, 24, 7, 7, torch.float32), ("tiny 1×1", 8, 33, 16, 1, 1, torch.float32)]
+# GPU quick mode: the real hint shape, in fp32 and bf16
+CUDA_QUICK = [PLAN[0], CUDA_EXTRA[1]]
 DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _dtype_suffix(dtype: torch.dtype) -> str:
+    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
+    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
 
 
 def reference(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """What the original code runs: conv2d(fs; W, b), then mse_loss against ft."""
-    from kdkernels.reference.hint import hint_loss
-
-    return hint_loss(fs, ft, weight, bias)
+    return _reference_hint(fs, ft, weight, bias)
 
 
-def _kdkernels() -> Tuple[Optional[object], str]:
-    try:
-        import kdkernels
-
-        return kdkernels.hint_loss, ""
-    except Exception as exc:
-        return None, f"kdkernels.hint_loss is not importable: {type(exc).__name__}: {exc}"
-
-
-def _case(label: str, n: int, cs: int, ct: int, h: int, w: int, dtype: torch.dtype, device: str,
-          kd, why: str) -> Case:
+def _case(label: str, n: int, cs: int, ct: int, h: int, w: int, dtype: torch.dtype, device: str) -> Case:
     esize = torch.empty((), dtype=dtype).element_size()
 
     def make_inputs():
@@ -61,20 +58,21 @@ def _case(label: str, n: int, cs: int, ct: int, h: int, w: int, dtype: torch.dty
         return fs, ft, weight, bias
 
     return Case(
-        name=f"{label} b{n}",
+        name=f"{label} b{n}" + _dtype_suffix(dtype),
         shape=f"{shape_label((n, cs, h, w))} → {ct}",
         make_inputs=make_inputs,
         reference=reference,
-        kdkernels=(lambda fs, ft, wt, b, backend=None: kd(fs, ft, wt, b, backend=backend)) if kd else None,
+        kdkernels=lambda fs, ft, wt, b, backend=None: kdkernels.hint_loss(fs, ft, wt, b, backend=backend),
         backend_op="hint_loss",
         bytes_fwd=n * (cs + ct) * h * w * esize,  # read fs, ft
         bytes_bwd=n * cs * h * w * esize,  # write d loss / d fs
         dtype=DTYPE_LABEL[dtype],
-        note=why,
     )
 
 
 def cases(device: str, quick: bool) -> List[Case]:
-    kd, why = _kdkernels()
-    plan = QUICK if quick else PLAN + (CUDA_EXTRA if device == "cuda" else [])
-    return [_case(*p, device, kd, why) for p in plan]
+    if quick:
+        plan = CUDA_QUICK if device == "cuda" else QUICK
+    else:
+        plan = PLAN + (CUDA_EXTRA if device == "cuda" else [])
+    return [_case(*p, device) for p in plan]

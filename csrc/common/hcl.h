@@ -1,4 +1,4 @@
-// HCL (SPEC section 1): parameters and the four entry points of kdkernels._C.
+// HCL (docs/spec.md §1): parameters and the four entry points of kdkernels._C.
 //
 // Per (n, c) plane of H x W with d = fs - ft, and bins (i, k) of each pool l_j
 // (sum S over the bin, area = rows * cols of the bin):

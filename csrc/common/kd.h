@@ -1,4 +1,4 @@
-// Hinton KD (SPEC section 4): the streaming (online-softmax) state of a row,
+// Hinton KD (docs/spec.md §4): the streaming (online-softmax) state of a row,
 // shared by the C++ and CUDA kernels, and the entry points of kdkernels._C.
 //
 // With z_s = x_s / T and z_t = x_t / T of one row, running maxima m_s, m_t and

@@ -2,7 +2,8 @@
 //
 // run_team(helpers, body) runs body on the calling thread and on up to
 // `helpers` other threads at once; parallel_for(n, T, fn) calls fn(begin, end)
-// on the fixed chunks [n*t/T, n*(t+1)/T), claimed by the threads of one team.
+// on the fixed chunks [n*t/T, n*(t+1)/T), claimed by the threads of one team;
+// parallel_for_each(n, T, fn) calls fn(i) for each i, claimed one at a time.
 // Which thread runs a chunk never changes what it computes, so results do not
 // depend on the thread count as long as every output is owned by one index.
 //
@@ -179,6 +180,28 @@ inline const char* team_kind() {
   return gomp_parallel() != nullptr ? "torch's OpenMP team (GOMP_parallel)" : "persistent std::thread pool";
 }
 
+namespace detail {
+// fn(k) for every k in [0, items), each k claimed by one thread of a team of up
+// to T; the first exception stops the claims and is rethrown on the caller.
+template <typename F>
+void claim_each(int64_t items, int64_t T, F&& fn) {
+  std::atomic<int64_t> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+  run_team(T - 1, [&] {
+    try {
+      for (int64_t k = next.fetch_add(1); k < items; k = next.fetch_add(1)) fn(k);
+    } catch (...) {
+      next.store(items);  // the others stop at their next claim
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+}  // namespace detail
+
+// fn(begin, end) on the fixed chunks [n*t/T, n*(t+1)/T), T = min(num_threads, n).
 template <typename F>
 void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
   if (n <= 0) return;
@@ -187,19 +210,21 @@ void parallel_for(int64_t n, int64_t num_threads, F&& fn) {
     fn(int64_t(0), n);
     return;
   }
-  std::atomic<int64_t> next{0};
-  std::mutex error_mutex;
-  std::exception_ptr error;
-  run_team(T - 1, [&] {
-    try {
-      for (int64_t t = next.fetch_add(1); t < T; t = next.fetch_add(1)) fn(n * t / T, n * (t + 1) / T);
-    } catch (...) {
-      next.store(T);  // the others stop at their next claim
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
-    }
-  });
-  if (error) std::rethrow_exception(error);
+  detail::claim_each(T, T, [&](int64_t t) { fn(n * t / T, n * (t + 1) / T); });
+}
+
+// fn(i) for every i in [0, n), each index claimed on its own by a team of up to
+// num_threads: for a few items of real work each, where a thread that joins late
+// (its core busy elsewhere) should still take what is left.
+template <typename F>
+void parallel_for_each(int64_t n, int64_t num_threads, F&& fn) {
+  if (n <= 0) return;
+  const int64_t T = std::max<int64_t>(1, std::min(num_threads, n));
+  if (T == 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  detail::claim_each(n, T, fn);
 }
 
 }  // namespace kdk

@@ -1,4 +1,4 @@
-// ABF fusion on CPU (SPEC section 2, step 2; the per-pixel math is in kdkernels/triton/abf.py).
+// ABF fusion on CPU (docs/spec.md §2, step 2; the per-pixel math is in kdkernels/triton/abf.py).
 //
 // x, out, grad_out g, grad_x: (N, C, H, W); y, grad_y: (N, C, h, w); z: (N, 2, H, W)
 // in the accumulation type A (float; double for float64). Weights w[k][c] act on
@@ -44,6 +44,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/checks.h"
 #include "../common/dtype.h"
 #include "../common/parallel.h"
 
@@ -642,7 +643,34 @@ inline void grad_x_group_halves(const T* g, const T* x, int64_t stride, const A*
   }
 }
 
-template <typename T>
+// The shape path of a call (see the file comment), fixed at compile time in the
+// unit functions: kPoint when h = w = 1, kHalves when H = 2h and W = 2w (float
+// and double storage only: fp16 / bf16 take kGeneral there), else kGeneral.
+enum class Path { kPoint, kHalves, kGeneral };
+template <Path P> using PathTag = std::integral_constant<Path, P>;
+
+template <typename T, typename F>
+void with_path(const Plan& p, F&& f) {
+  if (p.point) return f(PathTag<Path::kPoint>{});
+  if constexpr (kDirect<T, acc_t<T>>) {
+    if (p.halves) return f(PathTag<Path::kHalves>{});
+  }
+  f(PathTag<Path::kGeneral>{});
+}
+
+// body(G, i) for the n <= kGroup channels of one sweep, G a compile-time group
+// size: once with G = kGroup (i = 0) for a whole group, else once per channel
+// with G = 1 (channel i of the sweep).
+template <typename F>
+inline void for_group(int n, F&& body) {
+  if (n == kGroup) {
+    body(std::integral_constant<int, kGroup>{}, 0);
+  } else {
+    for (int i = 0; i < n; ++i) body(std::integral_constant<int, 1>{}, i);
+  }
+}
+
+template <typename T, Path kPath>
 void fwd_unit(const T* x, const T* y, const std::vector<acc_t<T>>& wt, acc_t<T> b0, acc_t<T> b1, T* out,
               acc_t<T>* z, int64_t q0, int64_t q1, const Plan& p) {
   using A = acc_t<T>;
@@ -679,20 +707,22 @@ void fwd_unit(const T* x, const T* y, const std::vector<acc_t<T>>& wt, acc_t<T> 
       z1[k] = A(1) / (A(1) + std::exp(-a1[k]));
     }
     for (int64_t c = 0; c < C; ++c) {
-      if (p.point) {
-        fuse_const<T, A>(x + c * HW + p0, Scalar<T>::load(y[c]), z0, z1, out + c * HW + p0, P);
-      } else if (kDirect<T, A> && p.halves) {
-        fuse_halves<T, A>(x + c * HW + p0, y + c * hw, z0, z1, out + c * HW + p0, r0, r1, p);
+      const T* xc = x + c * HW + p0;
+      T* oc = out + c * HW + p0;
+      if constexpr (kPath == Path::kPoint) {
+        fuse_const<T, A>(xc, Scalar<T>::load(y[c]), z0, z1, oc, P);
+      } else if constexpr (kPath == Path::kHalves) {
+        fuse_halves<T, A>(xc, y + c * hw, z0, z1, oc, r0, r1, p);
       } else {
         gather_chunk<T, A>(y + c * hw, 0, rg, r0, u.data(), p);
-        fuse<T, A>(x + c * HW + p0, u.data(), z0, z1, out + c * HW + p0, P);
+        fuse<T, A>(xc, u.data(), z0, z1, oc, P);
       }
     }
   }
 }
 
 // One unit's partials: part[0, 4C) of grad_w, part[4C], part[4C + 1] of grad_b.
-template <typename T>
+template <typename T, Path kPath>
 void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& wt, const acc_t<T>* z, T* gx, T* gy,
               acc_t<T>* part, int64_t q0, int64_t q1, const Plan& p) {
   using A = acc_t<T>;
@@ -715,17 +745,14 @@ void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& w
     std::fill(s1.begin(), s1.begin() + P, A(0));
     for (int64_t c = 0; c < C; c += kGroup) {
       const int n = int(std::min<int64_t>(kGroup, C - c));
-      if (p.point) {  // u_c is the single value y_c
+      if constexpr (kPath == Path::kPoint) {  // u_c is the single value y_c
         for (int i = 0; i < n; ++i) u[i] = S::load(y[c + i]);
         channel_dots<T, A, true>(g + c * HW + p0, x + c * HW + p0, HW, u.data(), n, s0.data(), s1.data(), P);
-      } else if (kDirect<T, A> && p.halves) {
-        if (n == kGroup)
-          channel_dots_halves<T, A, kGroup>(g + c * HW + p0, x + c * HW + p0, HW, y + c * hw, hw, s0.data(),
-                                            s1.data(), r0, r1, p);
-        else
-          for (int i = 0; i < n; ++i)
-            channel_dots_halves<T, A, 1>(g + (c + i) * HW + p0, x + (c + i) * HW + p0, HW, y + (c + i) * hw, hw,
-                                         s0.data(), s1.data(), r0, r1, p);
+      } else if constexpr (kPath == Path::kHalves) {
+        for_group(n, [&](auto G, int i) {
+          channel_dots_halves<T, A, decltype(G)::value>(g + (c + i) * HW + p0, x + (c + i) * HW + p0, HW,
+                                                        y + (c + i) * hw, hw, s0.data(), s1.data(), r0, r1, p);
+        });
       } else {
         for (int i = 0; i < n; ++i) gather_chunk<T, A>(y + (c + i) * hw, 0, rg, r0, u.data() + i * P, p);
         channel_dots<T, A, false>(g + c * HW + p0, x + c * HW + p0, HW, u.data(), n, s0.data(), s1.data(), P);
@@ -758,38 +785,32 @@ void bwd_unit(const T* g, const T* x, const T* y, const std::vector<acc_t<T>>& w
       const T* xc = x + c * HW + p0;
       T* gxc = gx + c * HW + p0;
       const A *w0 = &wt[c], *w1 = &wt[2 * C + c];
-      if (!kDirect<T, A>) {  // fp16 / bf16: one channel per sweep
+      if constexpr (!kDirect<T, A>) {  // fp16 / bf16: one channel per sweep, scalar loops
         for (int i = 0; i < n; ++i) {
           grad_x_pass<T, A>(gc + i * HW, z0, z1, da0.data(), da1.data(), w0[i], w1[i], gxc + i * HW, t.data(), P);
           dot2_lanes<T, A>(xc + i * HW, da0.data(), da1.data(), P, px0[i], px1[i]);
           scatter_chunk(t.data(), rg, r0, q0, gyacc.data() + (c + i) * nq, rowsum.data(), p);
         }
-      } else if (p.point) {  // t[i] = sum_p g z1, added straight to grad_y's accumulator
-        if (n == kGroup)
-          grad_x_group<T, A, kGroup, true>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, t.data(), P,
-                                           px0, px1);
-        else
-          for (int i = 0; i < n; ++i)
-            grad_x_group<T, A, 1, true>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
-                                        w1 + i, gxc + i * HW, t.data() + i, P, px0 + i, px1 + i);
+      } else if constexpr (kPath == Path::kPoint) {  // t[i] = sum_p g z1, added straight to grad_y's accumulator
+        for_group(n, [&](auto G, int i) {
+          grad_x_group<T, A, decltype(G)::value, true>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(),
+                                                       w0 + i, w1 + i, gxc + i * HW, t.data() + i, P, px0 + i,
+                                                       px1 + i);
+        });
         for (int i = 0; i < n; ++i) gyacc[c + i] += t[i];
-      } else if (p.halves) {  // g z1 summed per 2x2 block and added to grad_y's accumulator directly
+      } else if constexpr (kPath == Path::kHalves) {  // g z1 summed per 2x2 block into grad_y's accumulator
         A* gyc = gyacc.data() + c * nq;
-        if (n == kGroup)
-          grad_x_group_halves<T, A, kGroup>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, gyc, nq, r0, r1,
-                                            q0, p, px0, px1);
-        else
-          for (int i = 0; i < n; ++i)
-            grad_x_group_halves<T, A, 1>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
-                                         w1 + i, gxc + i * HW, gyc + i * nq, nq, r0, r1, q0, p, px0 + i, px1 + i);
+        for_group(n, [&](auto G, int i) {
+          grad_x_group_halves<T, A, decltype(G)::value>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(),
+                                                        w0 + i, w1 + i, gxc + i * HW, gyc + i * nq, nq, r0, r1, q0, p,
+                                                        px0 + i, px1 + i);
+        });
       } else {
-        if (n == kGroup)
-          grad_x_group<T, A, kGroup, false>(gc, xc, HW, z0, z1, da0.data(), da1.data(), w0, w1, gxc, t.data(), P,
-                                            px0, px1);
-        else
-          for (int i = 0; i < n; ++i)
-            grad_x_group<T, A, 1, false>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(), da1.data(), w0 + i,
-                                         w1 + i, gxc + i * HW, t.data() + i * P, P, px0 + i, px1 + i);
+        for_group(n, [&](auto G, int i) {
+          grad_x_group<T, A, decltype(G)::value, false>(gc + i * HW, xc + i * HW, HW, z0, z1, da0.data(),
+                                                        da1.data(), w0 + i, w1 + i, gxc + i * HW, t.data() + i * P,
+                                                        P, px0 + i, px1 + i);
+        });
         for (int i = 0; i < n; ++i)
           scatter_chunk(t.data() + i * P, rg, r0, q0, gyacc.data() + (c + i) * nq, rowsum.data(), p);
       }
@@ -826,6 +847,7 @@ void abf_fwd_cpu(int dtype, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t bi
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, double scale_h, double scale_w,
                  int64_t num_threads) {
   const Plan p = make_plan("abf_fwd_cpu", dtype, N, C, H, W, h, w, scale_h, scale_w);
+  check_pointers("abf_fwd_cpu", {x, y, wt, bias, out, z});
   dispatch_dtype(dtype, "abf_fwd_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -833,13 +855,16 @@ void abf_fwd_cpu(int dtype, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t bi
     const auto ba = load_acc<T>(bias, 2);
     const int64_t per = p.units_per_sample(), U = N * per;
     const int64_t threads = choose_threads(num_threads, U, N * C * H * W, 16384);
-    parallel_for(U, threads, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t n = u / per, i = u % per;
-        fwd_unit<T>(reinterpret_cast<const T*>(x) + n * C * H * W, reinterpret_cast<const T*>(y) + n * C * h * w,
-                    wa, ba[0], ba[1], reinterpret_cast<T*>(out) + n * C * H * W,
-                    reinterpret_cast<A*>(z) + n * 2 * H * W, p.unit_q[i], p.unit_q[i + 1], p);
-      }
+    with_path<T>(p, [&](auto path) {
+      parallel_for(U, threads, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t n = u / per, i = u % per;
+          fwd_unit<T, decltype(path)::value>(
+              reinterpret_cast<const T*>(x) + n * C * H * W, reinterpret_cast<const T*>(y) + n * C * h * w, wa,
+              ba[0], ba[1], reinterpret_cast<T*>(out) + n * C * H * W, reinterpret_cast<A*>(z) + n * 2 * H * W,
+              p.unit_q[i], p.unit_q[i + 1], p);
+        }
+      });
     });
   });
 }
@@ -848,6 +873,7 @@ void abf_bwd_cpu(int dtype, uintptr_t g, uintptr_t x, uintptr_t y, uintptr_t wt,
                  uintptr_t gy, uintptr_t gw, uintptr_t gb, int64_t N, int64_t C, int64_t H, int64_t W, int64_t h,
                  int64_t w, double scale_h, double scale_w, int64_t num_threads) {
   const Plan p = make_plan("abf_bwd_cpu", dtype, N, C, H, W, h, w, scale_h, scale_w);
+  check_pointers("abf_bwd_cpu", {g, x, y, wt, z, gx, gy, gw, gb});
   dispatch_dtype(dtype, "abf_bwd_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -855,14 +881,17 @@ void abf_bwd_cpu(int dtype, uintptr_t g, uintptr_t x, uintptr_t y, uintptr_t wt,
     const int64_t per = p.units_per_sample(), U = N * per, stride = 4 * C + 2;
     std::vector<A> parts(U * stride);
     const int64_t threads = choose_threads(num_threads, U, N * C * H * W, 16384);
-    parallel_for(U, threads, [&](int64_t u0, int64_t u1) {
-      for (int64_t u = u0; u < u1; ++u) {
-        const int64_t n = u / per, i = u % per;
-        bwd_unit<T>(reinterpret_cast<const T*>(g) + n * C * H * W, reinterpret_cast<const T*>(x) + n * C * H * W,
-                    reinterpret_cast<const T*>(y) + n * C * h * w, wa, reinterpret_cast<const A*>(z) + n * 2 * H * W,
-                    reinterpret_cast<T*>(gx) + n * C * H * W, reinterpret_cast<T*>(gy) + n * C * h * w,
-                    parts.data() + u * stride, p.unit_q[i], p.unit_q[i + 1], p);
-      }
+    with_path<T>(p, [&](auto path) {
+      parallel_for(U, threads, [&](int64_t u0, int64_t u1) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t n = u / per, i = u % per;
+          bwd_unit<T, decltype(path)::value>(
+              reinterpret_cast<const T*>(g) + n * C * H * W, reinterpret_cast<const T*>(x) + n * C * H * W,
+              reinterpret_cast<const T*>(y) + n * C * h * w, wa, reinterpret_cast<const A*>(z) + n * 2 * H * W,
+              reinterpret_cast<T*>(gx) + n * C * H * W, reinterpret_cast<T*>(gy) + n * C * h * w,
+              parts.data() + u * stride, p.unit_q[i], p.unit_q[i + 1], p);
+        }
+      });
     });
     // the second, small reduction: unit partials added in unit order
     A* gwa = reinterpret_cast<A*>(gw);

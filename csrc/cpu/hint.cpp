@@ -1,4 +1,4 @@
-// FitNets hint loss through a 1x1 regressor on CPU (SPEC section 3), loss and
+// FitNets hint loss through a 1x1 regressor on CPU (docs/spec.md §3), loss and
 // gradients in one pass over the pixels.
 //
 // Pixels are samples: pixel q in [0, N*P) is (n, p) = (q / P, q % P), P = H*W,
@@ -23,29 +23,27 @@
 // or on which thread ran which group.
 //
 // The per-group work (packing, the three GEMMs with a register-blocked
-// micro-kernel written with GCC vector extensions, sums, transposes, scatters)
+// micro-kernel written with GCC / Clang vector extensions, sums, transposes, scatters)
 // is compiled three times (AVX-512, AVX2+FMA, and the portable baseline); the
 // widest the CPU supports is picked at run time ($KDKERNELS_CPU_ISA can narrow
 // it). While a block's GEMMs run, the next block's input lines are prefetched.
-// Threads: run_team (common/parallel.h: torch's OpenMP team, else a persistent pool), block buffers and partials
-// kept per thread from call to call (no fresh memory to page-fault in).
+// Threads: parallel_for_each (common/parallel.h: torch's OpenMP team, else a
+// persistent pool) hands out groups one at a time; block buffers and partials
+// are kept per thread from call to call (no fresh memory to page-fault in).
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
-#include <functional>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
 #include "../common/dtype.h"
-#include "../common/parallel.h"  // choose_threads, run_team
+#include "../common/macros.h"    // KDK_ALWAYS_INLINE
+#include "../common/parallel.h"  // choose_threads, parallel_for_each
 
 namespace kdk {
 namespace {
@@ -65,19 +63,10 @@ constexpr int64_t kMinBlocksPerGroup = 4;
 // Below this many multiply-adds per thread, another thread costs more than it saves.
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
 
-#define KDK_ALWAYS_INLINE __attribute__((always_inline)) inline
-
 template <typename A, int VL>
 struct Vec {
   typedef A type __attribute__((vector_size(VL * sizeof(A))));
 };
-
-template <typename A> struct IntOf;
-template <> struct IntOf<float> { using type = int32_t; };
-template <> struct IntOf<double> { using type = int64_t; };
-
-template <int N>
-constexpr int kLog2 = N <= 1 ? 0 : 1 + kLog2<N / 2>;
 
 // C[MR x NV*VL] (= or +=) A[MR x K] B[K x NV*VL], all row-major with leading
 // dimensions. The MR*NV accumulators stay in registers; A is broadcast one
@@ -361,36 +350,62 @@ KDK_ALWAYS_INLINE void sum_and_squares(const A* __restrict x, A& sum, A& sq) {
   sq = q[0];
 }
 
+// Swap the off-diagonal b x b blocks of every 2b x 2b block of the VL x VL tile
+// t (rows i and i + b, for each i with bit b clear): row i keeps its left part
+// and takes row i+b's left part; row i+b takes row i's right part and keeps its
+// right part. Then the same at b / 2, down to 1: log2(VL) rounds transpose t.
+// Two-source shuffles with compile-time lane indices: __builtin_shufflevector
+// (Clang, GCC >= 12), or GCC's __builtin_shuffle with constant masks.
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define KDK_SHUFFLEVECTOR 1
+#endif
+#endif
+#if !defined(KDK_SHUFFLEVECTOR) && defined(__GNUC__) && !defined(__clang__)
+#define KDK_GCC_SHUFFLE 1
+#endif
+
+template <int VL, int B, typename V, std::size_t... J>
+KDK_ALWAYS_INLINE void swap_blocks(V& top, V& bottom, std::index_sequence<J...>) {
+  const V a = top, c = bottom;
+#if defined(KDK_SHUFFLEVECTOR)
+  top = __builtin_shufflevector(a, c, ((J & B) ? VL + J - B : J)...);
+  bottom = __builtin_shufflevector(a, c, ((J & B) ? VL + J : J + B)...);
+#else
+  using I = decltype(a < c);  // the vector of lane indices (signed integers of the lanes' width)
+  top = __builtin_shuffle(a, c, I{((J & B) ? VL + J - B : J)...});
+  bottom = __builtin_shuffle(a, c, I{((J & B) ? VL + J : J + B)...});
+#endif
+}
+
+template <int VL, int B, std::size_t I, typename V>
+KDK_ALWAYS_INLINE void swap_rows(V* t) {
+  if constexpr (!(I & B)) swap_blocks<VL, B>(t[I], t[I + B], std::make_index_sequence<VL>{});
+}
+
+template <int VL, int B, typename V, std::size_t... I>
+KDK_ALWAYS_INLINE void transpose_round(V* t, std::index_sequence<I...>) {
+  (swap_rows<VL, B, I>(t), ...);
+}
+
+template <int VL, int B, typename V>
+KDK_ALWAYS_INLINE void transpose_rounds(V* t) {
+  transpose_round<VL, B>(t, std::make_index_sequence<VL>{});
+  if constexpr (B > 1) transpose_rounds<VL, B / 2>(t);
+}
+
 // XT[j][c] = X[c][j] for the rows c < rows (a multiple of VL; X has that many
 // rows, the ones past Cs being 0), one VL x VL tile at a time: VL vector loads,
-// log2(VL) rounds of two-source shuffles that swap the off-diagonal blocks of
-// every 2b x 2b block (b = VL/2, ..., 1), VL vector stores.
+// the log2(VL) rounds of swap_blocks, VL vector stores.
 template <typename A, int VL>
 KDK_ALWAYS_INLINE void transpose(const A* __restrict x, int64_t rows, A* __restrict xt, int64_t xt_ld) {
-#if defined(__GNUC__) && !defined(__clang__)
+#if defined(KDK_SHUFFLEVECTOR) || defined(KDK_GCC_SHUFFLE)
   using V = typename Vec<A, VL>::type;
-  using I = typename Vec<typename IntOf<A>::type, VL>::type;
-  I lo_mask[kLog2<VL>], hi_mask[kLog2<VL>];
-  for (int level = 0, b = VL / 2; b >= 1; ++level, b /= 2)
-    for (int j = 0; j < VL; ++j) {
-      lo_mask[level][j] = (j & b) ? VL + j - b : j;  // row i keeps its left part, takes row i+b's left part
-      hi_mask[level][j] = (j & b) ? VL + j : j + b;   // row i+b takes row i's right part, keeps its right part
-    }
   for (int64_t c0 = 0; c0 < rows; c0 += VL)
     for (int64_t j0 = 0; j0 < kBlock; j0 += VL) {
       V t[VL];
       for (int i = 0; i < VL; ++i) std::memcpy(&t[i], x + (c0 + i) * kLd + j0, sizeof(V));
-#pragma GCC unroll 8
-      for (int level = 0; level < kLog2<VL>; ++level) {
-        const int b = VL >> (level + 1);
-#pragma GCC unroll 16
-        for (int i = 0; i < VL; ++i)
-          if (!(i & b)) {
-            const V top = t[i], bottom = t[i + b];
-            t[i] = __builtin_shuffle(top, bottom, lo_mask[level]);
-            t[i + b] = __builtin_shuffle(top, bottom, hi_mask[level]);
-          }
-      }
+      transpose_rounds<VL, VL / 2>(t);
       for (int i = 0; i < VL; ++i) std::memcpy(xt + (j0 + i) * xt_ld + c0, &t[i], sizeof(V));
     }
 #else
@@ -574,22 +589,9 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
     const RunFn<T> run = runner<T>();
     const int64_t macs = N * P * Cs * Ct * (1 + (need_fs ? 1 : 0) + (need_w ? 1 : 0));
     const int64_t threads = choose_threads(num_threads, groups, macs, kMinMacsPerThread);
-    // The calling thread and up to threads - 1 pool threads take the next
-    // unclaimed group; which thread computes a group never changes its result.
-    std::atomic<int64_t> next_group{0};
-    std::mutex error_mutex;
-    std::exception_ptr error;
-    run_team(threads - 1, [&] {
-      try {
-        Scratch<T>& scratch = Scratch<T>::for_this_thread(job);
-        for (int64_t g = next_group.fetch_add(1); g < groups; g = next_group.fetch_add(1)) run(job, scratch, g);
-      } catch (...) {
-        next_group.store(groups);  // the others stop at their next claim
-        std::lock_guard<std::mutex> lock(error_mutex);
-        if (!error) error = std::current_exception();
-      }
-    });
-    if (error) std::rethrow_exception(error);
+    // The threads of the team take the next unclaimed group; which thread
+    // computes a group never changes its result.
+    parallel_for_each(groups, threads, [&](int64_t g) { run(job, Scratch<T>::for_this_thread(job), g); });
 
     // Second reduction: the groups in order.
     A loss = A(0);

@@ -29,6 +29,7 @@
 #include "../common/checks.h"
 #include "../common/dtype.h"
 #include "../common/kd.h"
+#include "../common/macros.h"  // KDK_ALWAYS_INLINE
 #include "../common/parallel.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -37,11 +38,6 @@
 #define KDK_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
 #else
 #define KDK_KD_X86 0
-#endif
-#if defined(__GNUC__)
-#define KDK_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define KDK_ALWAYS_INLINE inline
 #endif
 
 namespace kdk {
