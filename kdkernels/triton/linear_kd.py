@@ -57,6 +57,7 @@ _BV = 64
 _BK = 64
 _TARGET_PROGRAMS = 512  # split the vocabulary until the grid has about this many programs
 _EW_BLOCK = 1024        # vocabulary entries per program of the elementwise gradient kernel
+_NUM_WARPS = 4          # of the forward kernel
 
 
 @triton.jit
@@ -293,7 +294,7 @@ def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h
         HAS_BS=b_s is not None, HAS_BT=b_t is not None, HAS_Y=labels is not None, STORE=store,
         ACC=_acc(h_s.dtype), PREC="ieee",
         DOT_F32=h_s.dtype == torch.bfloat16 and dev.type == "cpu",  # the interpreter's numpy dot has no bf16
-        BM=_BM, BV=_BV, BK=_BK, num_warps=4,
+        BM=_BM, BV=_BV, BK=_BK, num_warps=_NUM_WARPS,
     )
     launch_counts["linear_kd_fwd"] += 1
     stats = torch.empty(m, STATS, dtype=acc_t, device=dev)
