@@ -72,7 +72,7 @@ def _case(n: int, v: int, d: int, dtype: torch.dtype, device: str, op, why: str)
         return op(h_s, w_s, h_t, w_t, temperature=TEMPERATURE, backend=backend)
 
     return Case(
-        name=f"LM {v // 1000}k vocab N{n} D{d}",
+        name=f"LM vocab {v:,} N{n} D{d}",
         shape=f"{n}×{d} · {v}×{d}",
         make_inputs=make_inputs,
         reference=reference,
