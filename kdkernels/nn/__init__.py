@@ -3,6 +3,7 @@ from .hcl import HCLLoss
 from .abf import ABF
 from .reviewkd import ReviewKD, ReviewKDLoss
 from .kd import DistillKL
+from .linear_kd import LinearDistillKL
 from .hint import ConvReg, HintLoss, is_plain_1x1, least_squares_init_
 
-__all__ = ["HCLLoss", "ABF", "ReviewKD", "ReviewKDLoss", "DistillKL", "ConvReg", "HintLoss", "is_plain_1x1", "least_squares_init_"]
+__all__ = ["HCLLoss", "ABF", "ReviewKD", "ReviewKDLoss", "DistillKL", "LinearDistillKL", "ConvReg", "HintLoss", "is_plain_1x1", "least_squares_init_"]

@@ -7,5 +7,6 @@ from .hcl import hcl_loss, hcl_level_plan
 from .abf import abf_fuse
 from .kd import kd_loss
 from .hint import hint_loss
+from .linear_kd import linear_kd_loss
 
-__all__ = ["hcl_loss", "hcl_level_plan", "abf_fuse", "kd_loss", "hint_loss"]
+__all__ = ["hcl_loss", "hcl_level_plan", "abf_fuse", "kd_loss", "hint_loss", "linear_kd_loss"]

@@ -6,6 +6,7 @@ labels)`` returns ``(logits, losses)`` with already-weighted loss terms, and
 ``distiller.parameters()`` is exactly what the optimiser should train.
 
 * :class:`KD` - Hinton (``kd_loss``).
+* :class:`CausalLMKD` - causal language models as (model, lm_head) pairs (``linear_kd_loss``).
 * :class:`FitNets` - the paper's two stages, or the single-stage variant (``hint_loss``).
 * :class:`ReviewKD` - ABF fusion + HCL with warm-up (``nn.ReviewKD``, ``hcl_loss``).
 * :class:`SSKD` - stage-by-stage feature mimicking, then head-only training.
@@ -27,9 +28,11 @@ from .fit import evaluate, fit
 from .fitnets import FitNets
 from .fskd import FSKD
 from .kd import KD
+from .lm import CausalLM, CausalLMKD
 from .reviewkd import FeatureStudent, ReviewKD
 from .sskd import SSKD
 from .taps import FeatureTaps, Output
 
-__all__ = ["Distiller", "FeatureTaps", "Output", "FeatureStudent", "KD", "FitNets", "ReviewKD", "SSKD", "FSKD",
+__all__ = ["Distiller", "FeatureTaps", "Output", "FeatureStudent", "KD", "CausalLM", "CausalLMKD", "FitNets", "ReviewKD",
+           "SSKD", "FSKD",
            "fit", "evaluate"]

@@ -1,0 +1,168 @@
+r"""The chunked pass of ``linear_kd_loss`` (kdkernels/ops/linear_kd.py): loss rows and gradients.
+
+The N tokens are taken ``chunk`` at a time. For a chunk of M tokens the backend
+forms the two (M, V) logit blocks, the per-token statistics of the softmaxes
+and the rows' losses; when gradients are wanted it turns the logit blocks into
+the gradient logits (in place on the GPU) and two GEMMs per model add the
+chunk's share:
+
+    dh[chunk] = dz w          (M, D)
+    dw       += dz^T h[chunk] (V, D), in the accumulation dtype, chunk after chunk
+    db       += sum_rows dz   (V,)
+
+So at most a few (M, V) blocks exist at a time, never an (N, V) matrix, and the
+sums over chunks run in a fixed order (deterministic).
+
+Backends of a chunk:
+
+- ``triton``: kdkernels/triton/linear_kd.py forms the logits with ``tl.dot``
+  and runs the online softmaxes; the gradient-logit kernel works in place.
+- ``cpp``: the logits by ``torch.nn.functional.linear`` (the CPU's BLAS), the
+  KD statistics and KD gradient logits by the fused C++ KD kernels
+  (csrc/cpu/kd.cpp, one streaming pass each), the cross-entropy term in torch.
+
+The GEMMs of fp16/bf16 inputs take the gradient logits rounded to the inputs'
+dtype (as eager autograd stores them) and accumulate in fp32; on CPU the weight
+gradient is one fp32 GEMM per chunk.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _native
+from ._common import DTYPE_CODE, acc_dtype
+
+
+def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _cpp_chunk(hs: Tensor, w_s: Tensor, b_s: Optional[Tensor], ht: Tensor, w_t: Tensor, b_t: Optional[Tensor],
+               y: Optional[Tensor], inv_t: float, ce_on: bool, grad: bool):
+    """(stats, KL, CE or None, z_s, z_t) of one chunk on the CPU; z in the accumulation dtype."""
+    acc = acc_dtype(hs.dtype)
+    zs = F.linear(hs, w_s, b_s).to(acc).contiguous()
+    zt = F.linear(ht, w_t, b_t).to(acc).contiguous()
+    m, v = zs.shape
+    stats = torch.empty(m, 5, dtype=acc)
+    kl = torch.empty(m, dtype=acc)
+    _native.native().kd_fwd_cpu(DTYPE_CODE[acc], zs.data_ptr(), zt.data_ptr(), stats.data_ptr(), kl.data_ptr(),
+                                m, v, inv_t, 1.0, False, torch.get_num_threads())
+    ce = None
+    if ce_on:
+        ce = torch.logsumexp(zs, 1) - zs.gather(1, y[:, None])[:, 0]
+    return stats, kl, ce, zs, zt
+
+
+def _cpp_dlogits(zs: Tensor, zt: Tensor, stats: Tensor, y: Optional[Tensor], r_kd: Tensor,
+                 r_ce: Optional[Tensor], inv_t: float, teacher: bool):
+    """(dz_s, dz_t or None) of one CPU chunk (see kdkernels/triton/linear_kd.py for the formulas)."""
+    m, v = zs.shape
+    dzs = torch.empty_like(zs)
+    dzt = torch.empty_like(zt) if teacher else None
+    r_kd = r_kd.contiguous()
+    _native.native().kd_bwd_cpu(DTYPE_CODE[zs.dtype], zs.data_ptr(), zt.data_ptr(), stats.data_ptr(),
+                                r_kd.data_ptr(), 1, 1.0, dzs.data_ptr(), dzt.data_ptr() if teacher else 0,
+                                m, v, inv_t, torch.get_num_threads())
+    if r_ce is not None:
+        p1 = torch.softmax(zs, 1)
+        dzs.add_(p1.mul_(r_ce[:, None]))
+        dzs.scatter_add_(1, y[:, None], -r_ce[:, None])
+    return dzs, dzt
+
+
+def _add_grads(dz: Tensor, h: Tensor, w: Tensor, gh: Optional[Tensor], gw: Optional[Tensor],
+               gb: Optional[Tensor]) -> None:
+    """gh = dz w (this chunk's rows), gw += dz^T h, gb += column sums of dz."""
+    low = dz.dtype != h.dtype
+    if gh is not None:
+        if low:
+            gh.copy_(torch.mm(dz.to(h.dtype), w))
+        else:
+            torch.mm(dz, w, out=gh)
+    if gw is not None:
+        if not low:
+            gw.addmm_(dz.t(), h)
+        elif h.device.type == "cpu":
+            gw.addmm_(dz.t(), h.to(gw.dtype))
+        else:
+            gw.add_(torch.mm(dz.to(h.dtype).t(), h))
+    if gb is not None:
+        gb.add_(dz.sum(0))
+
+
+def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
+        b_t: Optional[Tensor], labels: Optional[Tensor], keep: Tensor, rw: Optional[Tensor], temperature: float,
+        ce_weight: float, chunk: int, needs: Sequence[bool]) -> List[Tensor]:
+    """[rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t] over chunks of ``chunk`` tokens.
+
+    rows (N,): k_n (T^2 KL_n + ce_weight CE_n), accumulation dtype. ``keep`` (N,)
+    bool. The gradients (accumulation dtype, shaped like their inputs; an empty
+    (0,) tensor where ``needs`` says no) are those of sum_n rw_n L_n / k_n, i.e.
+    with per-row weights ``rw`` (N,) that already hold k_n; ``rw=None``: none.
+    Inputs contiguous, labels (N,) int64 with the ignored rows set to a valid class.
+    """
+    acc = acc_dtype(h_s.dtype)
+    n, v = h_s.shape[0], w_s.shape[0]
+    need_hs, need_ws, need_bs, need_ht, need_wt, need_bt = [bool(x) for x in needs]
+    if rw is None:
+        need_hs = need_ws = need_bs = need_ht = need_wt = need_bt = False
+    need_bs, need_bt = need_bs and b_s is not None, need_bt and b_t is not None
+    want_s = need_hs or need_ws or need_bs
+    want_t = need_ht or need_wt or need_bt
+    grad = want_s or want_t
+    ce_on = ce_weight != 0.0
+    inv_t = 1.0 / temperature
+    t2 = temperature * temperature
+
+    def buf(need: bool, shape, zero: bool) -> Tensor:
+        if not need:
+            return _empty(h_s, acc)
+        return (torch.zeros if zero else torch.empty)(shape, dtype=acc, device=h_s.device)
+
+    gh_s = buf(need_hs, h_s.shape, False)
+    gw_s = buf(need_ws, w_s.shape, True)
+    gb_s = buf(need_bs, (v,), True)
+    gh_t = buf(need_ht, h_t.shape, False)
+    gw_t = buf(need_wt, w_t.shape, True)
+    gb_t = buf(need_bt, (v,), True)
+    rows = torch.empty(n, dtype=acc, device=h_s.device)
+    for c0 in range(0, n, chunk):
+        c1 = min(n, c0 + chunk)
+        hs, ht = h_s[c0:c1], h_t[c0:c1]
+        y = labels[c0:c1] if labels is not None else None
+        if backend == "triton":
+            from ..triton import linear_kd as tri
+
+            stats, kl, ce, zs, zt = tri.lkd_fwd(hs, w_s, b_s, ht, w_t, b_t, y, inv_t, grad)
+            if not ce_on:
+                ce = None
+        else:
+            stats, kl, ce, zs, zt = _cpp_chunk(hs, w_s, b_s, ht, w_t, b_t, y, inv_t, ce_on, grad)
+        row = kl * t2
+        if ce is not None:
+            row = row + ce_weight * ce
+        k = keep[c0:c1]
+        rows[c0:c1] = torch.where(k, row, torch.zeros_like(row))
+        if not grad:
+            continue
+        r = rw[c0:c1]
+        r_kd = r * temperature
+        r_ce = r * ce_weight if ce_on else None
+        if backend == "triton":
+            tri.lkd_dlogits(zs, zt, stats, y, r_kd, r_ce, inv_t, want_t)
+            dzs, dzt = zs, (zt if want_t else None)
+        else:
+            dzs, dzt = _cpp_dlogits(zs, zt, stats, y, r_kd, r_ce, inv_t, want_t)
+        if want_s:
+            _add_grads(dzs, hs, w_s, gh_s[c0:c1] if need_hs else None, gw_s if need_ws else None,
+                       gb_s if need_bs else None)
+        if want_t:
+            _add_grads(dzt, ht, w_t, gh_t[c0:c1] if need_ht else None, gw_t if need_wt else None,
+                       gb_t if need_bt else None)
+        del zs, zt, dzs, dzt
+    return [rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t]

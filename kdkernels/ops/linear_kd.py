@@ -1,0 +1,323 @@
+r"""``kdkernels.linear_kd_loss``: KD (and cross-entropy) of two lm_heads' logits, never materialised.
+
+Shapes: h_s (N, D_s), w_s (V, D_s), h_t (N, D_t), w_t (V, D_t), biases (V,),
+labels (N,). With z = h w^T + b, p = softmax(z / T) and k_n = [labels_n != ignore_index]::
+
+    L_n  = k_n (T^2 KL(p_t[n] || p_s[n]) + ce_weight CE(z_s[n], labels_n))
+    loss = sum_n L_n / sum_n k_n  ("batchmean"),  sum_n L_n  ("sum"),  (L_n)_n  ("none")
+
+(kdkernels/reference/linear_kd.py spells out the math and the gradients.) The
+tokens are processed ``chunk`` at a time (kdkernels/ops/_linear_kd_pass.py):
+no (N, V) matrix is ever allocated, forward or backward.
+
+Since a reduced loss is a scalar, its gradients are computed in the *same pass*
+as the loss (the logits of a chunk are formed once, turned into gradient
+logits, and multiplied back into dh, dw, db): the private op
+``torch.ops.kdkernels.linear_kd_loss_fused`` returns the loss, the number of
+kept rows K and the gradients of sum_n L_n in the accumulation dtype (each only
+when the matching input requires grad; an empty tensor otherwise), and its
+backward multiplies them by grad_output (/ K for "batchmean"). When the graph
+is not retained the saved gradients are scaled in place and handed over, so
+the backward allocates nothing of the weights' size. With ``reduction="none"``
+the row weights are known only in the backward: the forward saves the inputs
+and ``linear_kd_loss_backward`` runs the chunked pass again with them.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from .._checks import check_float_tensor
+from ..reference import linear_kd as reference
+from ._common import acc_dtype
+from . import _linear_kd_pass
+
+OP = "linear_kd_loss"
+REDUCTIONS = reference.REDUCTIONS
+backends.register_op(OP, ("triton", "cpp", "torch"))
+_CHUNK_ELEMENTS = 1 << 22  # default chunk: about this many logits (M x V) per block
+
+
+def default_chunk(n: int, v: int) -> int:
+    """Tokens per chunk: a power of two with chunk * V near 4M logits (16 MiB in fp32), within [16, N]."""
+    c = 1 << max(4, (_CHUNK_ELEMENTS // max(v, 1)).bit_length() - 1)
+    return max(1, min(n, c))
+
+
+def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+def _grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, needs) -> List[Tensor]:
+    acc = acc_dtype(h_s.dtype)
+    shapes = [h_s.shape, w_s.shape, None if b_s is None else b_s.shape,
+              h_t.shape, w_t.shape, None if b_t is None else b_t.shape]
+    return [h_s.new_empty(shape, dtype=acc) if (need and shape is not None) else _empty(h_s, acc)
+            for need, shape in zip(needs, shapes)]
+
+
+def _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index):
+    """Contiguous inputs, the kept-row mask, and labels with the ignored rows set to class 0."""
+    h_s, w_s, h_t, w_t = (x.contiguous() for x in (h_s, w_s, h_t, w_t))
+    b_s = b_s.contiguous() if b_s is not None else None
+    b_t = b_t.contiguous() if b_t is not None else None
+    keep = reference.kept_rows(labels, ignore_index, h_s.shape[0], h_s.device)
+    if labels is not None:
+        labels = torch.where(keep, labels, torch.zeros_like(labels)).to(torch.int64).contiguous()
+    return h_s, w_s, b_s, h_t, w_t, b_t, labels, keep
+
+
+@torch.library.custom_op("kdkernels::linear_kd_loss_fused", mutates_args=())
+def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
+                            b_t: Optional[Tensor], labels: Optional[Tensor], temperature: float, ce_weight: float,
+                            ignore_index: Optional[int], reduction: str, needs: Sequence[bool], backend: str,
+                            chunk: int, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                      Tensor, Tensor, Tensor]:
+    """(loss, K, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t); ``needs`` = 6 flags (h_s, w_s, b_s, h_t, w_t, b_t).
+
+    loss: 0-dim ((N,) for "none") in h_s's dtype; K: 0-dim, the kept rows, in the
+    accumulation dtype; the gradients of sum_n L_n (unscaled) in the accumulation
+    dtype, an empty (0,) tensor where not needed (always with "none").
+    ``consume_grads=True`` promises that the caller never reads the returned
+    gradients, so a backward that does not retain the graph may scale them in place.
+    """
+    if len(needs) != 6:
+        raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
+    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
+    acc = acc_dtype(h_s.dtype)
+    rw = None if reduction == "none" or not any(needs) else keep.to(acc)
+    rows, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature,
+                                       ce_weight, chunk, needs)
+    kept = keep.sum().to(acc)
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / kept
+    return (loss.to(h_s.dtype), kept, *grads)
+
+
+@linear_kd_loss_fused_op.register_fake
+def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
+      chunk, consume_grads):
+    n = h_s.shape[0]
+    loss = h_s.new_empty((n,) if reduction == "none" else ())
+    kept = h_s.new_empty((), dtype=acc_dtype(h_s.dtype))
+    fused = [bool(x) and reduction != "none" for x in needs]
+    return (loss, kept, *_grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, fused))
+
+
+@torch.library.custom_op("kdkernels::linear_kd_loss_backward", mutates_args=())
+def linear_kd_loss_backward_op(grad: Tensor, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor,
+                               w_t: Tensor, b_t: Optional[Tensor], labels: Optional[Tensor], temperature: float,
+                               ce_weight: float, ignore_index: Optional[int], needs: Sequence[bool], backend: str,
+                               chunk: int) -> List[Tensor]:
+    """Gradients of sum_n grad_n L_n (``reduction="none"``; grad (N,)), in the accumulation dtype."""
+    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
+    acc = acc_dtype(h_s.dtype)
+    rw = torch.where(keep, grad.to(acc), torch.zeros((), dtype=acc, device=h_s.device)).contiguous()
+    _, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature, ce_weight,
+                                    chunk, needs)
+    return grads
+
+
+@linear_kd_loss_backward_op.register_fake
+def _(grad, h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, needs, backend, chunk):
+    return _grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, needs)
+
+
+_NAMES = ("h_s", "w_s", "bias_s", "h_t", "w_t", "bias_t")
+
+
+def _setup_context(ctx, inputs, output):
+    (h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
+     chunk, consume_grads) = inputs
+    _, kept, *grads = output
+    ctx.mark_non_differentiable(kept, *grads)
+    ctx.set_materialize_grads(False)
+    ctx.needs = [bool(x) for x in needs]
+    ctx.reduction = reduction
+    ctx.consume_grads = consume_grads
+    ctx.dtypes = [None if x is None else x.dtype for x in (h_s, w_s, b_s, h_t, w_t, b_t)]
+    if reduction == "none":
+        ctx.args = (temperature, ce_weight, ignore_index, backend, chunk)
+        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels)
+    else:
+        ctx.save_for_backward(kept, *grads)
+
+
+def _keep_graph() -> bool:
+    """True when the running backward retains the graph (the saved gradients are used again)."""
+    try:
+        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
+    except Exception:  # not inside the autograd engine: be safe
+        return True
+
+
+def _scaled(g: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
+    """g * s (s in g's accumulation dtype) cast to ``dtype``; in place on plain eager tensors when allowed."""
+    if in_place and g.dtype == dtype and type(g) is Tensor and not torch._is_functional_tensor(g):
+        return g.mul_(s)
+    return (g * s).to(dtype)
+
+
+def _backward(ctx, grad, *_unused):
+    none = (None,) * 15
+    if grad is None:
+        return none
+    wanted = ctx.needs_input_grad[:6]
+    missing = [name for name, want, have in zip(_NAMES, wanted, ctx.needs) if want and not have]
+    if missing:
+        raise RuntimeError(f"linear_kd_loss_fused: gradients for {missing} were not computed in the forward "
+                           "(call kdkernels.linear_kd_loss, which sets `needs` from requires_grad)")
+    if ctx.reduction == "none":
+        h_s, w_s, b_s, h_t, w_t, b_t, labels = ctx.saved_tensors
+        needs = [bool(w) for w in wanted]
+        grads = torch.ops.kdkernels.linear_kd_loss_backward(grad, h_s, w_s, b_s, h_t, w_t, b_t, labels, *ctx.args[:3],
+                                                            needs, *ctx.args[3:])
+        out = [g.to(dt) if w else None for g, dt, w in zip(grads, ctx.dtypes, wanted)]
+        return (*out,) + (None,) * 9
+    kept, *saved = ctx.saved_tensors
+    s = grad.to(kept.dtype)
+    if ctx.reduction == "batchmean":
+        s = s / kept
+    in_place = ctx.consume_grads and not _keep_graph()
+    out = [_scaled(g, s, dt, in_place) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
+    return (*out,) + (None,) * 9
+
+
+linear_kd_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _real(value, arg: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{OP}: {arg} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{OP}: {arg} must be finite, got {value}")
+    return value
+
+
+def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight, chunk):
+    """Validate everything; returns (temperature, ce_weight) as floats."""
+    named = (("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
+    for arg, x in named:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    for arg, x in (("bias_s", bias_s), ("bias_t", bias_t), ("labels", labels)):
+        if x is not None and not isinstance(x, Tensor):
+            raise TypeError(f"{OP}: {arg} must be a torch.Tensor or None, got {type(x).__name__}")
+    for arg, x in named:
+        check_float_tensor(x, OP, arg, 2)
+    shapes = (f"h_s {tuple(h_s.shape)}, w_s {tuple(w_s.shape)}, h_t {tuple(h_t.shape)}, "
+              f"w_t {tuple(w_t.shape)}")
+    if h_s.shape[1] != w_s.shape[1]:
+        raise ValueError(f"{OP}: h_s is (N, D_s) and w_s (V, D_s): their D differ ({shapes})")
+    if h_t.shape[1] != w_t.shape[1]:
+        raise ValueError(f"{OP}: h_t is (N, D_t) and w_t (V, D_t): their D differ ({shapes})")
+    if w_s.shape[0] != w_t.shape[0]:
+        raise ValueError(f"{OP}: w_s and w_t must have the same vocabulary size V ({shapes})")
+    if h_s.shape[0] != h_t.shape[0]:
+        raise ValueError(f"{OP}: h_s and h_t must have the same number of tokens N ({shapes})")
+    v, n = w_s.shape[0], h_s.shape[0]
+    for arg, b in (("bias_s", bias_s), ("bias_t", bias_t)):
+        if b is not None:
+            check_float_tensor(b, OP, arg, 1)
+            if b.shape[0] != v:
+                raise ValueError(f"{OP}: {arg} has shape {tuple(b.shape)} but the vocabulary needs ({v},) ({shapes})")
+    tensors = [("w_s", w_s), ("h_t", h_t), ("w_t", w_t), ("bias_s", bias_s), ("bias_t", bias_t)]
+    for arg, x in tensors:
+        if x is None:
+            continue
+        if x.dtype != h_s.dtype:
+            raise TypeError(f"{OP}: {arg} has dtype {x.dtype} (shape {tuple(x.shape)}) but h_s has {h_s.dtype}")
+        if x.device != h_s.device:
+            raise ValueError(f"{OP}: {arg} is on {x.device} (shape {tuple(x.shape)}) but h_s is on {h_s.device}")
+    temperature = _real(temperature, "temperature")
+    if temperature <= 0.0:
+        raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
+    ce_weight = _real(ce_weight, "ce_weight")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
+        raise TypeError(f"{OP}: ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    if labels is not None:
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"{OP}: labels must hold integer class indices, got {labels.dtype}")
+        if labels.shape != (n,):
+            raise ValueError(f"{OP}: labels has shape {tuple(labels.shape)} but h_s {tuple(h_s.shape)} needs ({n},)")
+        if labels.device != h_s.device:
+            raise ValueError(f"{OP}: labels is on {labels.device} but h_s is on {h_s.device}")
+    elif ce_weight != 0.0:
+        raise ValueError(f"{OP}: ce_weight={ce_weight} needs labels (N,)")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"{OP}: chunk must be a positive int (tokens per chunk) or None, got {chunk!r}")
+    return temperature, ce_weight
+
+
+def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
+                   bias_s: Optional[Tensor] = None, bias_t: Optional[Tensor] = None, reduction: str = "batchmean",
+                   ignore_index: Optional[int] = None, labels: Optional[Tensor] = None, ce_weight: float = 0.0,
+                   chunk: Optional[int] = None, backend: Optional[str] = None) -> Tensor:
+    r"""Hinton's KD loss (plus an optional cross-entropy) of two lm_heads' logits, never materialised.
+
+    The value of ``kd_loss(h_s @ w_s.T + bias_s, h_t @ w_t.T + bias_t, temperature, reduction)``
+    plus ``ce_weight * cross_entropy(h_s @ w_s.T + bias_s, labels)``, computed
+    ``chunk`` tokens at a time, so that no (N, V) logits exist in memory.
+
+    Args:
+        h_s: (N, D_s) student hidden states (the input of its lm_head), float32/float64/float16/bfloat16.
+        w_s: (V, D_s) student lm_head weight (``nn.Linear(D_s, V).weight``).
+        h_t: (N, D_t) teacher hidden states; w_t: (V, D_t) teacher lm_head weight.
+            The teacher gets gradients only for the tensors that require them.
+        temperature: T > 0 (keyword only).
+        bias_s, bias_t: (V,) lm_head biases or None.
+        reduction: with L_n = k_n (T^2 KL(p_t[n] || p_s[n]) + ce_weight CE_n),
+            p = softmax(z / T), CE_n = logsumexp(z_s[n]) - z_s[n, labels_n]:
+            ``"batchmean"`` sum_n L_n / K, K = the number of kept rows (so ignored
+            tokens change neither sum nor count, as ``kl_div(..., "batchmean")`` over the
+            kept rows and ``cross_entropy(..., ignore_index=...)`` compute it; K = 0 gives NaN);
+            ``"sum"`` sum_n L_n; ``"none"`` the (N,) rows L_n, 0 for ignored rows.
+        ignore_index: rows whose label equals it are dropped (k_n = 0) from both
+            terms and from K. None (the default): every row is kept. Needs ``labels``
+            to have an effect (HF causal LMs use -100 for padding and the last token).
+        labels: (N,) integer classes in [0, V) (or ``ignore_index``); needed when
+            ``ce_weight != 0``. A label outside [0, V) that is not ignored raises on
+            the CPU backends and gives a NaN loss on the Triton backend.
+        ce_weight: weight of the cross-entropy of the student's logits (at T = 1).
+        chunk: tokens per chunk; None picks one from the shapes (about 4M logits per block).
+        backend: ``None`` ($KDKERNELS_BACKEND, default ``"auto"``), ``"triton"``, ``"cpp"``
+            (CPU: BLAS for the logits, the fused C++ KD kernels for the softmaxes) or
+            ``"torch"`` (the reference: materialises both (N, V) logits).
+
+    Returns:
+        0-dim tensor, or (N,) for ``"none"``, in the inputs' dtype (sums in float32,
+        float64 for float64 inputs). Gradients (``g`` = grad_output / K for batchmean)::
+
+            dz_s = g k (T (p_s - p_t) + ce_weight (softmax(z_s) - onehot(labels)))
+            dz_t = g k T p_t (log p_t - log p_s - KL)
+            dh = dz w,  dw = dz^T h,  db = sum_n dz   (for each model)
+
+        computed in the forward pass for the scalar reductions (the backward only
+        scales them); double backward is not supported.
+    """
+    temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
+                                    ignore_index, ce_weight, chunk)
+    chosen = backends.choose_backend(OP, h_s.device, backend)
+    if chosen == "torch":
+        return reference.linear_kd_loss(h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
+                                        reduction=reduction, ignore_index=ignore_index, labels=labels,
+                                        ce_weight=ce_weight)
+    grad_on = torch.is_grad_enabled()
+    needs = [grad_on and x is not None and x.requires_grad for x in (h_s, w_s, bias_s, h_t, w_t, bias_t)]
+    if chunk is None:
+        chunk = default_chunk(h_s.shape[0], w_s.shape[0])
+    return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
+                                                     ce_weight, ignore_index, reduction, needs, chosen, chunk,
+                                                     True)[0]

@@ -1,0 +1,322 @@
+r"""Triton kernels of the linear + KD loss over one chunk of M tokens (kdkernels/ops/linear_kd.py).
+
+Inputs of a chunk: h_s (M, D_s), h_t (M, D_t), lm_head weights w_s (V, D_s),
+w_t (V, D_t), optional biases (V,) and labels (M,). The logits
+z = h w^T + b are formed tile by tile, [BM tokens, BV vocabulary entries], with
+``tl.dot`` over BK-wide slices of D (fp32 accumulation; fp32 inputs in full
+fp32, ``input_precision="ieee"``, no TF32).
+
+``_lkd_fwd_kernel``, grid (token blocks, SPLIT vocabulary segments): each
+program streams its segment's tiles once and keeps, per token, the online
+states of three softmaxes (csrc/common/kd.h derives the first two):
+
+    student at 1/T:  m_s, S_s = sum exp(z_s / T - e(m_s))
+    teacher at 1/T:  m_t, S_t, W = sum exp(a_t) (a_t - a_s),  a = z / T - e(m)
+    student at 1:    m_1, S_1 = sum exp(z_s - e(m_1)),  and z_y = z_s[label]
+
+(e(m) = 0 for m = -inf). A larger maximum rescales the sums: S <- S exp(e(m) - e(m')),
+W <- alpha_t (W - dc S_t) with dc = (e(m'_t) - e(m_t)) - (e(m'_s) - e(m_s)).
+With STORE it also writes the chunk's two logit tiles to (M, V) scratch buffers
+(what the gradient pass reads); without it (no gradient wanted) nothing of
+size V leaves the registers. The program writes its segment's 8 states to
+its own slot; ``_lkd_combine_kernel`` (one program per token) merges a token's
+SPLIT slots in index order (deterministic, no atomics) into
+
+    stats = (e(m_s), log S_s, e(m_t), log S_t, W / S_t, e(m_1), log S_1)
+    KL    = W / S_t + log(S_s / S_t)
+    CE    = e(m_1) + log S_1 - z_y      (NaN when the label is not in [0, V))
+
+``_lkd_dlogits_kernel``, grid (tokens, vocabulary blocks), elementwise over the
+scratch logits, in place: with per-token weights r_kd = rw T and r_ce = rw ce_weight,
+
+    dz_s = r_kd (p_s - p_t) + r_ce (softmax(z_s) - onehot(label))
+    dz_t = r_kd p_t ((a_t - a_s) - W / S_t)
+
+The host then multiplies the gradient logits into dh = dz w and dw += dz^T h
+with two GEMMs per chunk (torch.mm), summed over the chunks in order.
+
+1/T enters as a float32 head plus the float32 rounding of the rest (Triton
+passes Python floats as float32), exact enough for float64 inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import launch_counts
+
+STATS = 7
+PARTS = 8
+# Tile sizes (tokens, vocabulary, hidden). Module variables so that the tests can
+# shrink them and run several tiles through the interpreter at small sizes.
+_BM = 64
+_BV = 64
+_BK = 32
+_TARGET_PROGRAMS = 512  # split the vocabulary until the grid has about this many programs
+_EW_BLOCK = 1024        # vocabulary entries per program of the elementwise gradient kernel
+_NUM_WARPS = 8  # sm_90 compile, BM = BV = 64, BK = 32: fp32 192 registers, no spill; bf16 128, 40 bytes
+
+
+@triton.jit
+def _eff(m):
+    """e(m): 0 for -inf (an empty or all -inf prefix), else m."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _max_keep(a, b):
+    """max(a, b) that never picks a NaN b (a NaN element still reaches the sums)."""
+    return tl.where(b > a, b, a)
+
+
+@triton.jit
+def _tile_logits(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, D,
+                 HAS_B: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                 BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr):
+    """z[BM, BV] = h[rows] w[cols]^T (+ b[cols]) in ACC, over BK-wide slices of D."""
+    if DOT_F32:
+        dot_ty = tl.float32
+    else:
+        dot_ty = h_ptr.dtype.element_ty
+    acc = tl.zeros([BM, BV], ACC)
+    ks = tl.arange(0, BK)
+    h_rows = h_ptr + rows[:, None].to(tl.int64) * D
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * D
+    for k0 in range(0, D, BK):
+        kk = k0 + ks
+        kmask = kk < D
+        h = tl.load(h_rows + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_rows + kk[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(h.to(dot_ty), tl.trans(w.to(dot_ty)), acc, input_precision=PREC, out_dtype=ACC)
+    if HAS_B:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _lkd_fwd_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, y_ptr, zs_ptr, zt_ptr, part_ptr,
+    M, V, DS, DT, SEG, inv_head, inv_tail,
+    HAS_BS: tl.constexpr, HAS_BT: tl.constexpr, HAS_Y: tl.constexpr, STORE: tl.constexpr,
+    ACC: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+    BM: tl.constexpr, BV: tl.constexpr, BK: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1).to(tl.int64)
+    nseg = tl.num_programs(1).to(tl.int64)
+    inv_t = (tl.zeros([], ACC) + inv_head) + inv_tail
+    rows = pid_m.to(tl.int64) * BM + tl.arange(0, BM)
+    rmask = rows < M
+    if HAS_Y:
+        y = tl.load(y_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    else:
+        y = tl.full([BM], -1, tl.int64)
+    start = seg * SEG
+    end = tl.minimum(start + SEG, V)
+    ms = tl.full([BM], float("-inf"), ACC)
+    mt = tl.full([BM], float("-inf"), ACC)
+    m1 = tl.full([BM], float("-inf"), ACC)
+    ss = tl.zeros([BM], ACC)
+    st = tl.zeros([BM], ACC)
+    s1 = tl.zeros([BM], ACC)
+    w = tl.zeros([BM], ACC)
+    zy = tl.zeros([BM], ACC)
+    for v0 in range(start, end, BV):
+        cols = v0 + tl.arange(0, BV)
+        cmask = cols < end
+        zs = _tile_logits(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, DS, HAS_BS, ACC, PREC, DOT_F32,
+                          BM, BV, BK)
+        zt = _tile_logits(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, DT, HAS_BT, ACC, PREC, DOT_F32,
+                          BM, BV, BK)
+        if STORE:
+            offs = rows[:, None] * V + cols[None, :]
+            smask = rmask[:, None] & cmask[None, :]
+            tl.store(zs_ptr + offs, zs, mask=smask)
+            tl.store(zt_ptr + offs, zt, mask=smask)
+        zy += tl.sum(tl.where(cols[None, :] == y[:, None], zs, 0.0), axis=1)
+        z1 = tl.where(cmask[None, :], zs, float("-inf"))
+        zs = tl.where(cmask[None, :], zs * inv_t, float("-inf"))
+        zt = tl.where(cmask[None, :], zt * inv_t, float("-inf"))
+        # grow the maxima; exp(-inf - e) = 0 drops an empty prefix
+        ms_new = _max_keep(ms, tl.max(zs, axis=1))
+        mt_new = _max_keep(mt, tl.max(zt, axis=1))
+        m1_new = _max_keep(m1, tl.max(z1, axis=1))
+        alpha_t = tl.exp(mt - _eff(mt_new))
+        dc = (_eff(mt_new) - _eff(mt)) - (_eff(ms_new) - _eff(ms))
+        w = tl.where(st == 0.0, 0.0, alpha_t * (w - dc * st))
+        ss = ss * tl.exp(ms - _eff(ms_new))
+        st = st * alpha_t
+        s1 = s1 * tl.exp(m1 - _eff(m1_new))
+        ms = ms_new
+        mt = mt_new
+        m1 = m1_new
+        a_s = zs - _eff(ms)[:, None]
+        a_t = zt - _eff(mt)[:, None]
+        e_t = tl.exp(a_t)
+        ss += tl.sum(tl.exp(a_s), axis=1)
+        st += tl.sum(e_t, axis=1)
+        s1 += tl.sum(tl.exp(z1 - _eff(m1)[:, None]), axis=1)
+        on = e_t > 0.0  # where the teacher's term counts (also keeps -inf - -inf out)
+        w += tl.sum(e_t * (tl.where(on, a_t, 0.0) - tl.where(on, a_s, 0.0)), axis=1)
+    out = part_ptr + (rows * nseg + seg) * 8
+    tl.store(out + 0, ms, mask=rmask)
+    tl.store(out + 1, mt, mask=rmask)
+    tl.store(out + 2, ss, mask=rmask)
+    tl.store(out + 3, st, mask=rmask)
+    tl.store(out + 4, w, mask=rmask)
+    tl.store(out + 5, m1, mask=rmask)
+    tl.store(out + 6, s1, mask=rmask)
+    tl.store(out + 7, zy, mask=rmask)
+
+
+@triton.jit
+def _lkd_combine_kernel(part_ptr, y_ptr, stats_ptr, kl_ptr, ce_ptr, SPLIT, V,
+                        HAS_Y: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge a token's SPLIT segment states in index order; write its stats, KL and CE."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_S)
+    mask = k < SPLIT
+    p = part_ptr + (row * SPLIT + k) * 8
+    ms_k = tl.load(p + 0, mask=mask, other=float("-inf")).to(ACC)
+    mt_k = tl.load(p + 1, mask=mask, other=float("-inf")).to(ACC)
+    ss_k = tl.load(p + 2, mask=mask, other=0.0).to(ACC)
+    st_k = tl.load(p + 3, mask=mask, other=0.0).to(ACC)
+    w_k = tl.load(p + 4, mask=mask, other=0.0).to(ACC)
+    m1_k = tl.load(p + 5, mask=mask, other=float("-inf")).to(ACC)
+    s1_k = tl.load(p + 6, mask=mask, other=0.0).to(ACC)
+    zy = tl.sum(tl.load(p + 7, mask=mask, other=0.0).to(ACC), axis=0)
+    ms = tl.max(ms_k, axis=0)
+    mt = tl.max(mt_k, axis=0)
+    m1 = tl.max(m1_k, axis=0)
+    alpha_t = tl.exp(mt_k - _eff(mt))
+    dc = (_eff(mt) - _eff(mt_k)) - (_eff(ms) - _eff(ms_k))
+    w_k = tl.where(st_k == 0.0, 0.0, alpha_t * (w_k - dc * st_k))
+    ss = tl.sum(tl.exp(ms_k - _eff(ms)) * ss_k, axis=0)
+    st = tl.sum(alpha_t * st_k, axis=0)
+    s1 = tl.sum(tl.exp(m1_k - _eff(m1)) * s1_k, axis=0)
+    w = tl.sum(w_k, axis=0)
+    ec = w / st
+    out = stats_ptr + row * 7
+    tl.store(out + 0, _eff(ms))
+    tl.store(out + 1, tl.log(ss))
+    tl.store(out + 2, _eff(mt))
+    tl.store(out + 3, tl.log(st))
+    tl.store(out + 4, ec)
+    tl.store(out + 5, _eff(m1))
+    tl.store(out + 6, tl.log(s1))
+    tl.store(kl_ptr + row, ec + tl.log(ss / st))
+    ce = _eff(m1) + tl.log(s1) - zy
+    if HAS_Y:
+        y = tl.load(y_ptr + row).to(tl.int64)
+        ce = tl.where((y >= 0) & (y < V), ce, float("nan"))
+    tl.store(ce_ptr + row, ce)
+
+
+@triton.jit
+def _lkd_dlogits_kernel(
+    zs_ptr, zt_ptr, stats_ptr, y_ptr, rkd_ptr, rce_ptr, V, inv_head, inv_tail,
+    HAS_Y: tl.constexpr, CE: tl.constexpr, TEACHER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """In place: z_s -> dz_s, and z_t -> dz_t when TEACHER (see the module docstring)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < V
+    inv_t = (tl.zeros([], ACC) + inv_head) + inv_tail
+    st = stats_ptr + row * 7
+    ms = tl.load(st + 0)
+    ls = tl.load(st + 1)
+    mt = tl.load(st + 2)
+    lt = tl.load(st + 3)
+    ec = tl.load(st + 4)
+    r_kd = tl.load(rkd_ptr + row)
+    offs = row * V + cols
+    z = tl.load(zs_ptr + offs, mask=mask, other=0.0)
+    a_s = z * inv_t - ms
+    a_t = tl.load(zt_ptr + offs, mask=mask, other=0.0) * inv_t - mt
+    p_s = tl.exp(a_s - ls)
+    p_t = tl.exp(a_t - lt)
+    dz = r_kd * (p_s - p_t)
+    if CE:
+        m1 = tl.load(st + 5)
+        l1 = tl.load(st + 6)
+        r_ce = tl.load(rce_ptr + row)
+        hot = tl.zeros([BLOCK], ACC)
+        if HAS_Y:
+            y = tl.load(y_ptr + row).to(tl.int64)
+            hot = tl.where(cols == y, 1.0, 0.0).to(ACC)
+        dz += r_ce * (tl.exp(z - m1 - l1) - hot)
+    tl.store(zs_ptr + offs, dz, mask=mask)
+    if TEACHER:
+        on = p_t > 0.0
+        gap = tl.where(on, a_t, 0.0) - tl.where(on, a_s, 0.0)
+        tl.store(zt_ptr + offs, r_kd * p_t * (gap - ec), mask=mask)
+
+
+def _plan(m: int, v: int) -> Tuple[int, int, int]:
+    """(SEG, SPLIT, token blocks) of the forward grid: shapes only."""
+    blocks = triton.cdiv(m, _BM)
+    tiles = triton.cdiv(v, _BV)
+    split = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, blocks)))
+    seg = triton.cdiv(tiles, split) * _BV
+    return seg, triton.cdiv(v, seg), blocks
+
+
+def _inv_parts(x: float):
+    """x as a float32 head and the float32 rounding of the rest."""
+    head = float(torch.tensor(x, dtype=torch.float32))
+    return head, float(x - head)
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h_t: torch.Tensor,
+            w_t: torch.Tensor, b_t: Optional[torch.Tensor], labels: Optional[torch.Tensor], inv_t: float,
+            store: bool):
+    """One chunk's forward: (stats (M, 7), KL (M,), CE (M,)) in the accumulation dtype, and with
+    ``store`` the chunk's logits (z_s, z_t) as (M, V) accumulation-dtype tensors (else None, None)."""
+    m, ds = h_s.shape
+    v, dt = w_s.shape[0], h_t.shape[1]
+    acc_t = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    dev = h_s.device
+    seg, split, blocks = _plan(m, v)
+    part = torch.empty(m * split * PARTS, dtype=acc_t, device=dev)
+    zs = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
+    zt = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
+    head, tail = _inv_parts(inv_t)
+    _lkd_fwd_kernel[(blocks, split)](
+        h_s, w_s, b_s if b_s is not None else part, h_t, w_t, b_t if b_t is not None else part,
+        labels if labels is not None else part, zs, zt, part, m, v, ds, dt, seg, head, tail,
+        HAS_BS=b_s is not None, HAS_BT=b_t is not None, HAS_Y=labels is not None, STORE=store,
+        ACC=_acc(h_s.dtype), PREC="ieee",
+        DOT_F32=h_s.dtype == torch.bfloat16 and dev.type == "cpu",  # the interpreter's numpy dot has no bf16
+        BM=_BM, BV=_BV, BK=_BK, num_warps=_NUM_WARPS,
+    )
+    launch_counts["linear_kd_fwd"] += 1
+    stats = torch.empty(m, STATS, dtype=acc_t, device=dev)
+    kl = torch.empty(m, dtype=acc_t, device=dev)
+    ce = torch.empty(m, dtype=acc_t, device=dev)
+    _lkd_combine_kernel[(m,)](
+        part, labels if labels is not None else part, stats, kl, ce, split, v,
+        HAS_Y=labels is not None, ACC=_acc(h_s.dtype), BLOCK_S=triton.next_power_of_2(split), num_warps=1,
+    )
+    launch_counts["linear_kd_combine"] += 1
+    return stats, kl, ce, (zs if store else None), (zt if store else None)
+
+
+def lkd_dlogits(zs: torch.Tensor, zt: torch.Tensor, stats: torch.Tensor, labels: Optional[torch.Tensor],
+                r_kd: torch.Tensor, r_ce: Optional[torch.Tensor], inv_t: float, teacher: bool) -> None:
+    """Turn the stored logits into the gradient logits in place (zs -> dz_s; zt -> dz_t when ``teacher``)."""
+    m, v = zs.shape
+    head, tail = _inv_parts(inv_t)
+    block = min(_EW_BLOCK, triton.next_power_of_2(v))
+    _lkd_dlogits_kernel[(m, triton.cdiv(v, block))](
+        zs, zt, stats, labels if labels is not None else stats, r_kd, r_ce if r_ce is not None else r_kd,
+        v, head, tail, HAS_Y=labels is not None, CE=r_ce is not None, TEACHER=teacher,
+        ACC=_acc(zs.dtype), BLOCK=block, num_warps=4,
+    )
+    launch_counts["linear_kd_dlogits"] += 1

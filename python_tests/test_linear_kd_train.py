@@ -1,0 +1,157 @@
+"""LinearDistillKL and the causal-LM distiller on a tiny Hugging Face-style model (no download)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kdkernels
+from kdkernels.reference.kd import kd_loss
+from kdkernels.train import CausalLM, CausalLMKD
+
+from _util import DEVICE, assert_rel_close
+
+VOCAB = 53
+
+
+class TinyBaseModel(nn.Module):
+    """What a HF base model (``LlamaModel``) looks like from outside: forward(input_ids,
+    attention_mask=None) returns an object with ``last_hidden_state`` (B, L, D) and ``hidden_states``."""
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.calls_with_mask = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids)
+        if attention_mask is not None:
+            self.calls_with_mask += 1
+            x = x * attention_mask[..., None].to(x.dtype)
+        # causal: each position sees the mean of its prefix
+        prefix = torch.cumsum(x, 1) / torch.arange(1, x.shape[1] + 1, device=x.device)[None, :, None]
+        h = torch.tanh(self.mix(prefix))
+        return SimpleNamespace(last_hidden_state=h, hidden_states=(x, h))
+
+
+def _pair(dim, seed, bias):
+    model = TinyBaseModel(dim, seed)
+    head = nn.Linear(dim, VOCAB, bias=bias)
+    return model.to(DEVICE), head.to(DEVICE)
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 9), generator=g).to(DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 3:] = 0
+    return ids, mask
+
+
+def _materialised(student, teacher, ids, mask, T, ce_weight):
+    """The plain recipe: full logits, shift, drop padded targets, KD + CE."""
+    logits_s = student[1](student[0](ids, attention_mask=mask).last_hidden_state)[:, :-1]
+    with torch.no_grad():
+        logits_t = teacher[1](teacher[0](ids, attention_mask=mask).last_hidden_state)[:, :-1]
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    keep = (target != -100).reshape(-1)
+    zs, zt = logits_s.reshape(-1, VOCAB), logits_t.reshape(-1, VOCAB)
+    kd = kd_loss(zs[keep], zt[keep], T)
+    ce = F.cross_entropy(zs, target.reshape(-1), ignore_index=-100)
+    return kd + ce_weight * ce
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_causal_lm_distiller_matches_the_materialised_recipe(backend):
+    student, teacher = _pair(8, 1, bias=True), _pair(12, 2, bias=False)
+    distiller = CausalLMKD(student, teacher, temperature=2.0, ce_weight=0.5, backend=backend)
+    ids, mask = _batch()
+    logits, losses = distiller(ids, attention_mask=mask)
+    assert logits is None and list(losses) == ["kd"]
+    sum(losses.values()).backward()
+    ours = {n: p.grad.clone() for n, p in distiller.named_parameters()}
+    assert set(ours) == {"student.model.embed.weight", "student.model.mix.weight", "student.model.mix.bias",
+                         "student.lm_head.weight", "student.lm_head.bias"}
+    assert student[0].calls_with_mask == 1 and teacher[0].calls_with_mask == 1
+    distiller.zero_grad()
+    ref = _materialised(student, teacher, ids, mask, 2.0, 0.5)
+    ref.backward()
+    assert_rel_close(losses["kd"], ref, 1e-5, "loss")
+    for n, p in distiller.named_parameters():
+        assert_rel_close(ours[n], p.grad, 1e-5, f"grad {n}")
+    assert all(p.grad is None for p in teacher[0].parameters()) and teacher[1].weight.grad is None
+
+
+def test_causal_lm_distiller_trains():
+    """A few AdamW steps lower the distillation loss on a fixed batch."""
+    student, teacher = _pair(8, 3, bias=False), _pair(8, 4, bias=False)
+    distiller = CausalLMKD(student, teacher, temperature=1.0, ce_weight=0.0)
+    opt = torch.optim.AdamW(distiller.parameters(), lr=3e-2)
+    ids, mask = _batch(1)
+    first = None
+    for _ in range(15):
+        opt.zero_grad()
+        _, losses = distiller(ids, attention_mask=mask)
+        loss = sum(losses.values())
+        first = loss.item() if first is None else first
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first, (first, loss.item())
+    assert "teacher" not in "".join(distiller.state_dict())  # the teacher stays outside the module tree
+
+
+def test_labels_and_bad_input():
+    student, teacher = _pair(8, 5, bias=False), _pair(8, 6, bias=False)
+    distiller = CausalLMKD(student, teacher, temperature=2.0, ce_weight=1.0)
+    ids, _ = _batch(2)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt that is not trained on
+    _, losses = distiller(ids, labels=labels)
+    logits_s = student[1](student[0](ids).last_hidden_state)[:, :-1].reshape(-1, VOCAB)
+    logits_t = teacher[1](teacher[0](ids).last_hidden_state)[:, :-1].reshape(-1, VOCAB).detach()
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    ref = kd_loss(logits_s[keep], logits_t[keep], 2.0) + F.cross_entropy(logits_s, target, ignore_index=-100)
+    assert_rel_close(losses["kd"], ref, 1e-5, "loss with labels")
+    with pytest.raises(ValueError, match=r"needs L >= 2"):
+        distiller(ids[:, :1])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 8\) but input_ids has \(3, 9\)"):
+        distiller(ids, attention_mask=torch.ones(3, 8, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="different vocabularies"):
+        CausalLMKD(student, (teacher[0], nn.Linear(8, VOCAB + 1)))
+    with pytest.raises(TypeError, match=r"must be a \(model, lm_head\) pair"):
+        CausalLMKD(student[0], teacher)
+    assert isinstance(distiller.student, CausalLM)
+
+
+def test_linear_distill_kl_module():
+    g = torch.Generator().manual_seed(7)
+    h_s = torch.randn(2, 5, 6, generator=g).requires_grad_()
+    h_t = torch.randn(2, 5, 4, generator=g)
+    head_s, head_t = nn.Linear(6, 30), nn.Linear(4, 30)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    labels[0, 0] = -100
+    crit = kdkernels.nn.LinearDistillKL(3.0, ignore_index=-100, ce_weight=0.25)
+    loss = crit(h_s, head_s, h_t, head_t, labels)
+    keep = labels.reshape(-1) != -100
+    zs = head_s(h_s).reshape(-1, 30)
+    zt = head_t(h_t).reshape(-1, 30).detach()
+    ref = kd_loss(zs[keep], zt[keep], 3.0) + 0.25 * F.cross_entropy(zs, labels.reshape(-1), ignore_index=-100)
+    assert_rel_close(loss, ref, 1e-5, "LinearDistillKL")
+    loss.backward()
+    assert head_s.weight.grad is not None and head_t.weight.grad is not None  # the module's heads are trainable
+    # a bare weight tensor as head, DistillKL's value
+    plain = kdkernels.nn.LinearDistillKL(3.0)(h_s[0], head_s.weight, h_t[0], head_t.weight)
+    assert_rel_close(plain, kdkernels.nn.DistillKL(3.0)(h_s[0] @ head_s.weight.T, h_t[0] @ head_t.weight.T),
+                     1e-5, "weights only")
+    assert repr(crit) == "LinearDistillKL(T=3.0, ignore_index=-100, ce_weight=0.25)"
+    with pytest.raises(ValueError, match="must agree in every dimension but the last"):
+        crit(h_s, head_s, h_t[:1], head_t)
+    with pytest.raises(TypeError, match="head_s must be an nn.Linear"):
+        crit(h_s, "head", h_t, head_t)
