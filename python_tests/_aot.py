@@ -48,6 +48,8 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: the grid a launcher sizes from 
 MAX_SPILL = 256  # bytes; above this a row needs a written reason (SPILL_REASONS)
 # (kernel name, key fragment) -> why its spills are accepted. Empty: none is.
 SPILL_REASONS: Dict[Tuple[str, str], str] = {}
+# csrc/cuda: (demangled kernel name, arch) -> why it may spill at all (any spill fails otherwise).
+CUDA_SPILL_REASONS: Dict[Tuple[str, int], str] = {}
 
 
 # ----------------------------------------------------------------- the cases
@@ -141,10 +143,11 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
                  for n, cs, ct, hw in HINT_SHAPES]
     g["hint-tf32"] = [(f"hint {n}x{cs}x{hw}^2->{ct} fp32 allow_tf32",
                        (lambda a=(n, cs, ct, hw): _hint(*a, dt["fp32"], tf32=True))) for n, cs, ct, hw in HINT_SHAPES]
+    g["hint-fp64"] = [("hint 64x128x16^2->128 fp64", lambda: _hint(64, 128, 128, 16, dt["fp64"])),
+                      ("hint 64x256x8^2->256 fp64", lambda: _hint(64, 256, 256, 8, dt["fp64"]))]
     g["hint-variants"] = [(f"hint 64x128x16^2->128 {d}", (lambda d=d: _hint(64, 128, 128, 16, dt[d])))
-                          for d in ("fp16", "bf16", "fp64")]
+                          for d in ("fp16", "bf16")]
     g["hint-variants"] += [
-        ("hint 64x128x16^2->128 fp64 256->256", lambda: _hint(64, 256, 256, 8, dt["fp64"])),
         ("hint 64x128x16^2->128 fp32 teacher grad", lambda: _hint(64, 128, 128, 16, dt["fp32"], teacher=True)),
         ("hint 64x128x16^2->128 fp32 no bias", lambda: _hint(64, 128, 128, 16, dt["fp32"], bias=False)),
         ("hint 64x128x16^2->128 fp32 no grad", lambda: _hint(64, 128, 128, 16, dt["fp32"], grad=False)),
@@ -154,7 +157,8 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     return g
 
 
-GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hint", "hint-tf32", "hint-variants")
+GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hint", "hint-tf32", "hint-fp64",
+          "hint-variants")
 
 
 # ------------------------------------------------------- compile, not launch
@@ -264,7 +268,6 @@ def _install(arch: int, records: List[dict]) -> None:
 def compile_group(group: str, arch: int) -> List[dict]:
     """In this process: compile every case of ``group`` for sm_``arch``; one row per launch."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "the compile tier must not run the interpreter"
-    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="kdk-aot-"))
     sys.path.insert(0, ROOT)
     import torch
     import triton
@@ -299,18 +302,19 @@ def compile_group(group: str, arch: int) -> List[dict]:
 
 
 def run_groups(jobs: List[Tuple[str, int]], python: str = sys.executable, workers: int = 2,
-               timeout: float = 900) -> List[dict]:
-    """Run each (group, arch) in its own clean process (no TRITON_INTERPRET, a fresh Triton
-    cache), ``workers`` at a time; return all rows."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+               timeout: float = 900, fresh_cache: bool = True) -> List[dict]:
+    """Run each (group, arch) in its own clean process (no TRITON_INTERPRET; a fresh Triton
+    cache unless ``fresh_cache`` is False), ``workers`` at a time; return all rows."""
+    drop = ("TRITON_INTERPRET", "TRITON_CACHE_DIR") if fresh_cache else ("TRITON_INTERPRET",)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     env["PYTHONPATH"] = ROOT
 
     def one(job):
         group, arch = job
         with tempfile.TemporaryDirectory(prefix="kdk-aot-") as cache:
             proc = subprocess.run([python, os.path.abspath(__file__), "--group", group, "--arch", str(arch)],
-                                  env=dict(env, TRITON_CACHE_DIR=cache), cwd=ROOT, capture_output=True,
-                                  text=True, timeout=timeout)
+                                  env=dict(env, TRITON_CACHE_DIR=cache) if fresh_cache else env, cwd=ROOT,
+                                  capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
             return [{"case": f"process {group} sm_{arch}", "group": group, "arch": arch, "kernel": "?",
                      "error": f"exit {proc.returncode}: {proc.stderr[-3000:]}"}]
@@ -418,19 +422,68 @@ def write_table(rows: List[dict], out_dir: str, tag: str) -> None:
             f.write("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n")
 
 
+def summary(rows: List[dict]) -> str:
+    """Markdown: per kernel x arch x Triton version, the worst case over its compiled
+    configurations; and per op the compile seconds of its first training step."""
+    kern: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        if not r["kernel"].startswith(("(", "?")) and r.get("first_compile"):
+            kern.setdefault((r["kernel"], r["arch"], r["triton"]), []).append(r)
+    out = ["| kernel | arch | Triton | configs | registers | spills (B) | shared mem (B) | blocks/SM | "
+           "grids at the benchmark shapes |", "|---|---|---|---|---|---|---|---|---|"]
+    for (k, a, t), rs in sorted(kern.items()):
+        grids = sorted({"x".join(str(g) for g in r["grid"] if g > 1) or "1" for r in rs
+                        if r["group"] in ("hcl", "abf", "kd", "hint")})
+        regs = sorted(r["regs"] for r in rs)
+        out.append(f"| {k} | sm_{a} | {t} | {len(rs)} | {regs[0]}-{regs[-1]} | "
+                   f"{max(max(r['spill_st'], r['spill_ld']) for r in rs)} | {max(r['smem'] for r in rs)} | "
+                   f"{min(r['blocks_per_sm'] for r in rs)}-{max(r['blocks_per_sm'] for r in rs)} | "
+                   f"{', '.join(grids[:6])}{' ...' if len(grids) > 6 else ''} |")
+    out += ["", "| op | arch | Triton | first training step: kernels compiled | compile s (sum) | case |",
+            "|---|---|---|---|---|---|"]
+    for op in ("hcl", "abf", "kd", "hint"):
+        for a in sorted({r["arch"] for r in rows}):
+            for t in sorted({r["triton"] for r in rows if "triton" in r}):
+                first = [r for r in rows if r["group"] == op and r["arch"] == a and r.get("triton") == t
+                         and not r["kernel"].startswith(("(", "?"))]
+                if not first:
+                    continue
+                case = first[0]["case"]
+                ks = [r for r in first if r["case"] == case and r.get("first_compile")]
+                out.append(f"| {op} | sm_{a} | {t} | {len(ks)} | {sum(r['compile_s'] for r in ks):.1f} | {case} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--group", choices=GROUPS)
     ap.add_argument("--arch", type=int, choices=(80, 90))
     ap.add_argument("--table", metavar="OUT_DIR", help="compile every group for sm_80 and sm_90, write the table")
+    ap.add_argument("--warm", type=int, choices=(80, 90), metavar="ARCH",
+                    help="compile every group for ARCH into the usual Triton cache (a GPU machine's warm-up)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--groups", help="with --table: comma-separated groups (default: all)")
+    ap.add_argument("--archs", default="80,90", help="with --table: comma-separated archs")
     args = ap.parse_args()
+    if args.warm:
+        t0 = time.perf_counter()
+        rows = run_groups([(g, args.warm) for g in GROUPS], workers=args.workers, fresh_cache=False)
+        for p in problems(rows):
+            print("PROBLEM", p)
+        print(f"warmed: {len(table_rows(rows))} kernels for sm_{args.warm} in {time.perf_counter() - t0:.0f} s")
+        return
     if args.table:
         import triton
 
         t0 = time.perf_counter()
-        rows = run_groups([(g, a) for a in (80, 90) for g in GROUPS], workers=args.workers)
+        groups = args.groups.split(",") if args.groups else GROUPS
+        os.makedirs(args.table, exist_ok=True)
+        rows = run_groups([(g, int(a)) for a in args.archs.split(",") for g in groups], workers=args.workers)
+        with open(os.path.join(args.table, f"rows-triton-{triton.__version__}.json"), "w") as f:
+            json.dump(rows, f)
         write_table(rows, args.table, f"triton-{triton.__version__}")
+        with open(os.path.join(args.table, f"summary-triton-{triton.__version__}.md"), "w") as f:
+            f.write(summary(rows))
         for p in problems(rows):
             print("PROBLEM", p)
         print(f"{len(table_rows(rows))} kernels compiled in {time.perf_counter() - t0:.0f} s")

@@ -140,8 +140,8 @@ def _need(group):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hint_float64_compiles(aot_rows, arch):
     """fp64 hint: tl.dot with a float64 accumulator must name out_dtype (Triton 3.6 asserts)."""
-    _need("hint-variants")
-    rows = [r for r in _rows_of(aot_rows, "hint-variants", arch) if "fp64" in r["case"]]
+    _need("hint-fp64")
+    rows = _rows_of(aot_rows, "hint-fp64", arch)
     assert rows and not [r.get("error") for r in rows if "error" in r], [r.get("error") for r in rows]
     assert any(r["kernel"] == "_hint_fused_kernel" for r in rows)
 
@@ -192,7 +192,8 @@ def test_cuda_kernels_compile(source, arch):
     rc, log, rows = _aot.compile_cuda(source, arch, nvcc)
     assert rc == 0, log[-4000:]
     assert rows, f"no kernel found in the ptxas log of {source}:\n{log[-2000:]}"
-    bad = [(r["kernel"], r["spill_st"], r["spill_ld"]) for r in rows if r["spill_st"] or r["spill_ld"]]
+    bad = [(r["kernel"], r["spill_st"], r["spill_ld"]) for r in rows
+           if (r["spill_st"] or r["spill_ld"]) and (r["kernel"], arch) not in _aot.CUDA_SPILL_REASONS]
     assert not bad, f"{source} sm_{arch}: register spills {bad}"
     big = [(r["kernel"], r["smem"]) for r in rows if r["smem"] > _aot.SMEM_PER_BLOCK[arch]]
     assert not big, big
