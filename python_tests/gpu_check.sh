@@ -13,7 +13,7 @@
 # Budget: GPU_CHECK_BUDGET_S (480 s = 8 minutes) for the whole script, so that
 # it can run twice in a 15-minute window. Planned: checks ~5 s, build ~60-90 s
 # (all cores, only the card's arch) with the Triton cache warmed in parallel
-# meanwhile (<= 90 s),
+# meanwhile (<= GPU_CHECK_WARM_S, 90 s),
 # tests <= GPU_CHECK_TEST_S (150 s), benchmark <= GPU_CHECK_OP_S (25 s) per op
 # x 6 ops. Each step also stops when the budget is spent. A step that runs
 # out of time gets SIGINT first (pytest then still writes its summary and its
@@ -92,7 +92,7 @@ echo "== build, and the Triton cache warmed meanwhile ($(left) s left)"
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d '.')
 cap=${arch:-90}
 [ "$cap" -ge 90 ] && cap=90 || cap=80
-limit 90 $PY python_tests/_aot.py --warm "$cap" --workers $(( $(nproc) > 4 ? $(nproc) - 2 : 2 )) \
+limit "${GPU_CHECK_WARM_S:-90}" $PY python_tests/_aot.py --warm "$cap" --workers $(( $(nproc) > 4 ? $(nproc) - 2 : 2 )) \
   > "$out/warm.log" 2>&1 &
 warm_pid=$!
 # only the arch of the card here, all cores: the build is part of the time budget
@@ -108,7 +108,7 @@ if [ $rc -ne 0 ]; then
   kill -INT "$warm_pid" 2>/dev/null; wait "$warm_pid" 2>/dev/null
   exit 1
 fi
-$PY -m kdkernels info 2>&1 | tee "$out/info.txt"
+limit 60 $PY -m kdkernels info 2>&1 | tee "$out/info.txt"
 $PY - "$device" <<'PY' || { echo "gpu_check: kdkernels._C did not load, or has no CUDA kernels: stopping"; exit 1; }
 import sys
 from kdkernels import _native

@@ -183,7 +183,8 @@ CUDA_SOURCES = sorted(f"csrc/cuda/{f}" for f in os.listdir(os.path.join(_aot.ROO
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", CUDA_SOURCES)
 def test_cuda_kernels_compile(source, arch):
-    """csrc/cuda through nvcc -Xptxas -v with the build's flags: compiles, no spills, smem fits."""
+    """csrc/cuda through nvcc -Xptxas -v with the build's flags: compiles, no spill above 256 B
+    without a reason (_aot.CUDA_SPILL_REASONS), shared memory fits."""
     if os.environ.get("KDKERNELS_AOT", "1") == "0" or os.environ.get("KDKERNELS_AOT_CUDA", "1") == "0":
         pytest.skip("nvcc part of the compile tier skipped: KDKERNELS_AOT=0 or KDKERNELS_AOT_CUDA=0")
     nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
@@ -192,8 +193,15 @@ def test_cuda_kernels_compile(source, arch):
     rc, log, rows = _aot.compile_cuda(source, arch, nvcc)
     assert rc == 0, log[-4000:]
     assert rows, f"no kernel found in the ptxas log of {source}:\n{log[-2000:]}"
-    bad = [(r["kernel"], r["spill_st"], r["spill_ld"]) for r in rows
-           if (r["spill_st"] or r["spill_ld"]) and (r["kernel"], arch) not in _aot.CUDA_SPILL_REASONS]
-    assert not bad, f"{source} sm_{arch}: register spills {bad}"
+    spills = [(r["kernel"], r["spill_st"], r["spill_ld"]) for r in rows if r["spill_st"] or r["spill_ld"]]
+    if spills:  # shown with -rs / in the log; only those above the limit fail
+        print(f"{source} sm_{arch}: small spills {spills}")
+    bad = [(k, st, ld) for k, st, ld in spills
+           if max(st, ld) > _aot.MAX_SPILL and (k, arch) not in _aot.CUDA_SPILL_REASONS]
+    assert not bad, f"{source} sm_{arch}: register spills above {_aot.MAX_SPILL} B with no reason: {bad}"
+    # the KD forward at 1024 threads capped the double kernel at 64 registers: 112 B of
+    # spills on sm_90; the double kernel now stops at 512 threads
+    fwd = [(k, st, ld) for k, st, ld in spills if "kd_fwd_kernel" in k]
+    assert not fwd, fwd
     big = [(r["kernel"], r["smem"]) for r in rows if r["smem"] > _aot.SMEM_PER_BLOCK[arch]]
     assert not big, big

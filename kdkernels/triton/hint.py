@@ -184,8 +184,9 @@ def _config(q: int, cs: int, ct: int, dtype: torch.dtype, prec: str, arch: Optio
     register spills (128 registers at 8 warps for fp32 on sm_80, where 128 x 64
     tiles with 64 channels per step took 255 registers and spilled 1-2 KB).
     TF32, fp16 and bf16 go to the tensor cores through shared memory: a
-    128 x 64 tile, and on sm_80 (164 KB of shared memory per SM) two pipeline
-    stages of 32 channels, where three stages of 64 needed 192 KB.
+    128 x 64 tile; on sm_80 (164 KB of shared memory per SM) two pipeline
+    stages of 32 channels, where three stages of 64 needed 192 KB; on sm_90
+    three stages, of 64 channels for fp16/bf16 and 32 for TF32.
     ``arch`` None (the interpreter) takes sm_90's choice.
     """
     if prec == "ieee" and dtype in (torch.float32, torch.float64):
@@ -195,7 +196,8 @@ def _config(q: int, cs: int, ct: int, dtype: torch.dtype, prec: str, arch: Optio
         num_warps = 8 if block_ct * block_q >= 64 * 64 else 4
         return _Config(block_q, block_cs, block_ct, num_warps, 2)
     small_smem = arch is not None and arch < 90
-    block_q, block_cs, block_ct = _blocks(q, cs, ct, max_cs=32 if small_smem else 64)
+    # TF32 operands are 4 bytes: 64 channels per step spilled ~480 B on sm_90 (255 registers)
+    block_q, block_cs, block_ct = _blocks(q, cs, ct, max_cs=32 if small_smem or prec == "tf32" else 64)
     num_warps = 8 if block_ct * block_q >= 128 * 64 else 4
     return _Config(block_q, block_cs, block_ct, num_warps, 2 if small_smem else 3)
 
