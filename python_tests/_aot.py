@@ -183,6 +183,15 @@ def blocks_per_sm(arch: int, regs: int, warps: int, smem: int) -> int:
     return max(0, min(32, by_regs, by_warps, by_smem))
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and its finished children (ptxas): a compile's cost on an
+    idle machine, where wall time on a shared one is not."""
+    import resource
+
+    return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+               for f in ("ru_utime", "ru_stime"))
+
+
 def _install(arch: int, records: List[dict]) -> None:
     """Stub driver for ``arch`` and a launch hook that compiles instead of launching."""
     import triton
@@ -239,9 +248,9 @@ def _install(arch: int, records: List[dict]) -> None:
 
     def do_compile(self, *args, **kwargs):
         logs.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         kernel = orig_compile(self, *args, **kwargs)
-        compiled[id(kernel)] = (time.perf_counter() - t0, "\n".join(logs))
+        compiled[id(kernel)] = (time.perf_counter() - t0, "\n".join(logs), _cpu_seconds() - c0)
         return kernel
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -249,12 +258,13 @@ def _install(arch: int, records: List[dict]) -> None:
         if callable(grid):
             grid = ("callable",)
         grid = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
-        seconds, log = compiled.pop(id(kernel), (None, None))
+        seconds, log, cpu = compiled.pop(id(kernel), (None, None, None))
         md = kernel.metadata
         constexprs = {p.name: str(kwargs.get(p.name)) for p in self.params if p.is_constexpr}
         rec = {"kernel": self.fn.__name__, "grid": list(grid), "num_warps": md.num_warps,
                "num_stages": md.num_stages, "smem": md.shared, "constexprs": constexprs,
-               "first_compile": seconds is not None, "compile_s": seconds, "hash": kernel.hash}
+               "first_compile": seconds is not None, "compile_s": seconds, "compile_cpu_s": cpu,
+               "hash": kernel.hash}
         if log is not None:
             rec.update(parse_ptxas(log))
             rec["ptxas_log_seen"] = bool(_PTXAS.search(log))
@@ -387,7 +397,7 @@ def problems(rows: List[dict]) -> List[str]:
 
 
 COLUMNS = ["triton", "arch", "group", "case", "kernel", "constexprs", "num_warps", "num_stages", "grid",
-           "regs", "spill_st", "spill_ld", "stack", "smem", "blocks_per_sm", "compile_s"]
+           "regs", "spill_st", "spill_ld", "stack", "smem", "blocks_per_sm", "compile_s", "compile_cpu_s"]
 
 
 def table_rows(rows: List[dict]) -> List[dict]:
@@ -403,8 +413,9 @@ def table_rows(rows: List[dict]) -> List[dict]:
                                                       "FINAL", "HAS", "DOT")))
         if "error" in r:
             row["kernel"] = "ERROR " + r["error"][:200].replace("\n", " ")
-        if row["compile_s"] != "":
-            row["compile_s"] = f"{row['compile_s']:.2f}"
+        for c in ("compile_s", "compile_cpu_s"):
+            if isinstance(row[c], float):
+                row[c] = f"{row[c]:.2f}"
         out.append(row)
     return out
 
@@ -490,10 +501,7 @@ def main() -> None:
         return
     t0 = time.perf_counter()
     rows = compile_group(args.group, args.arch)
-    import resource
-
-    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
+    cpu = _cpu_seconds()
     rows.append({"case": "(job)", "group": args.group, "arch": args.arch, "kernel": "(job)",
                  "cpu_s": round(cpu, 1), "wall_s": round(time.perf_counter() - t0, 1)})
     print(json.dumps(rows))

@@ -14,8 +14,6 @@
 // one row (tiles stride over the grid), from the forward's per-row stats.
 #include <cuda_runtime.h>
 
-#include <type_traits>
-
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -30,13 +28,6 @@ namespace {
 
 constexpr int kUnroll = 4;
 constexpr int kMaxThreads = 1024;
-// Threads per forward block at most, per logits type. 1024 threads leave 64
-// registers a thread; the double kernel needs more (at 1024 it spilled 112 B on
-// sm_90), so it stops at 512 (128 registers).
-template <typename T>
-constexpr int fwd_max_threads() {
-  return std::is_same<T, double>::value ? 512 : kMaxThreads;
-}
 constexpr int kBwdThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t(65535) * 16;  // beyond this the blocks stride
 
@@ -77,7 +68,7 @@ __device__ __forceinline__ void warp_merge(KdState<A>& s) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(fwd_max_threads<T>())
+__global__ void __launch_bounds__(kMaxThreads)
     kd_fwd_kernel(const T* __restrict__ s, const T* __restrict__ t, acc_t<T>* __restrict__ stats,
                   acc_t<T>* __restrict__ kl, int64_t rows, int64_t cols, acc_t<T> inv_t) {
   using A = acc_t<T>;
@@ -153,11 +144,10 @@ __global__ void __launch_bounds__(kBwdThreads)
   }
 }
 
-// Threads per row in the forward: about 16 classes each, 32 to fwd_max_threads<T>().
-template <typename T>
+// Threads per row in the forward: about 16 classes each, 32 to 1024.
 int fwd_threads(int64_t cols) {
   int threads = 32;
-  while (threads < fwd_max_threads<T>() && int64_t(threads) * 16 < cols) threads <<= 1;
+  while (threads < kMaxThreads && int64_t(threads) * 16 < cols) threads <<= 1;
   return threads;
 }
 
@@ -172,7 +162,7 @@ void kd_fwd_cuda(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_pt
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     const unsigned grid = unsigned(std::min(rows, kMaxBlocks));
-    kd_fwd_kernel<T><<<grid, fwd_threads<T>(cols), 0, stream>>>(
+    kd_fwd_kernel<T><<<grid, fwd_threads(cols), 0, stream>>>(
         reinterpret_cast<const T*>(s_ptr), reinterpret_cast<const T*>(t_ptr), reinterpret_cast<A*>(stats_ptr),
         reinterpret_cast<A*>(kl_ptr), rows, cols, A(inv_t));
     check_launch(where);
