@@ -450,8 +450,8 @@ def summary(rows: List[dict]) -> str:
                    f"{max(max(r['spill_st'], r['spill_ld']) for r in rs)} | {max(r['smem'] for r in rs)} | "
                    f"{min(r['blocks_per_sm'] for r in rs)}-{max(r['blocks_per_sm'] for r in rs)} | "
                    f"{', '.join(grids[:6])}{' ...' if len(grids) > 6 else ''} |")
-    out += ["", "| op | arch | Triton | first training step: kernels compiled | compile s (sum) | case |",
-            "|---|---|---|---|---|---|"]
+    out += ["", "| op | arch | Triton | first training step: kernels compiled | compile wall s (sum) | "
+            "compile CPU s (sum) | case |", "|---|---|---|---|---|---|---|"]
     for op in ("hcl", "abf", "kd", "hint"):
         for a in sorted({r["arch"] for r in rows}):
             for t in sorted({r["triton"] for r in rows if "triton" in r}):
@@ -461,7 +461,10 @@ def summary(rows: List[dict]) -> str:
                     continue
                 case = first[0]["case"]
                 ks = [r for r in first if r["case"] == case and r.get("first_compile")]
-                out.append(f"| {op} | sm_{a} | {t} | {len(ks)} | {sum(r['compile_s'] for r in ks):.1f} | {case} |")
+                cpu = [r.get("compile_cpu_s") for r in ks]
+                cpu_s = f"{sum(cpu):.1f}" if cpu and None not in cpu else "n/a"
+                out.append(f"| {op} | sm_{a} | {t} | {len(ks)} | {sum(r['compile_s'] for r in ks):.1f} | {cpu_s} "
+                           f"| {case} |")
     return "\n".join(out) + "\n"
 
 
