@@ -55,7 +55,8 @@ namespace {
 
 using hcl_detail::Layout;
 
-constexpr int kThreads = 256;
+constexpr int kThreadBits = 8;
+constexpr int kThreads = 1 << kThreadBits;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxBlocks = int64_t(65535) * 16;  // beyond this the blocks stride over the planes
 
@@ -275,7 +276,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ A smem[kWarps * N];
   const ThreadPos t = thread_pos(s, threadIdx.x);
   const int64_t HW = int64_t(s.H) * s.W;
-  const int64_t tiles = (s.planes + t.groups - 1) / t.groups;
+  // groups is a power of two: a shift, not a 64-bit division (a subroutine call on the
+  // GPU whose saved registers ptxas reports as spills)
+  const int64_t tiles = (s.planes + t.groups - 1) >> (kThreadBits - s.tx_bits - s.ty_bits);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform over the block
     const int64_t plane = tile * t.groups + t.group;
     A v[N];
@@ -297,7 +300,9 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ A smem[kWarps * N];
   const ThreadPos t = thread_pos(s, threadIdx.x);
   const int64_t HW = int64_t(s.H) * s.W;
-  const int64_t tiles = (s.planes + t.groups - 1) / t.groups;
+  // groups is a power of two: a shift, not a 64-bit division (a subroutine call on the
+  // GPU whose saved registers ptxas reports as spills)
+  const int64_t tiles = (s.planes + t.groups - 1) >> (kThreadBits - s.tx_bits - s.ty_bits);
   const A g = *gout;
   const A a = g * A(2.0 * coefs.mse);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform over the block

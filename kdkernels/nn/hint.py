@@ -104,13 +104,13 @@ class HintLoss(nn.Module):
 
     Args:
         backend: passed to :func:`kdkernels.hint_loss` (``None`` = environment/auto).
-        allow_tf32: passed to :func:`kdkernels.hint_loss`.
+        allow_tf32: passed to :func:`kdkernels.hint_loss` (``None``: follow PyTorch's TF32 flag for convs).
 
     Shapes: f_s (N, Cs, H, W) (or already regressed: like f_t), f_t (N, Ct, H, W).
     A shape mismatch is a ``ValueError`` naming both shapes (``nn.MSELoss`` would broadcast).
     """
 
-    def __init__(self, backend: Optional[str] = None, allow_tf32: bool = False):
+    def __init__(self, backend: Optional[str] = None, allow_tf32: Optional[bool] = None):
         super().__init__()
         self.backend = backend
         self.allow_tf32 = allow_tf32

@@ -193,8 +193,8 @@ def _check(fs, ft, weight, bias, allow_tf32) -> None:
             raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if not isinstance(allow_tf32, bool):
-        raise TypeError(f"{OP}: allow_tf32 must be a bool, got {type(allow_tf32).__name__}")
+    if allow_tf32 is not None and not isinstance(allow_tf32, bool):
+        raise TypeError(f"{OP}: allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     check_float_tensor(fs, OP, "fs", 4)
     check_float_tensor(ft, OP, "ft", 4)
     if weight.dim() not in (2, 4):
@@ -222,8 +222,22 @@ def _check(fs, ft, weight, bias, allow_tf32) -> None:
             raise ValueError(f"{OP}: {arg} is on {t.device} (shape {tuple(t.shape)}) but fs is on {fs.device}")
 
 
-def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = None, allow_tf32: bool = False,
-              backend: Optional[str] = None) -> Tensor:
+@torch.compiler.assume_constant_result  # torch.compile reads the flag once, when it traces
+def torch_allows_tf32() -> bool:
+    """Whether eager ``conv2d`` on fp32 CUDA tensors may use TF32: cuDNN's conv precision
+    (``torch.backends.cudnn.conv.fp32_precision``, "none" inheriting from cuDNN, then the
+    global setting; ``torch.backends.cudnn.allow_tf32`` before torch 2.9)."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return bool(cudnn.allow_tf32)
+    for prec in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if prec != "none":
+            return prec == "tf32"
+    return False
+
+
+def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+              allow_tf32: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
     """FitNets hint loss through a 1x1 regressor, fused: ``mean((conv1x1(fs; weight, bias) - ft)^2)``.
 
     The regressed map (N, Ct, H, W) is never written to memory, forward or
@@ -235,10 +249,13 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
         ft: teacher features (N, Ct, H, W) (no gradient unless it requires one).
         weight: the regressor's weight, (Ct, Cs, 1, 1) as in ``nn.Conv2d(Cs, Ct, 1)``, or (Ct, Cs).
         bias: (Ct,) or None.
-        allow_tf32: the Triton backend multiplies float32 inputs in full fp32
-            (``input_precision="ieee"``) unless this is True, which allows TF32
-            tensor cores on GPUs (faster, ~1e-3 relative error). The C++ kernels
-            always use fp32; the ``torch`` backend follows PyTorch's own settings.
+        allow_tf32: whether the Triton backend may multiply float32 inputs on TF32
+            tensor cores (faster, ~1e-3 relative error) instead of in full fp32
+            (``input_precision="ieee"``). ``None`` (default) follows PyTorch's flag
+            for the eager 1x1 conv this replaces (:func:`torch_allows_tf32`:
+            cuDNN's conv precision, TF32 unless switched off), so the drop-in
+            computes what the eager code computes; True/False override it. The
+            C++ kernels always use fp32; the ``torch`` backend is the eager conv.
         backend: ``None`` (use $KDKERNELS_BACKEND, default ``"auto"``), or one of
             ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``.
 
@@ -256,6 +273,8 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     if amp is not None:
         fs, ft, weight, bias = _autocast.cast([fs, ft, weight, bias], amp)
     _check(fs, ft, weight, bias, allow_tf32)
+    if allow_tf32 is None:
+        allow_tf32 = torch_allows_tf32()
     chosen = backends.choose_backend(OP, fs.device, backend)
     if chosen == "torch":
         loss = reference.hint_loss(fs, ft, weight, bias)

@@ -32,7 +32,8 @@ products use r rounded to that dtype (as eager PyTorch stores r).
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -43,7 +44,9 @@ from . import launch_counts
 _MAX_PARTIAL = 1 << 22  # elements of the (G, Ct, Cs) weight-gradient partials
 
 
-@triton.jit
+# Q and num_tiles only bound masks and loops: specialising them on divisibility by 16
+# would compile a new kernel per batch size for nothing (P, Cs, Ct set alignments: kept)
+@triton.jit(do_not_specialize=["Q", "num_tiles"])
 def _hint_fused_kernel(
     fs_ptr, ft_ptr, w_ptr, b_ptr,
     loss_ptr, gfs_ptr, gw_ptr, gb_ptr, gft_ptr,
@@ -89,7 +92,7 @@ def _hint_fused_kernel(
                             mask=ct_ok[:, None] & cs_ok[None, :], other=0.0)
                 x = tl.load(fs_ptr + fs_q[None, :] + cs[:, None].to(tl.int64) * P,
                             mask=cs_ok[:, None] & q_ok[None, :], other=0.0)
-                acc = tl.dot(w.to(dot_ty), x.to(dot_ty), acc, input_precision=PREC)
+                acc = tl.dot(w.to(dot_ty), x.to(dot_ty), acc, input_precision=PREC, out_dtype=ACC)
             tile_ok = ct_ok[:, None] & q_ok[None, :]
             ft_offs = ft_q[None, :] + ct[:, None].to(tl.int64) * P
             y = tl.load(ft_ptr + ft_offs, mask=tile_ok, other=0.0).to(ACC)
@@ -127,27 +130,80 @@ def _hint_fused_kernel(
                         gw_offs = gw_base + ct[:, None].to(tl.int64) * Cs + cs[None, :]
                         gw_ok = ct_ok[:, None] & cs_ok[None, :]
                         gw = tl.load(gw_ptr + gw_offs, mask=gw_ok, other=0.0)
-                        gw = tl.dot(rd, xt.to(dot_ty), gw, input_precision=PREC)
+                        gw = tl.dot(rd, xt.to(dot_ty), gw, input_precision=PREC, out_dtype=ACC)
                         tl.store(gw_ptr + gw_offs, gw, mask=gw_ok)
     tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
 
 
-def _num_programs(num_tiles: int, ct: int, cs: int, device: torch.device) -> int:
-    """Programs G: about two per SM on a GPU (a few under the interpreter), and
-    never so many that the (G, Ct, Cs) partials pass _MAX_PARTIAL elements."""
+def _target(device: torch.device) -> Tuple[Optional[int], int]:
+    """(compute capability as 80, 90, ...; SM count) of the GPU the kernel is compiled for.
+
+    CUDA tensors: their device. Under the interpreter: (None, 4), a few
+    programs. Otherwise (CPU tensors without the interpreter: only the compile
+    tier, python_tests/_aot.py, gets here) the target of Triton's active driver."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
-    return max(1, min(num_tiles, target, _MAX_PARTIAL // max(1, ct * cs)))
+        props = torch.cuda.get_device_properties(device)
+        return props.major * 10 + props.minor, props.multi_processor_count
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None, 4
+    from triton.runtime.driver import driver
+
+    active = driver.active
+    props = active.utils.get_device_properties(active.get_current_device())
+    return active.get_current_target().arch, props["multiprocessor_count"]
 
 
-def _blocks(q: int, cs: int, ct: int):
+def _num_programs(num_tiles: int, ct: int, cs: int, sm_count: int) -> int:
+    """Programs G: two per SM on a GPU (a few under the interpreter), and
+    never so many that the (G, Ct, Cs) partials pass _MAX_PARTIAL elements."""
+    return max(1, min(num_tiles, 2 * sm_count, _MAX_PARTIAL // max(1, ct * cs)))
+
+
+class _Config(NamedTuple):
+    block_q: int
+    block_cs: int
+    block_ct: int
+    num_warps: int
+    num_stages: int
+
+
+def _blocks(q: int, cs: int, ct: int, max_ct: int = 128, max_cs: int = 64, max_q: int = 64):
     # tl.dot needs every dimension >= 16
-    block_ct = max(16, min(128, triton.next_power_of_2(ct)))
-    block_cs = max(16, min(64, triton.next_power_of_2(cs)))
-    block_q = max(16, min(64, triton.next_power_of_2(q)))
+    block_ct = max(16, min(max_ct, triton.next_power_of_2(ct)))
+    block_cs = max(16, min(max_cs, triton.next_power_of_2(cs)))
+    block_q = max(16, min(max_q, triton.next_power_of_2(q)))
     return block_q, block_cs, block_ct
+
+
+def _config(q: int, cs: int, ct: int, dtype: torch.dtype, prec: str, arch: Optional[int]) -> _Config:
+    """Tiles, warps and pipeline stages for one call; shapes, dtype, precision and arch only.
+
+    Full-precision fp32 (``ieee``) and fp64 products run on the FMA units, where a
+    tl.dot operand holds its whole reduction length per thread: the tiles stay at
+    64 x 64 (fp64: 32 x 32) with 16 input channels per step, which compiles to no
+    register spills (128 registers at 8 warps for fp32 on sm_80, where 128 x 64
+    tiles with 64 channels per step took 255 registers and spilled 1-2 KB).
+    TF32, fp16 and bf16 go to the tensor cores through shared memory: a
+    128 x 64 tile; on sm_80 (164 KB of shared memory per SM) two pipeline
+    stages of 32 channels, where three stages of 64 needed 192 KB; on sm_90
+    three stages, of 64 channels for fp16/bf16 and 32 for TF32.
+    ``arch`` None (the interpreter) takes sm_90's choice.
+    """
+    if prec == "ieee" and dtype in (torch.float32, torch.float64):
+        wide = dtype == torch.float32
+        block_q, block_cs, block_ct = _blocks(q, cs, ct, max_ct=64 if wide else 32, max_cs=16,
+                                              max_q=64 if wide else 32)
+        num_warps = 8 if block_ct * block_q >= 64 * 64 else 4
+        return _Config(block_q, block_cs, block_ct, num_warps, 2)
+    small_smem = arch is not None and arch < 90
+    # TF32 operands are 4 bytes: 64 channels per step spilled ~480 B on sm_90 (255 registers)
+    block_q, block_cs, block_ct = _blocks(q, cs, ct, max_cs=32 if small_smem or prec == "tf32" else 64)
+    num_warps = 8 if block_ct * block_q >= 128 * 64 else 4
+    return _Config(block_q, block_cs, block_ct, num_warps, 2 if small_smem else 3)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def hint_fused(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -164,24 +220,24 @@ def hint_fused(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: O
     p = h * w_
     q = n * p
     acc_t = torch.float64 if fs.dtype == torch.float64 else torch.float32
-    block_q, block_cs, block_ct = _blocks(q, cs, ct)
-    num_tiles = triton.cdiv(q, block_q)
-    g = _num_programs(num_tiles, ct, cs, fs.device)
+    prec = "tf32" if (allow_tf32 and fs.dtype == torch.float32) else "ieee"
+    arch, sm_count = _target(fs.device)
+    cfg = _config(q, cs, ct, fs.dtype, prec, arch)
+    num_tiles = triton.cdiv(q, cfg.block_q)
+    g = _num_programs(num_tiles, ct, cs, sm_count)
     loss_part = torch.empty(g, dtype=acc_t, device=fs.device)
     gw_part = torch.zeros((g, ct, cs) if need_w else (1,), dtype=acc_t, device=fs.device)
     gb_part = torch.zeros((g, ct) if need_b else (1,), dtype=acc_t, device=fs.device)
-    prec = "tf32" if (allow_tf32 and fs.dtype == torch.float32) else "ieee"
     dummy = loss_part
-    num_warps = 8 if block_ct * block_q >= 128 * 64 else 4
     _hint_fused_kernel[(g,)](
         fs, ft, weight, bias if bias is not None else dummy,
         loss_part, gfs if gfs is not None else fs, gw_part, gb_part, gft if gft is not None else ft,
         q, p, cs, ct, num_tiles,
         HAS_BIAS=bias is not None, NEED_FS=gfs is not None, NEED_W=need_w, NEED_B=need_b,
         NEED_FT=gft is not None, ACC=tl.float64 if acc_t == torch.float64 else tl.float32, PREC=prec,
-        SINGLE_CT=ct <= block_ct, DOT_F32=fs.dtype == torch.bfloat16 and fs.device.type == "cpu",
-        BLOCK_Q=block_q, BLOCK_CS=block_cs, BLOCK_CT=block_ct,
-        num_warps=num_warps,
+        SINGLE_CT=ct <= cfg.block_ct, DOT_F32=fs.dtype == torch.bfloat16 and _interpreted(),
+        BLOCK_Q=cfg.block_q, BLOCK_CS=cfg.block_cs, BLOCK_CT=cfg.block_ct,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     launch_counts["hint_fused"] += 1
     # second, small reduction over the G programs (fixed order: deterministic)
