@@ -56,7 +56,7 @@ class _Block:
 
 
 def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], batches: Iterable, *,
-            schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+            schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
             inplace: bool = False, progress: bool = True, all_reduce: bool = False) -> nn.Module:
     """Align student blocks to the teacher from a few unlabeled samples, and merge.
 
@@ -68,7 +68,8 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
             element is the input (e.g. a DataLoader); a one-shot iterator is
             read into a list first.
         schedule: ``"greedy"`` or ``"independent"`` (module docstring).
-        alpha: relative ridge toward Q = I (see :func:`solve`).
+        alpha: ``None`` (default): least squares, a ridge toward Q = I only where a
+            block needs one; a float: explicit relative ridge (see :func:`solve`).
         num_samples: use only the first ``num_samples`` inputs of ``batches``.
         inplace: modify ``student`` itself instead of a deep copy.
         progress: show a progress bar over batches.
@@ -88,7 +89,7 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
         if not isinstance(model, nn.Module):
             raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
     check_choice(schedule, "schedule", SCHEDULES)
-    alpha = check_alpha(alpha)
+    alpha = None if alpha is None else check_alpha(alpha)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")

@@ -13,6 +13,7 @@ r"""FitNets modules (SPEC section 3): ``ConvReg``, ``HintLoss`` and a closed-for
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -139,15 +140,17 @@ Batches = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: float = 1e-4) -> nn.Conv2d:
+def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: Optional[float] = None) -> nn.Conv2d:
     r"""Set a 1x1 regressor to the least-squares map from student to teacher features.
 
     With pixels as samples (s_p in R^Cs, t_p in R^Ct over all N*H*W pixels of all
     batches), the weight W (Ct, Cs) and bias b minimise
 
-        sum_p ||W s_p + b - t_p||^2 + lam ||W||^2,      lam = alpha * trace(G) / Cs
+        sum_p ||W s_p + b - t_p||^2 + lam ||W||^2,      lam = alpha * trace(Cov) / Cs
 
-    (SPEC section 5 with prior Q0 = 0; ``alpha=0`` is plain least squares). The
+    with Cov the centred covariance of the student features (docs/spec.md section 5
+    with prior Q0 = 0; the default ``alpha=None`` is plain least squares, with a
+    ridge only where the problem is singular or underdetermined). The
     statistics are streamed by :class:`kdkernels.fskd.GramStats` (fp64 sums) and
     solved by :func:`kdkernels.fskd.solve` (fp64 Cholesky). With a bias, the
     problem is solved on centred statistics, G - m_s m_s^T M and Hc - m_t m_s^T M,
@@ -158,16 +161,16 @@ def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: float = 1
         batches: one ``(fs, ft)`` pair or an iterable of them, fs (N, Cs, H, W),
             ft (N, Ct, H, W) (e.g. a few batches of the student's and teacher's
             hint-layer features).
-        alpha: relative ridge (default 1e-4).
+        alpha: ``None`` (least squares) or an explicit relative ridge.
 
     Returns:
         ``regressor``, with its weight and bias overwritten (in their dtype).
     """
     from .. import fskd
     from ..fskd._checks import check_alpha
-    from ..fskd.solve import ridge_solve
+    from ..fskd.solve import UNDERDETERMINED_RIDGE, ridge_solve
 
-    alpha = check_alpha(alpha)
+    alpha = None if alpha is None else check_alpha(alpha)
 
     if not is_plain_1x1(regressor):
         raise TypeError(f"least_squares_init_: regressor must be a plain 1x1 nn.Conv2d (stride 1, no padding, "
@@ -195,6 +198,11 @@ def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: float = 1
         mean_s, mean_t = stats.sum_s / m, stats.sum_t / m
         g = stats.G - m * torch.outer(mean_s, mean_s)
         h = stats.Hc - m * torch.outer(mean_t, mean_s)
+        if alpha is None and stats.count <= cs:  # centred rank <= M - 1 < Cs: the solve's underdetermined rule
+            alpha = UNDERDETERMINED_RIDGE
+            warnings.warn(f"least_squares_init_: {stats.count} pixels for {cs} channels and a bias: "
+                          f"underdetermined, the ridge (alpha={alpha:g}) decides the solution",
+                          RuntimeWarning, stacklevel=2)
         (q,) = ridge_solve([g], [h], alpha, identity_prior=False)
         bias = mean_t - q @ mean_s
     w = regressor.weight

@@ -29,7 +29,8 @@ class FSKD(Distiller):
             the teacher's widths and sizes at the matching points.
         blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names.
         schedule: ``"greedy"`` (the paper's, block by block) or ``"independent"``.
-        alpha: relative ridge toward Q = I.
+        alpha: ``None`` (default): least squares (a ridge only where a block needs
+            one); a float: explicit relative ridge toward Q = I (see :func:`kdkernels.fskd.solve`).
         num_samples: use only this many inputs (per process).
         inplace: modify the given student instead of a copy.
 
@@ -43,7 +44,7 @@ class FSKD(Distiller):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
-                 schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+                 schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
                  inplace: bool = False):
         from ..fskd._checks import check_alpha, check_choice
         from ..fskd.pipeline import SCHEDULES
@@ -51,7 +52,7 @@ class FSKD(Distiller):
         super().__init__(student, teacher)
         self.blocks = [tuple(b) for b in blocks]
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
-        self.alpha = check_alpha(alpha)
+        self.alpha = None if alpha is None else check_alpha(alpha)
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                         or num_samples < 1):
             raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
