@@ -315,7 +315,7 @@ def test_fskd_distiller_through_fit():
         student.layer1[1].weight.mul_(torch.tensor([0.5, 1.5]))
     x, y = batch(64)
     loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="independent")
+    d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="joint")
     hist = train.fit(d, loader, epochs=1, progress=False, eval_loader=loader)
     assert "val_acc" in hist[0]
     assert d.student is not student and isinstance(d.student.layer1[1], nn.Identity)

@@ -10,7 +10,7 @@ its parameter count and FLOPs.
 * :func:`solve` - every block's ridge problem in batched fp64 Cholesky calls
   (one per group of similar widths, identity padding inside a group).
 * :func:`absorb` - q o bn o conv as one conv (BN folded, fp64, cast back).
-* :func:`distill` - the whole pipeline with forward hooks, greedy or independent.
+* :func:`distill` - the whole pipeline with forward hooks, greedy or joint schedule.
 
 Example::
 

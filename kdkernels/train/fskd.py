@@ -28,7 +28,8 @@ class FSKD(Distiller):
         student, teacher: the networks; the student's aligned blocks must have
             the teacher's widths and sizes at the matching points.
         blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names.
-        schedule: ``"greedy"`` (the paper's, block by block) or ``"independent"``.
+        schedule: ``"greedy"`` (block by block) or ``"joint"`` (all Q's refined together,
+            end to end, from the greedy ones; see :func:`kdkernels.fskd.distill`).
         alpha: ``None`` (default): least squares (a ridge only where a block needs
             one); a float: explicit relative ridge toward Q = I (see :func:`kdkernels.fskd.solve`).
         num_samples: use only this many inputs (per process).
@@ -46,12 +47,12 @@ class FSKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
                  schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
                  inplace: bool = False):
-        from ..fskd._checks import check_alpha, check_choice
-        from ..fskd.pipeline import SCHEDULES
+        from ..fskd._checks import check_alpha
+        from ..fskd.pipeline import check_schedule
 
         super().__init__(student, teacher)
         self.blocks = [tuple(b) for b in blocks]
-        self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+        self.schedule = check_schedule(schedule)
         self.alpha = None if alpha is None else check_alpha(alpha)
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                         or num_samples < 1):
