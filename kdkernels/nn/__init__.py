@@ -3,6 +3,6 @@ from .hcl import HCLLoss
 from .abf import ABF
 from .reviewkd import ReviewKD, ReviewKDLoss
 from .kd import DistillKL
-from .hint import ConvReg, HintLoss, is_plain_1x1, least_squares_init_
+from .hint import ConvReg, FitNetsRegressor, HintLoss, is_plain_1x1, least_squares_init_
 
-__all__ = ["HCLLoss", "ABF", "ReviewKD", "ReviewKDLoss", "DistillKL", "ConvReg", "HintLoss", "is_plain_1x1", "least_squares_init_"]
+__all__ = ["HCLLoss", "ABF", "ReviewKD", "ReviewKDLoss", "DistillKL", "ConvReg", "FitNetsRegressor", "HintLoss", "is_plain_1x1", "least_squares_init_"]
