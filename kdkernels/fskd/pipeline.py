@@ -94,7 +94,7 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
         inplace: modify ``student`` itself instead of a deep copy.
         progress: show a progress bar over batches.
         all_reduce: sum the statistics over ``torch.distributed`` ranks before solving
-            (greedy phase; the joint refinement uses each rank's own samples).
+            (and, for the joint refinement, the losses and gradients).
         joint_steps: L-BFGS iterations of the joint refinement (0: greedy's Q's).
 
     Returns:
@@ -134,7 +134,7 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
                                  f"fskd greedy {k + 1}/{len(resolved)}")
                 _merge(student, [blk], stats, alpha, all_reduce, modes)
             if schedule == "joint" and joint_steps > 0:
-                _joint(student, teacher, resolved, data, num_samples, joint_steps, progress, modes)
+                _joint(student, teacher, resolved, data, num_samples, joint_steps, progress, modes, all_reduce)
     finally:
         for m in (*student.modules(), *teacher.modules()):
             if m in modes:
@@ -377,7 +377,8 @@ def _current(student, b: _Block) -> _Block:
     return _Block(b.conv_name, b.bn_name, b.teacher_name, conv, bn, b.target)
 
 
-def _joint(student, teacher, blocks: List[_Block], data, num_samples, steps: int, show, modes) -> None:
+def _joint(student, teacher, blocks: List[_Block], data, num_samples, steps: int, show, modes,
+           all_reduce: bool = False) -> None:
     """Refine every block's Q together (module docstring), starting from the merged greedy ones.
 
     Each block's aligned output gets a trainable P_k (C, C) = I through a forward hook; the
@@ -414,6 +415,15 @@ def _joint(student, teacher, blocks: List[_Block], data, num_samples, steps: int
             sums[j] = s1 if sums[j] is None else sums[j] + s1
             sq[j] += float(t.square().sum())
             count[j] += t.numel() // t.shape[1]
+    if all_reduce:
+        import torch.distributed as dist
+
+        dev = blocks[0].conv.weight.device
+        for j in range(n):
+            packed = torch.cat([sums[j].to(dev), torch.tensor([sq[j], float(count[j])], dtype=torch.float64,
+                                                              device=dev)])
+            dist.all_reduce(packed)
+            sums[j], sq[j], count[j] = packed[:-2], float(packed[-2]), int(round(float(packed[-1])))
     energy = [max(sq[j] - float(sums[j].square().sum()) / count[j], 1e-30) for j in range(n)]
 
     ref = [b.conv.weight for b in (_current(student, b) for b in blocks)]
@@ -452,6 +462,14 @@ def _joint(student, teacher, blocks: List[_Block], data, num_samples, steps: int
         for p in ps:
             p.grad = None
         j = objective(True)
+        if all_reduce:
+            import torch.distributed as dist
+
+            total = torch.tensor([j], dtype=torch.float64, device=ps[0].device)
+            dist.all_reduce(total)
+            j = float(total)
+            for p in ps:
+                dist.all_reduce(p.grad)
         best["evals"] += 1
         if best["first"] is None:
             best["first"] = j  # greedy's Q's: P = I
