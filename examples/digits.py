@@ -263,6 +263,11 @@ def main():
     cmd = "python examples/digits.py " + ("--table" if args.table else "--method " + " ".join(methods))
     if args.method and args.table:
         cmd += " --method " + " ".join(methods)
+    for flag, value, default in (("--seeds", args.seeds, 3), ("--epochs", args.epochs, 30),
+                                 ("--teacher-epochs", args.teacher_epochs, 20), ("--shots", args.shots, 10),
+                                 ("--threads", args.threads, 1)):
+        if value != default:
+            cmd += f" {flag} {value}"
     print(f"`{cmd}` ({seeds}: split, initialisation and order; {environment()})\n")
     print(f"sklearn digits (8x8, 1257 train / 540 test images). Teacher {sizes['teacher']} parameters, "
           f"{ms(res['teacher'])} %; student (the teacher's family, 4x thinner) {sizes['student']} parameters; "
