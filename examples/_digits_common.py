@@ -31,3 +31,34 @@ def train_ce(model, x, y, steps: int, lr: float, seed: int, batch: int):
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def deterministic(seed: int, threads: int) -> None:
+    """Fix what decides a run's numbers on a CPU: the thread count (reduction order in
+    the kernels), deterministic algorithms where PyTorch has a choice, and every RNG."""
+    import random
+
+    import numpy as np
+
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def environment() -> str:
+    """One line naming what the numbers depend on: versions, threads and the CPU model."""
+    import platform
+
+    import numpy as np
+    import sklearn
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"torch {torch.__version__}, numpy {np.__version__}, scikit-learn {sklearn.__version__}, "
+            f"Python {platform.python_version()}, {torch.get_num_threads()} thread(s), CPU {cpu}")

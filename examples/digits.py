@@ -1,11 +1,13 @@
 """Distillation on real data: scikit-learn's bundled 8x8 digits (no download).
 
-    python examples/digits.py --method {kd,fitnets,reviewkd,sskd,fskd}
+    python examples/digits.py --table                      # the README table, every method
+    python examples/digits.py --method kd sskd             # per-seed tables of some methods
 
 For every seed (default 3): a stratified 70/30 split of the 1797 images, a
-small CNN teacher (three stages of two 3x3 conv+BN+ReLU, widths 16-32-64, with
-a stem) trained with cross-entropy, and a thinner, shallower student (one
-conv+BN+ReLU per stage, widths 4-8-16, no stem: about 40x fewer parameters).
+small CNN teacher (a stem and three stages of two 3x3 conv+BN+ReLU, widths
+16-32-64) trained with cross-entropy, and a student of the teacher's family,
+4x thinner (the same stem and stages, widths 4-8-16: ~14x fewer parameters),
+which SSKD assumes and the other methods accept.
 The same student initialisation is trained alone (cross-entropy) and with the
 chosen method, so the comparison is paired. Every run uses Adam (lr 3e-3) with
 a cosine schedule over its epochs, batch 64, through ``kdkernels.train.fit``.
@@ -20,7 +22,10 @@ Methods (settings from the papers / reference code, not tuned on this data):
              pre-activation (bn2 of each stage), weight 1, warm-up E/12 epochs
              (the reference's 20 of 240), E epochs.
 * sskd     - stage by stage (layer1, layer2, layer3; earlier stages frozen),
-             E/3 epochs each, then the head alone for E/3 epochs.
+             E/3 epochs each, then the head (fc) trained to convergence on the
+             frozen backbone (SSKD.fit_head: full-batch L-BFGS, CE + 1e-4/2 ||W||^2).
+* sskd-all - the SSKD paper's ablation baseline: all stages at once (the three
+             stage losses summed) for E epochs, then the same converged head.
 * fskd     - a different setting, the one FSKD is for: the student is the
              teacher with 50% of the filters of each stage's first conv pruned
              (L1 norm); FSKD recovers it from 10 unlabeled images per class
@@ -28,7 +33,9 @@ Methods (settings from the papers / reference code, not tuned on this data):
              the pruned net fine-tuned with cross-entropy on the same 100
              images with their labels (150 Adam steps, lr 1e-3, batch 32).
 
-Prints a markdown table of test accuracies and the wall time.
+Prints a markdown table of test accuracies (the wall time goes to stderr).
+Deterministic for given seeds and thread count (split, initialisation, order,
+deterministic algorithms); the output names the seeds and the environment.
 """
 from __future__ import annotations
 
@@ -46,9 +53,11 @@ from torch import nn
 
 from kdkernels import train
 
-from _digits_common import few, n_params, train_ce
+import sys
 
-METHODS = ("kd", "fitnets", "reviewkd", "sskd", "fskd")
+from _digits_common import deterministic, environment, few, n_params, train_ce
+
+METHODS = ("kd", "fitnets", "reviewkd", "sskd", "sskd-all", "fskd")
 TEACHER_WIDTHS = (16, 32, 64)
 STUDENT_WIDTHS = (4, 8, 16)
 STAGES = ["layer1", "layer2", "layer3"]
@@ -86,7 +95,8 @@ def teacher_net():
 
 
 def student_net():
-    return Net(STUDENT_WIDTHS, convs=1, stem=False)
+    """The teacher's family, thinner: the same stem and stages (two convs each), widths 4-8-16."""
+    return Net(STUDENT_WIDTHS, convs=2, stem=True)
 
 
 class Plain(nn.Module):
@@ -149,13 +159,20 @@ def distill(method, student, teacher, data, epochs, seed, sample):
                            sample=sample, warmup_epochs=epochs / 12)
         run(d, data, epochs, seed)
         return epochs
-    if method == "sskd":
+    if method in ("sskd", "sskd-all"):
         d = train.SSKD(student, teacher, STAGES, STAGES, sample=sample, freeze_previous=True)
-        for k, st in enumerate([1, 2, 3, "head"]):
-            d.set_stage(st)
-            run(d, data, third, seed + k, params=d.trainable_parameters())
+        if method == "sskd":
+            for k, st in enumerate([1, 2, 3]):
+                d.set_stage(st)
+                run(d, data, third, seed + k, params=d.trainable_parameters())
+            spent = 3 * third
+        else:  # the paper's ablation baseline: every stage at once, one run
+            d.set_stage("all")
+            run(d, data, epochs, seed, params=d.trainable_parameters())
+            spent = epochs
+        d.fit_head(data)  # the head to convergence on the frozen backbone
         d.close()
-        return 4 * third
+        return spent
     raise ValueError(method)
 
 
@@ -181,21 +198,23 @@ def prune(teacher: Net) -> Net:
 # ---------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--method", choices=METHODS, required=True)
+    ap.add_argument("--method", choices=METHODS, nargs="+", help="per-seed tables of these methods")
+    ap.add_argument("--table", action="store_true", help="the README table (every method unless --method)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=30, help="E: the student-alone budget (see the docstring)")
     ap.add_argument("--teacher-epochs", type=int, default=20)
     ap.add_argument("--shots", type=int, default=10, help="fskd: unlabeled images per class")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for these tiny convs)")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    if not args.table and not args.method:
+        ap.error("give --table or --method")
+    methods = args.method or list(METHODS)
+    deterministic(0, args.threads)
     t_start = time.time()
 
-    rows = {"teacher": [], "student alone": [], args.method: []}
-    if args.method == "fskd":
-        rows = {"teacher": [], "pruned, no training": [], "student alone (CE fine-tune, labels)": [],
-                "fskd (no labels)": []}
-    budget = None
+    res = {m: [] for m in ["teacher", "student alone", "pruned", "pruned, CE fine-tune", *methods,
+                           "fskd joint"]}
+    sizes = {}
     for seed in range(args.seeds):
         x_tr, y_tr, x_te, y_te = load(seed)
         data = loader(x_tr, y_tr, seed)
@@ -203,49 +222,79 @@ def main():
         teacher = teacher_net()
         run(Plain(teacher), data, args.teacher_epochs, seed)
         teacher.eval()
-        rows["teacher"].append(acc(teacher, x_te, y_te))
-
-        if args.method == "fskd":
-            pruned = prune(teacher)
-            rows["pruned, no training"].append(acc(pruned, x_te, y_te))
-            idx = few(y_tr, args.shots, seed)
-            tuned = train_ce(copy.deepcopy(pruned), x_tr[idx], y_tr[idx], 150, lr=1e-3, seed=seed, batch=32)
-            rows["student alone (CE fine-tune, labels)"].append(acc(tuned, x_te, y_te))
-            d = train.FSKD(pruned, teacher, [(f"{s}.conv2", f"{s}.bn2", f"{s}.bn2") for s in STAGES])
-            train.fit(d, [x_tr[idx]], epochs=1, progress=False)  # FSKD: closed form, no optimiser
-            rows["fskd (no labels)"].append(acc(d.student, x_te, y_te))
-            budget = (f"student: teacher with conv1 of each stage pruned 50% ({n_params(pruned)} parameters, "
-                      f"{n_params(d.student)} after FSKD's merge; teacher {n_params(teacher)}); "
-                      f"{args.shots} images per class")
-            continue
+        res["teacher"].append(acc(teacher, x_te, y_te))
+        sizes["teacher"] = n_params(teacher)
 
         torch.manual_seed(1000 + seed)
         init = student_net()
-        alone = copy.deepcopy(init)
-        run(Plain(alone), data, args.epochs, seed)
-        rows["student alone"].append(acc(alone, x_te, y_te))
-        student = copy.deepcopy(init)
-        spent = distill(args.method, student, teacher, data, args.epochs, seed, sample=x_tr[:2])
-        rows[args.method].append(acc(student, x_te, y_te))
-        budget = (f"student {n_params(init)} parameters, teacher {n_params(teacher)}; student alone "
-                  f"{args.epochs} epochs, {args.method} {spent} epochs")
+        sizes["student"] = n_params(init)
+        if any(m != "fskd" for m in methods):
+            alone = copy.deepcopy(init)
+            run(Plain(alone), data, args.epochs, seed)
+            res["student alone"].append(acc(alone, x_te, y_te))
+        for method in methods:
+            if method == "fskd":
+                pruned = prune(teacher)
+                res["pruned"].append(acc(pruned, x_te, y_te))
+                idx = few(y_tr, args.shots, seed)
+                tuned = train_ce(copy.deepcopy(pruned), x_tr[idx], y_tr[idx], 150, lr=1e-3, seed=seed, batch=32)
+                res["pruned, CE fine-tune"].append(acc(tuned, x_te, y_te))
+                blocks = [(f"{s}.conv2", f"{s}.bn2", f"{s}.bn2") for s in STAGES]
+                for sched, row in (("greedy", "fskd"), ("joint", "fskd joint")):
+                    d = train.FSKD(pruned, teacher, blocks, schedule=sched)
+                    train.fit(d, [x_tr[idx]], epochs=1, progress=False)  # closed form, no optimiser
+                    res[row].append(acc(d.student, x_te, y_te))
+                sizes["pruned"] = n_params(pruned)
+                continue
+            student = copy.deepcopy(init)
+            sizes[method] = distill(method, student, teacher, data, args.epochs, seed, sample=x_tr[:2])
+            res[method].append(acc(student, x_te, y_te))
+    print(f"({time.time() - t_start:.0f} s on {torch.get_num_threads()} CPU thread(s))", file=sys.stderr)
 
-    elapsed = time.time() - t_start
-    print(f"sklearn digits, {args.seeds} seeds (split, initialisation and order); {budget}. "
-          f"Test accuracy (%):\n")
-    print("| | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean +- std |")
-    print("|---" * (args.seeds + 2) + "|")
-    for name, vals in rows.items():
-        print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in vals)
-              + f" | {np.mean(vals):.1f} +- {np.std(vals):.1f} |")
-    base = "student alone" if args.method != "fskd" else "student alone (CE fine-tune, labels)"
-    mine = args.method if args.method != "fskd" else "fskd (no labels)"
-    gain = np.mean(rows[mine]) - np.mean(rows[base])
-    wins = sum(a > b for a, b in zip(rows[mine], rows[base]))
-    verdict = "beats" if gain > 0 else "does NOT beat"
-    print(f"\n{mine} {verdict} the student alone: {gain:+.1f} points on average, better on {wins} of "
-          f"{args.seeds} seeds.")
-    print(f"({elapsed:.0f} s on {torch.get_num_threads()} CPU thread(s))")
+    def ms(vals):
+        return f"{np.mean(vals):.1f} ± {np.std(vals):.1f}"
+
+    def verdict(mine, base):
+        gain = np.mean(mine) - np.mean(base)
+        wins = sum(a > b for a, b in zip(mine, base))
+        return f"{gain:+.1f} ({'better' if gain > 0 else 'not better'}; higher on {wins} of {len(mine)} seeds)"
+
+    seeds = f"seeds 0..{args.seeds - 1}" if args.seeds > 1 else "seed 0"
+    cmd = "python examples/digits.py " + ("--table" if args.table else "--method " + " ".join(methods))
+    if args.method and args.table:
+        cmd += " --method " + " ".join(methods)
+    for flag, value, default in (("--seeds", args.seeds, 3), ("--epochs", args.epochs, 30),
+                                 ("--teacher-epochs", args.teacher_epochs, 20), ("--shots", args.shots, 10),
+                                 ("--threads", args.threads, 1)):
+        if value != default:
+            cmd += f" {flag} {value}"
+    print(f"`{cmd}` ({seeds}: split, initialisation and order; {environment()})\n")
+    print(f"sklearn digits (8x8, 1257 train / 540 test images). Teacher {sizes['teacher']} parameters, "
+          f"{ms(res['teacher'])} %; student (the teacher's family, 4x thinner) {sizes['student']} parameters; "
+          f"student alone {args.epochs} epochs. Test accuracy (%), mean ± std over the seeds:\n")
+    if not args.table:
+        shown = [r for r in res if res[r]]
+        print("| | " + " | ".join(f"seed {s}" for s in range(args.seeds)) + " | mean ± std |")
+        print("|---" * (args.seeds + 2) + "|")
+        for name in shown:
+            print(f"| {name} | " + " | ".join(f"{v:.1f}" for v in res[name]) + f" | {ms(res[name])} |")
+        return
+    print("| method | epochs | student alone | with the method | gain |")
+    print("|---|---|---|---|---|")
+    labels = {"kd": "kd", "fitnets": "fitnets (two-stage)", "reviewkd": "reviewkd",
+              "sskd": "sskd (stage by stage, converged head)", "sskd-all": "sskd, all stages at once (ablation)"}
+    for m in methods:
+        if m == "fskd":
+            base = f"{ms(res['pruned, CE fine-tune'])} (CE fine-tune with labels; {ms(res['pruned'])} untrained)"
+            for row, name, how in (("fskd", "fskd greedy", "closed form"),
+                                   ("fskd joint", "fskd joint", "closed form + L-BFGS on the Q's")):
+                print(f"| {name} (pruned teacher, {sizes['pruned']} parameters, {args.shots} unlabelled images "
+                      f"per class) | {how} | {base} | {ms(res[row])} | "
+                      f"{verdict(res[row], res['pruned, CE fine-tune'])} |")
+            continue
+        spent = f"{sizes[m]} + head (L-BFGS)" if m.startswith("sskd") else f"{sizes[m]}"
+        print(f"| {labels[m]} | {spent} | {ms(res['student alone'])} | {ms(res[m])} | "
+              f"{verdict(res[m], res['student alone'])} |")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,12 @@ def _worker(rank, port, out_dir):
         student, teacher = tiny_pair()
         merged = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(rank), all_reduce=True,
                               progress=False)
+        joint = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(rank), all_reduce=True,
+                             schedule="joint", joint_steps=5, progress=False)
         torch.save({"G": st.G, "Hc": st.Hc, "sum_s": st.sum_s, "sum_t": st.sum_t, "count": st.count,
                     "late_G": late.G, "late_count": late.count, "q": q,
-                    "merged_w": merged[0].weight.detach(), "merged_b": merged[1].bias.detach()},
+                    "merged_w": merged[0].weight.detach(), "merged_b": merged[1].bias.detach(),
+                    "joint_w": joint[0].weight.detach()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,6 +82,12 @@ def test_all_reduce_two_gloo_ranks_equals_single_process(tmp_path):
     q64 = fskd.solve(exact, alpha=1e-4, prior="zero")
     student, teacher = tiny_pair()
     one = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(0) + rank_images(1), progress=False)
+    joint_one = fskd.distill(student, teacher, [("0", "1", "1")], rank_images(0) + rank_images(1),
+                             schedule="joint", joint_steps=5, progress=False)
+    joint_ranks = [torch.load(tmp_path / f"rank{rank}.pt")["joint_w"] for rank in range(WORLD)]
+    assert torch.equal(joint_ranks[0], joint_ranks[1])  # the ranks took the same steps
+    want = joint_one[0].weight.detach()
+    assert float((joint_ranks[0] - want).norm() / want.norm()) < 1e-4
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["count"] == single.count == (3 + 4) * 24

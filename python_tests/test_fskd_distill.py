@@ -120,17 +120,74 @@ def test_greedy_recovers_a_mixed_student_exactly(make, blocks, device):
 
 
 @pytest.mark.parametrize("make, blocks", [(vgg, VGG_BLOCKS), (ResNetLike, RES_BLOCKS)], ids=["vgg", "resnet"])
-def test_independent_schedule(make, blocks, device):
+def test_joint_schedule_recovers_a_mixed_student_exactly(make, blocks, device):
     teacher = make().to(device)
-    x = data(1, 16, seed=9)[0].to(device)
-    # one mixed block (the deepest): its input is the teacher's, so one pass is exact
-    student = mixed_student(teacher, blocks[-1:])
-    out = fskd.distill(student, teacher, blocks, data(), schedule="independent", alpha=0.0, progress=False)
-    assert out_err(out, teacher, x) < 1e-4
-    # both mixed: block 2 is fitted on an uncorrected input, so only better, not exact
     student = mixed_student(teacher, blocks)
-    out = fskd.distill(student, teacher, blocks, data(), schedule="independent", alpha=0.0, progress=False)
-    assert out_err(out, teacher, x) < 0.5 * out_err(student, teacher, x)
+    x = data(1, 16, seed=9)[0].to(device)
+    out = fskd.distill(student, teacher, blocks, data(), schedule="joint", alpha=0.0, joint_steps=10,
+                       progress=False)
+    assert out_err(out, teacher, x) < 1e-4
+    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in student.parameters())
+
+
+def test_independent_schedule_is_gone():
+    teacher = vgg()
+    with pytest.raises(ValueError, match=r"schedule='independent' is not FSKD's.*use 'greedy' .* or 'joint'"):
+        fskd.distill(teacher, teacher, VGG_BLOCKS, data(1), schedule="independent")
+
+
+def block_losses(student, teacher, blocks, batches):
+    """Each block's sum ||S_k - T_k||^2 / ||T_k - mean(T_k)||^2 over the batches (the student's
+    aligned point after merging: the module at the BN's name, or the conv's)."""
+    sq = [0.0] * len(blocks)
+    tt = [[] for _ in blocks]
+    with torch.no_grad():
+        for x in batches:
+            outs = {}
+            hooks = []
+            for k, (conv_name, bn_name, t_name) in enumerate(blocks):
+                hooks.append(student.get_submodule(bn_name or conv_name).register_forward_hook(
+                    lambda m, i, o, k=k: outs.__setitem__(("s", k), o.detach().clone())))
+                hooks.append(teacher.get_submodule(t_name).register_forward_hook(
+                    lambda m, i, o, k=k: outs.__setitem__(("t", k), o.detach().clone())))
+            student(x)
+            teacher(x)
+            for h in hooks:
+                h.remove()
+            for k in range(len(blocks)):
+                sq[k] += float(((outs[("s", k)] - outs[("t", k)]).double() ** 2).sum())
+                tt[k].append(outs[("t", k)].double())
+    losses = []
+    for k in range(len(blocks)):
+        t = torch.cat(tt[k])
+        losses.append(sq[k] / float(((t - t.mean((0, 2, 3), keepdim=True)) ** 2).sum()))
+    return losses
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_joint_never_ends_worse_than_greedy_on_the_block_losses(seed):
+    teacher = vgg(seed=seed)
+    student = prune_half(teacher, [(1, 2), (3, 4)])
+    blocks = VGG_BLOCKS
+    batches = data(seed=seed + 2)
+    greedy = fskd.distill(student, teacher, blocks, batches, schedule="greedy", progress=False)
+    joint = fskd.distill(student, teacher, blocks, batches, schedule="joint", joint_steps=20, progress=False)
+    lg, lj = block_losses(greedy, teacher, blocks, batches), block_losses(joint, teacher, blocks, batches)
+    assert sum(lj) <= sum(lg) * (1 + 1e-6)
+    assert sum(lj) < sum(lg) * (1 - 1e-3)  # it does improve on greedy here
+    # the first block's greedy Q is its own least-squares optimum: joint can only trade it away
+    assert lj[0] >= lg[0] * (1 - 1e-6)
+
+
+def test_joint_steps_zero_is_greedy_and_bad_steps_raise():
+    teacher = vgg()
+    student = prune_half(teacher, [(1, 2), (3, 4)])
+    x = data(1, 16, seed=9)[0]
+    greedy = fskd.distill(student, teacher, VGG_BLOCKS, data(), progress=False)
+    joint0 = fskd.distill(student, teacher, VGG_BLOCKS, data(), schedule="joint", joint_steps=0, progress=False)
+    assert out_err(joint0, greedy, x) < 1e-6
+    with pytest.raises(ValueError, match=r"joint_steps must be an int >= 0"):
+        fskd.distill(student, teacher, VGG_BLOCKS, data(), schedule="joint", joint_steps=-1)
 
 
 def prune_half(teacher, pairs):
@@ -152,12 +209,13 @@ def prune_half(teacher, pairs):
     return student
 
 
-@pytest.mark.parametrize("schedule", ["greedy", "independent"])
+@pytest.mark.parametrize("schedule", ["greedy", "joint"])
 def test_pruned_vgg_gets_closer_to_teacher(schedule):
     teacher = vgg()
     student = prune_half(teacher, [(1, 2), (3, 4)])
     x = data(1, 16, seed=9)[0]
-    out = fskd.distill(student, teacher, VGG_BLOCKS, data(), schedule=schedule, progress=False)
+    out = fskd.distill(student, teacher, VGG_BLOCKS, data(), schedule=schedule, joint_steps=10,
+                       progress=False)
     assert out_err(out, teacher, x) < 0.7 * out_err(student, teacher, x)
     assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in teacher.parameters())
 
@@ -222,8 +280,9 @@ def test_progress_bar_tqdm_and_plain(capsys, monkeypatch):
     fskd.distill(student, teacher, [("conv2", "bn2", "bn2")], data(3))
     assert "fskd greedy 1/1" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
-    fskd.distill(student, teacher, [("conv2", "bn2", "bn2")], data(3), schedule="independent")
-    assert "fskd independent: 3/3 batches" in capsys.readouterr().err
+    fskd.distill(student, teacher, [("conv2", "bn2", "bn2")], data(3), schedule="joint", joint_steps=2)
+    err = capsys.readouterr().err
+    assert "fskd greedy 1/1: 3/3 batches" in err and "fskd joint" in err
 
 
 def test_too_few_pixels_warns():
@@ -289,7 +348,7 @@ def test_bad_arguments():
     teacher = vgg()
     blocks = [("conv2", "bn2", "bn2")]
     x = data(1)
-    with pytest.raises(ValueError, match=r"schedule must be one of 'greedy', 'independent', got 'paper'"):
+    with pytest.raises(ValueError, match=r"schedule must be one of 'greedy', 'joint', got 'paper'"):
         fskd.distill(teacher, teacher, blocks, x, schedule="paper")
     with pytest.raises(ValueError, match=r"alpha must be a finite float >= 0"):
         fskd.distill(teacher, teacher, blocks, x, alpha=-1e-4)

@@ -29,6 +29,11 @@ def problem(cs, ct, m, seed, dtype=torch.float64, mean=0.0, device="cpu"):
     return s, t, fskd.GramStats(cs, ct).update(s.to(device), t.to(device))
 
 
+def centred_trace(st):
+    """trace of the centred covariance sum (s - mean)(s - mean)^T of a GramStats: the ridge unit."""
+    return float(np.trace(as_np(st.G)) - np.sum(as_np(st.sum_s) ** 2) / st.count)
+
+
 def lstsq_q(s, t):
     """Q (Ct, Cs) = argmin ||Q S - T|| by float64 numpy."""
     S = s.double().flatten(1).numpy()
@@ -36,9 +41,11 @@ def lstsq_q(s, t):
     return np.linalg.lstsq(S, T, rcond=None)[0].T
 
 
-def ridge_q(G, H, alpha, q0):
+def ridge_q(G, H, alpha, q0, trace=None):
+    """The ridge solution with lam = alpha * trace / C; ``trace`` defaults to the trace of G
+    (the centred covariance when G is already centred)."""
     c = G.shape[0]
-    lam = alpha * np.trace(G) / c
+    lam = alpha * (np.trace(G) if trace is None else trace) / c
     return np.linalg.solve(G + lam * np.eye(c), (H + lam * q0).T).T
 
 
@@ -85,11 +92,11 @@ def test_rank_deficient_is_finite_and_equals_ridge():
     with pytest.warns(RuntimeWarning, match=r"10 pixels for 24 channels: underdetermined"):
         q = fskd.solve(st, alpha=1e-3)
     G, H = st.G.numpy(), st.Hc.numpy()
-    assert rel_err(q, ridge_q(G, H, 1e-3, np.eye(24))) < 1e-9
+    assert rel_err(q, ridge_q(G, H, 1e-3, np.eye(24), trace=centred_trace(st))) < 1e-9
     s, t, st = problem(8, 5, 6, seed=8)
     with pytest.warns(RuntimeWarning):
         q = fskd.solve(st, alpha=1e-2, prior="zero")
-    assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-2, np.zeros((5, 8)))) < 1e-9
+    assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-2, np.zeros((5, 8)), trace=centred_trace(st))) < 1e-9
 
 
 @pytest.mark.parametrize("prior", ["identity", "zero"])
@@ -110,7 +117,7 @@ def test_padded_batch_equals_per_block_solves(prior, monkeypatch, device):
         alone = fskd.solve(st, alpha=1e-3, prior=prior)
         assert rel_err(q, alone) < 1e-12
         q0 = np.eye(st.c_out, st.c_in) if prior == "identity" else np.zeros((st.c_out, st.c_in))
-        assert rel_err(q, ridge_q(as_np(st.G), as_np(st.Hc), 1e-3, q0)) < 1e-9
+        assert rel_err(q, ridge_q(as_np(st.G), as_np(st.Hc), 1e-3, q0, trace=centred_trace(st))) < 1e-9
 
 
 def test_dead_channels_keep_their_prior():
@@ -156,7 +163,8 @@ def test_jitter_retries_only_the_failed_entries(monkeypatch):
     sizes = []
     real = torch.linalg.cholesky_ex
     monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a, **k: sizes.append(a.shape[0]) or real(a, **k))
-    q_good, q_bad = solve_mod.ridge_solve([good_g, bad_g], [h, h], 0.0, False)
+    with pytest.warns(RuntimeWarning, match="block 1: G is singular"):
+        q_good, q_bad = solve_mod.ridge_solve([good_g, bad_g], [h, h], 0.0, False)
     assert sizes[0] == 2 and len(sizes) >= 2 and all(n == 1 for n in sizes[1:])
     assert rel_err(q_good, h.numpy() @ np.linalg.inv(good_g.numpy())) < 1e-14
     assert torch.isfinite(q_bad).all()
@@ -198,3 +206,87 @@ def test_solve_syncs_once_on_cuda(device):
         torch.cuda.set_sync_debug_mode("default")
     assert len([w for w in record if "synchroniz" in str(w.message)]) == 1  # the final error check
     assert all(torch.isfinite(q).all() for q in qs)
+
+
+# ------------------------------------------------------------- unbiased default
+def ill_conditioned(seed=0, c=64, n=64, hw=8, spread=4e3, mean=50.0, scale=6.0):
+    """Pre-ReLU-like fp32 features: 64 channels around mean 50 whose centred singular
+    values spread over ``spread`` (cond(S - mean) = 4e3), and an exactly linear target.
+    Returns S (M, C) and T (M, C) as float64 numpy copies of the fp32 values, and the stats."""
+    g = torch.Generator().manual_seed(seed)
+    m = n * hw * hw
+    u, _ = torch.linalg.qr(torch.randn(m, c, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(c, c, generator=g, dtype=torch.float64))
+    sv = scale * m ** 0.5 * torch.logspace(-np.log10(spread), 0, c, dtype=torch.float64)
+    z = (u * sv) @ v.T
+    s = (z - z.mean(0) + mean).float()
+    t = (s.double() @ (torch.randn(c, c, generator=g, dtype=torch.float64) / c ** 0.5).T).float()
+    to4 = lambda x: x.reshape(n, hw * hw, c).permute(0, 2, 1).reshape(n, c, hw, hw).contiguous()  # noqa: E731
+    return s.double().numpy(), t.double().numpy(), fskd.GramStats(c).update(to4(s), to4(t))
+
+
+def fit_error(S, T, q):
+    return float(np.linalg.norm(S @ as_np(q).T - T))
+
+
+def test_default_equals_lstsq_on_ill_conditioned_features():
+    S, T, st = ill_conditioned()
+    assert 3e3 < np.linalg.cond(S - S.mean(0)) < 5e3
+    centred = np.linalg.norm(T - T.mean(0))
+    best = fit_error(S, T, np.linalg.lstsq(S, T, rcond=None)[0].T)
+    q = fskd.solve(st)  # the default: no ridge on a well-posed block
+    assert fit_error(S, T, q) - best <= 1e-3 * centred
+    # an explicit alpha still shrinks toward Q0 = I, relative to the centred covariance
+    shrunk = fskd.solve(st, alpha=1e-2)
+    assert fit_error(S, T, shrunk) - best > 1e-2 * centred
+    cov = as_np(st.G) - np.outer(as_np(st.sum_s), as_np(st.sum_s)) / st.count
+    assert rel_err(shrunk, ridge_q(as_np(st.G), as_np(st.Hc), 1e-2, np.eye(64), trace=np.trace(cov))) < 1e-6
+
+
+def test_explicit_alpha_is_relative_to_the_centred_covariance():
+    s, t, st = problem(7, 7, 200, seed=21, mean=40.0)
+    S = s.flatten(1).numpy()
+    cov_trace = np.trace(np.cov(S.T, bias=True)) * len(S)
+    q = fskd.solve(st, alpha=1e-2)
+    assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), 1e-2, np.eye(7), trace=cov_trace)) < 1e-9
+
+
+def test_underdetermined_default_warns_and_interpolates():
+    s, t, st = problem(24, 24, 10, seed=22, mean=30.0)  # M = 10 < C = 24
+    with pytest.warns(RuntimeWarning, match=r"10 pixels for 24 channels: underdetermined"):
+        q = fskd.solve(st)
+    S, T = s.flatten(1).numpy(), t.flatten(1).numpy()
+    assert np.isfinite(as_np(q)).all()
+    # a tiny ridge toward Q0 = I: fits the 10 pixels (almost) exactly, the rest stays at the prior
+    assert fit_error(S, T, q) <= 1e-3 * np.linalg.norm(T - T.mean(0))
+    cov_trace = np.trace(np.cov(S.T, bias=True)) * len(S)
+    lam_alpha = solve_mod.UNDERDETERMINED_RIDGE
+    assert rel_err(q, ridge_q(st.G.numpy(), st.Hc.numpy(), lam_alpha, np.eye(24), trace=cov_trace)) < 1e-5
+
+
+def test_singular_g_warns_and_regularises_with_the_centred_scale():
+    g = torch.Generator().manual_seed(23)
+    s = torch.randn(64, 6, 2, 2, generator=g, dtype=torch.float64) + 20.0
+    s[:, 0] = 1.0  # two constant channels, 2x apart: G is exactly singular (pivot 0)
+    s[:, 1] = 2.0
+    t = torch.randn(64, 6, 2, 2, generator=g, dtype=torch.float64) + 5.0
+    st = fskd.GramStats(6).update(s, t)
+    _, info = torch.linalg.cholesky_ex(st.G)
+    assert int(info) > 0
+    with pytest.warns(RuntimeWarning, match=r"block 0: G is singular"):
+        q = fskd.solve(st)
+    S = s.transpose(0, 1).reshape(6, -1).numpy().T
+    T = t.transpose(0, 1).reshape(6, -1).numpy().T
+    assert np.isfinite(as_np(q)).all()
+    best = fit_error(S, T, np.linalg.lstsq(S, T, rcond=None)[0].T)
+    assert fit_error(S, T, q) - best <= 1e-6 * np.linalg.norm(T - T.mean(0))
+    assert np.abs(as_np(q)).max() < 1e3  # the jitter is relative to the centred scale: no blow-up
+
+
+def test_alpha_none_and_bad_alpha():
+    _, _, st = problem(5, 5, 100, seed=24)
+    assert rel_err(fskd.solve(st, alpha=None), fskd.solve(st, alpha=0.0)) < 1e-12
+    with pytest.raises(ValueError, match="alpha"):
+        fskd.solve(st, alpha=-1.0)
+    with pytest.raises(TypeError, match="alpha"):
+        fskd.solve(st, alpha="small")

@@ -176,3 +176,26 @@ def test_sample_chunks_do_not_change_the_result(monkeypatch, dtype):
     for name in ("G", "Hc", "sum_s", "sum_t"):
         assert rel_err(getattr(chunked, name), getattr(one, name)) < tol, name
     assert chunked.count == one.count == 8 * 81
+
+
+def test_fp64_products_on_request_match_lstsq_on_ill_conditioned_features():
+    """The fp32 shifted products cost ~1e-4 of ||T - mean(T)|| on cond(S - mean) = 4e3 features
+    with means 50 (within the contract's 1e-3); compute_dtype=float64 removes that cost."""
+    import sys, os
+    import numpy as np
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_fskd_solve import fit_error, ill_conditioned
+
+    S, T, st32 = ill_conditioned()
+    n = 64
+    to4 = lambda x: torch.from_numpy(x).float().reshape(n, 64, 64).permute(0, 2, 1).reshape(n, 64, 8, 8)  # noqa: E731
+    st64 = fskd.GramStats(64, compute_dtype=torch.float64).update(to4(S), to4(T))  # fp32 inputs
+    assert st64.compute_dtype == torch.float64 and st32.compute_dtype is None
+    centred_norm = np.linalg.norm(T - T.mean(0))
+    best = fit_error(S, T, np.linalg.lstsq(S, T, rcond=None)[0].T)
+    fp32 = fit_error(S, T, fskd.solve(st32)) - best
+    fp64 = fit_error(S, T, fskd.solve(st64)) - best
+    assert 1e-6 * centred_norm < fp32 <= 1e-3 * centred_norm
+    assert fp64 <= 1e-7 * centred_norm
+    with pytest.raises(ValueError, match="compute_dtype"):
+        fskd.GramStats(3, compute_dtype=torch.float16)

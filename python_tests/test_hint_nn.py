@@ -174,3 +174,48 @@ def test_least_squares_init_recovers_exact_map_and_ridge():
     # a large ridge shrinks the weight toward 0 (prior 0)
     strong = least_squares_init_(nn.Conv2d(16, 33, 1), (fs, ft), alpha=10.0)
     assert strong.weight.norm() < 0.5 * reg.weight.norm()
+
+
+# ---------------------------------------------------- the paper's regressor rule
+def test_fitnets_regressor_equal_sizes_is_a_1x1_conv_with_the_hint_nonlinearity():
+    from kdkernels.nn import FitNetsRegressor
+
+    reg = FitNetsRegressor((2, 8, 5, 5), (2, 16, 5, 5))  # default nonlinearity: ReLU, no BN
+    assert isinstance(reg.conv, nn.Conv2d) and reg.conv.kernel_size == (1, 1) and reg.conv.bias is not None
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in reg.modules())
+    assert set(reg.state_dict()) == {"conv.weight", "conv.bias"}
+    x = torch.randn(3, 8, 5, 5)
+    torch.testing.assert_close(reg(x), F.relu(reg.conv(x)))
+    # a linear hint layer (e.g. a pre-activation tap): no nonlinearity
+    lin = FitNetsRegressor((2, 8, 5, 5), (2, 16, 5, 5), nonlinearity=None)
+    torch.testing.assert_close(lin(x), lin.conv(x))
+    assert is_plain_1x1(lin.conv)
+    # HintLoss with the regressor: mse(relu(conv(f_s)), f_t)
+    ft = torch.randn(3, 16, 5, 5)
+    torch.testing.assert_close(HintLoss()(x, ft, reg), F.mse_loss(F.relu(reg.conv(x)), ft))
+    # no nonlinearity: the fused op on its 1x1 conv, here with the paper's scale
+    paper = 0.5 * ((lin.conv(x) - ft) ** 2).sum() / 3
+    torch.testing.assert_close(HintLoss(reduction="paper")(x, ft, lin), paper, rtol=1e-5, atol=1e-5)
+
+
+def test_fitnets_regressor_larger_student_map_uses_the_paper_kernel():
+    from kdkernels.nn import FitNetsRegressor
+
+    reg = FitNetsRegressor((1, 4, 9, 7), (1, 6, 4, 5), nonlinearity=nn.Tanh())
+    assert reg.conv.kernel_size == (6, 3) and reg.conv.stride == (1, 1)  # 1 + Hs - Ht, 1 + Ws - Wt
+    x = torch.randn(2, 4, 9, 7)
+    torch.testing.assert_close(reg(x), torch.tanh(reg.conv(x)))
+    assert reg(x).shape == (2, 6, 4, 5)
+    with pytest.raises(ValueError, match=r"s_shape=\(1, 4, 3, 3\).*t_shape=\(1, 4, 5, 5\)"):
+        FitNetsRegressor((1, 4, 3, 3), (1, 4, 5, 5))
+    with pytest.raises(TypeError, match="nonlinearity"):
+        FitNetsRegressor((1, 4, 3, 3), (1, 4, 3, 3), nonlinearity="relu")
+
+
+def test_hint_loss_scale_paper_vs_mean():
+    """The paper's L_HT = 1/2 ||f_t - r(f_s)||^2 (summed; per sample, averaged over the batch) is
+    numel/(2 N) = C*H*W/2 times the mean this library (and RepDistiller) uses."""
+    fs, ft = torch.randn(4, 8, 3, 3), torch.randn(4, 8, 3, 3)
+    paper = 0.5 * ((fs - ft) ** 2).sum() / fs.shape[0]
+    assert torch.allclose(paper, HintLoss()(fs, ft) * 8 * 3 * 3 / 2)
+    assert torch.allclose(HintLoss(reduction="paper")(fs, ft), paper)

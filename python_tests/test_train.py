@@ -295,6 +295,59 @@ def test_sskd_unfrozen_previous_stages_train():
     assert {k.split(".")[0] for k in changed(s1, student)} == {"stem", "layer1", "layer2"}
 
 
+def test_sskd_all_stages_at_once():
+    need("hint_loss")
+    student, teacher = pair()
+    layers = ["layer1", "layer2", "layer3"]
+    d = train.SSKD(student, teacher, layers, layers, sample=batch()[0])
+    d.set_stage("all")  # the paper's ablation baseline: the stage losses summed, one run
+    x, _ = batch()
+    _, losses = d(x)
+    assert set(losses) == {"feat"}
+    manual = 0.0
+    with torch.no_grad():
+        fs = [student.layer1, student.layer2, student.layer3]
+        ft = [teacher.layer1, teacher.layer2, teacher.layer3]
+        hs, ht = student.stem(x), teacher.eval().stem(x)
+        for i in range(3):
+            hs, ht = fs[i](hs), ft[i](ht)
+            manual += float(F.mse_loss(d.adapters[str(i)](hs), ht))
+    assert abs(float(losses["feat"]) - manual) < 1e-4 * manual
+    s0 = state(student)
+    _, _, grads = steps(d)
+    assert {k.split(".")[1] for k in grads} == {"stem", "layer1", "layer2", "layer3", "0", "1", "2"}
+    assert {k.split(".")[0] for k in changed(s0, student)} == {"stem", "layer1", "layer2", "layer3"}
+    with pytest.raises(ValueError, match=r"SSKD stage must be 1..3, 'all' or 'head', got 4"):
+        d.set_stage(4)
+    d.close()
+
+
+def test_sskd_fit_head_converges_on_frozen_features():
+    need("hint_loss")
+    student, teacher = pair()
+    layers = ["layer1", "layer2", "layer3"]
+    d = train.SSKD(student, teacher, layers, layers, sample=batch()[0])
+    x, y = batch(64, seed=5)
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    backbone = {k: v for k, v in state(student).items() if not k.startswith("fc.")}
+    info = d.fit_head(loader, weight_decay=1e-4)
+    assert d.stage == "head" and info["iterations"] >= 1, info
+    assert info["converged"], info
+    # the backbone (weights and BN statistics) is untouched; the head is the regularised optimum:
+    # the gradient of mean CE + wd/2 ||W||^2 is ~0 on the same data
+    assert same(backbone, {k: v for k, v in state(student).items() if not k.startswith("fc.")})
+    student.eval()
+    with torch.no_grad():
+        feats = student.pool(student.layer3(student.layer2(student.layer1(student.stem(x))))).flatten(1)
+    w = student.fc.weight.detach().clone().requires_grad_(True)
+    b = student.fc.bias.detach().clone().requires_grad_(True)
+    loss = F.cross_entropy(feats @ w.T + b, y) + 0.5 * 1e-4 * w.square().sum()
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    assert float(torch.cat([gw.flatten(), gb]).abs().max()) < 1e-4
+    assert abs(info["loss"] - float(loss)) < 1e-5
+    d.close()
+
+
 def test_fskd_distiller_through_fit():
     student_ref, teacher = pair(wt=2)
     student = copy.deepcopy(teacher)
@@ -304,7 +357,7 @@ def test_fskd_distiller_through_fit():
         student.layer1[1].weight.mul_(torch.tensor([0.5, 1.5]))
     x, y = batch(64)
     loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
-    d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="independent")
+    d = train.FSKD(student, teacher, [("layer1.0", "layer1.1", "layer1.1")], schedule="joint")
     hist = train.fit(d, loader, epochs=1, progress=False, eval_loader=loader)
     assert "val_acc" in hist[0]
     assert d.student is not student and list(d.student.state_dict()) == list(student.state_dict())

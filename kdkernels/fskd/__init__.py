@@ -12,7 +12,7 @@ its parameter count and FLOPs.
 * :func:`absorb_into` - q o bn o conv stored in the conv and BN in place (the BN
   becomes an identity-plus-bias in eval mode): structure and keys unchanged.
 * :func:`absorb` - q o bn o conv as one new conv with bias (BN folded, fp64, cast back).
-* :func:`distill` - the whole pipeline with forward hooks, greedy or independent.
+* :func:`distill` - the whole pipeline with forward hooks, greedy or joint schedule.
 
 Example::
 

@@ -19,12 +19,29 @@ Schedules:
 * ``"greedy"`` (the paper's order): blocks one by one, in the order the student
   runs them; block k's S is computed with blocks < k already merged. One pass
   over the data per block, each stopped right after the block's point.
-* ``"independent"``: one pass collects every block from the unmodified
-  student, then one batched solve, then every merge.
+* ``"joint"`` (the paper's estimation of all added 1x1 layers together, end to
+  end): the greedy solution, then the Q's alone are refined jointly through the
+  corrected student by full-batch L-BFGS (``joint_steps`` iterations, strong
+  Wolfe line search) on the same samples, minimising the sum of the blocks'
+  relative losses
+
+      J = sum_k ||S_k - T_k||^2 / ||T_k - mean(T_k)||^2
+
+  where S_k already depends on the refined Q's of the blocks before k, so an
+  early block may give up some of its own fit for the blocks after it. The
+  student's weights stay frozen (eval mode); every refined Q is merged like a
+  greedy one. J never ends above greedy's: the best Q's seen are kept, and
+  greedy's are the first. The teacher's targets are kept in memory for the
+  refinement (a few samples: that is the setting).
+
+An "independent" schedule (every block fitted on the uncorrected student's
+features, which the merged network never produces) is not FSKD's and compounds
+the errors of the blocks before; asking for it raises.
 """
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -38,7 +55,9 @@ from .merge import absorb, absorb_into, check_bn, plain_conv_class
 from .solve import solve
 from .stats import GramStats
 
-SCHEDULES = ("greedy", "independent")
+SCHEDULES = ("greedy", "joint")
+#: default L-BFGS iterations of the joint refinement
+JOINT_STEPS = 50
 
 
 @dataclass
@@ -69,9 +88,9 @@ class _Block:
 
 
 def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], batches: Iterable, *,
-            schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+            schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
             inplace: bool = False, progress: bool = True, all_reduce: bool = False,
-            keep_structure: bool = True) -> nn.Module:
+            keep_structure: bool = True, joint_steps: int = JOINT_STEPS) -> nn.Module:
     """Align student blocks to the teacher from a few unlabeled samples, and merge.
 
     Args:
@@ -84,20 +103,23 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
         batches: a re-iterable of input tensors (N, ...) or of tuples whose first
             element is the input (e.g. a DataLoader); a one-shot iterator is
             read into a list first.
-        schedule: ``"greedy"`` or ``"independent"`` (module docstring).
-        alpha: relative ridge toward Q = I (see :func:`solve`).
+        schedule: ``"greedy"`` or ``"joint"`` (module docstring).
+        alpha: ``None`` (default): least squares, a ridge toward Q = I only where a
+            block needs one; a float: explicit relative ridge (see :func:`solve`).
         num_samples: use only the first ``num_samples`` inputs of ``batches``.
         inplace: modify ``student`` itself instead of a deep copy (needed when the
             student holds tensors that cannot be deep-copied, e.g. cached features
             with an autograd graph).
         progress: show a progress bar over batches.
-        all_reduce: sum the statistics over ``torch.distributed`` ranks before solving.
+        all_reduce: sum the statistics over ``torch.distributed`` ranks before solving
+            (and, for the joint refinement, the losses and gradients).
         keep_structure: True (default): merge with :func:`absorb_into`, so the student keeps
             its modules and state_dict keys and loads strictly into a fresh instance of its
             class; each aligned BN becomes ``x + b`` in eval mode and is left in eval mode
             (put back in train mode it normalises again). False: replace each conv by a new
             conv with bias and each BN by ``nn.Identity`` (:func:`absorb`; fewer layers,
             different keys).
+        joint_steps: L-BFGS iterations of the joint refinement (0: greedy's Q's).
 
     Returns:
         the student with every Q merged.
@@ -112,8 +134,10 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
     for model, what in ((student, "student"), (teacher, "teacher")):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{what} must be an nn.Module, got {type(model).__name__}")
-    check_choice(schedule, "schedule", SCHEDULES)
-    alpha = check_alpha(alpha)
+    check_schedule(schedule)
+    if isinstance(joint_steps, bool) or not isinstance(joint_steps, int) or joint_steps < 0:
+        raise ValueError(f"joint_steps must be an int >= 0, got {joint_steps!r}")
+    alpha = None if alpha is None else check_alpha(alpha)
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
@@ -129,15 +153,13 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
     try:
         with torch.no_grad():
             resolved = _probe(student, teacher, resolved, _first_input(data))
-            if schedule == "independent":
-                stats = _collect(student, teacher, resolved, data, num_samples, progress,
-                                 "fskd independent")
-                _merge(student, resolved, stats, alpha, all_reduce, modes, keep_structure)
-            else:
-                for k, blk in enumerate(resolved):
-                    stats = _collect(student, teacher, [blk], data, num_samples, progress,
-                                     f"fskd greedy {k + 1}/{len(resolved)}")
-                    _merge(student, [blk], stats, alpha, all_reduce, modes, keep_structure)
+            for k, blk in enumerate(resolved):
+                stats = _collect(student, teacher, [blk], data, num_samples, progress,
+                                 f"fskd greedy {k + 1}/{len(resolved)}")
+                _merge(student, [blk], stats, alpha, all_reduce, modes, keep_structure)
+            if schedule == "joint" and joint_steps > 0:
+                _joint(student, teacher, resolved, data, num_samples, joint_steps, progress, modes, all_reduce,
+                       keep_structure)
     finally:
         for m in (*student.modules(), *teacher.modules()):
             if m in modes:
@@ -146,6 +168,15 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
 
 
 # ------------------------------------------------------------------ arguments
+def check_schedule(schedule) -> str:
+    """``schedule`` must be one of SCHEDULES; the removed "independent" gets its own message."""
+    if schedule == "independent":
+        raise ValueError("schedule='independent' is not FSKD's (it fits every block on features the merged "
+                         "student never produces, and compounds their errors): use 'greedy' (block by block) "
+                         "or 'joint' (all blocks estimated together, end to end)")
+    return check_choice(schedule, "schedule", SCHEDULES)
+
+
 def _parse_blocks(blocks) -> List[tuple]:
     if isinstance(blocks, (str, bytes)) or not isinstance(blocks, (list, tuple)):
         raise TypeError("blocks must be a list of (student_conv, student_bn_or_None, teacher_module) "
@@ -346,6 +377,11 @@ def _merge(student, blocks: List[_Block], stats: List[GramStats], alpha, all_red
         for st in stats:
             st.all_reduce()
     qs = solve(stats, alpha=alpha, prior="identity", names=[b.label for b in blocks])
+    _absorb_all(student, blocks, qs, modes, keep_structure)
+
+
+def _absorb_all(student, blocks: List[_Block], qs: List[torch.Tensor], modes, keep_structure: bool = True) -> None:
+    """Merge Q_b into block b's conv (and BN) of ``student``, in place."""
     for b, q in zip(blocks, qs):
         if keep_structure:
             absorb_into(b.conv, q, b.bn)
@@ -434,3 +470,130 @@ def _kept_shape(block: _Block, t: torch.Size, s: torch.Size) -> torch.Size:
                          f"{s[1]} (student output {shape_str(s)})")
     block.keep = keep
     return torch.Size((t[0], keep.numel(), *t[2:]))
+
+
+# -------------------------------------------------------------------- joint
+def _current(student, b: _Block) -> _Block:
+    """Block ``b`` as it is in ``student`` now (after a merge: the new conv, and the module now
+    at the BN's name when it is still a BN, else None)."""
+    conv = find_module(student, b.conv_name, "student conv")
+    bn = None
+    if b.bn_name is not None:
+        m = find_module(student, b.bn_name, "student BN")
+        bn = m if isinstance(m, nn.modules.batchnorm._BatchNorm) else None
+    return _Block(b.conv_name, b.bn_name, b.teacher_name, conv, bn, b.target, b.keep)
+
+
+def _joint(student, teacher, blocks: List[_Block], data, num_samples, steps: int, show, modes,
+           all_reduce: bool = False, keep_structure: bool = True) -> None:
+    """Refine every block's Q together (module docstring), starting from the merged greedy ones.
+
+    Each block's aligned output gets a trainable P_k (C, C) = I through a forward hook; the
+    student's own parameters are frozen. L-BFGS minimises J (the sum of the blocks' relative
+    losses) over all samples at once; the best P's seen are merged into the convs.
+    """
+    inputs = [x for x in _inputs(data, num_samples) if x.shape[0] > 0]
+    n = len(blocks)
+    points = [find_module(student, b.bn_name or b.conv_name, "student module") for b in blocks]
+
+    # the teacher's targets, once, and each block's centred energy ||T - mean(T)||^2
+    targets: List[List[torch.Tensor]] = []
+    sums = [None] * n
+    sq = [0.0] * n
+    count = [0] * n
+    for x in progress_bar(inputs, total=len(inputs), desc="fskd joint: teacher targets", enabled=show):
+        got: Dict[int, torch.Tensor] = {}
+
+        def grab(j, blk):
+            def hook(_m, _inp, out):
+                got[j] = blk.teacher_value(out).detach().clone()
+                if len(got) == n:
+                    raise StopForward
+            return hook
+        with Hooks() as hooks:
+            for j, b in enumerate(blocks):
+                hooks.forward(b.target, grab(j, b))
+            _run(teacher, x)
+        targets.append([got[j] for j in range(n)])
+        for j in range(n):
+            t = got[j].double()
+            dims = [d for d in range(t.dim()) if d != 1]
+            s1 = t.sum(dims)
+            sums[j] = s1 if sums[j] is None else sums[j] + s1
+            sq[j] += float(t.square().sum())
+            count[j] += t.numel() // t.shape[1]
+    if all_reduce:
+        import torch.distributed as dist
+
+        dev = blocks[0].conv.weight.device
+        for j in range(n):
+            packed = torch.cat([sums[j].to(dev), torch.tensor([sq[j], float(count[j])], dtype=torch.float64,
+                                                              device=dev)])
+            dist.all_reduce(packed)
+            sums[j], sq[j], count[j] = packed[:-2], float(packed[-2]), int(round(float(packed[-1])))
+    energy = [max(sq[j] - float(sums[j].square().sum()) / count[j], 1e-30) for j in range(n)]
+
+    ref = [b.conv.weight for b in (_current(student, b) for b in blocks)]
+    ps = [torch.eye(w.shape[0], dtype=w.dtype, device=w.device, requires_grad=True) for w in ref]
+    frozen = [(p, p.requires_grad) for p in student.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+
+    def objective(backward: bool) -> float:
+        total = 0.0
+        for x, ts in zip(inputs, targets):
+            terms: List[torch.Tensor] = []
+
+            def apply(j):
+                def hook(_m, _inp, out):
+                    y = torch.einsum("oc,nc...->no...", ps[j], out)
+                    t = ts[j].to(y.device, y.dtype)
+                    terms.append((y - t).square().sum() / energy[j])
+                    if len(terms) == n:
+                        raise StopForward
+                    return y
+                return hook
+            with Hooks() as hooks:
+                for j, m in enumerate(points):
+                    hooks.forward(m, apply(j))
+                _run(student, x)
+            loss = torch.stack([t.to(torch.float64) for t in terms]).sum()
+            if backward:
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    best = {"J": float("inf"), "P": None, "first": None, "evals": 0}
+
+    def closure():
+        for p in ps:
+            p.grad = None
+        j = objective(True)
+        if all_reduce:
+            import torch.distributed as dist
+
+            total = torch.tensor([j], dtype=torch.float64, device=ps[0].device)
+            dist.all_reduce(total)
+            j = float(total)
+            for p in ps:
+                dist.all_reduce(p.grad)
+        best["evals"] += 1
+        if best["first"] is None:
+            best["first"] = j  # greedy's Q's: P = I
+        if j < best["J"]:
+            best["J"], best["P"] = j, [p.detach().clone() for p in ps]
+        return j
+
+    opt = torch.optim.LBFGS(ps, lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
+    try:
+        with torch.enable_grad():
+            opt.step(closure)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    if show:
+        print(f"fskd joint: J = sum of the blocks' relative losses, greedy {best['first']:.6g} -> "
+              f"joint {best['J']:.6g} ({best['evals']} evaluations)", file=sys.stderr, flush=True)
+    qs = [p.to(torch.float64) for p in best["P"]]
+    _absorb_all(student, [_current(student, b) for b in blocks], qs, modes, keep_structure)

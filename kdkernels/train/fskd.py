@@ -37,8 +37,10 @@ class FSKD(Distiller):
             matching points.
         blocks: ``(student_conv, student_bn_or_None, teacher_module)`` names, with an
             optional fourth entry: the teacher's kept channels (mask or index).
-        schedule: ``"greedy"`` (the paper's, block by block) or ``"independent"``.
-        alpha: relative ridge toward Q = I.
+        schedule: ``"greedy"`` (block by block) or ``"joint"`` (all Q's refined together,
+            end to end, from the greedy ones; see :func:`kdkernels.fskd.distill`).
+        alpha: ``None`` (default): least squares (a ridge only where a block needs
+            one); a float: explicit relative ridge toward Q = I (see :func:`kdkernels.fskd.solve`).
         num_samples: use only this many inputs (per process).
         inplace: modify the given student instead of a copy.
         keep_structure: merge into the existing conv and BN (default) or replace them
@@ -55,15 +57,15 @@ class FSKD(Distiller):
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
-                 schedule: str = "greedy", alpha: float = 1e-4, num_samples: Optional[int] = None,
+                 schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
                  inplace: bool = False, keep_structure: bool = True, student_logits=None):
-        from ..fskd._checks import check_alpha, check_choice
-        from ..fskd.pipeline import SCHEDULES
+        from ..fskd._checks import check_alpha
+        from ..fskd.pipeline import check_schedule
 
         super().__init__(student, teacher, student_logits=student_logits)
         self.blocks = [tuple(b) for b in blocks]
-        self.schedule = check_choice(schedule, "schedule", SCHEDULES)
-        self.alpha = check_alpha(alpha)
+        self.schedule = check_schedule(schedule)
+        self.alpha = None if alpha is None else check_alpha(alpha)
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                         or num_samples < 1):
             raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")

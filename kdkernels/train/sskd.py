@@ -13,10 +13,21 @@ its stage-i tap, so deeper stages neither train nor update BN statistics.
 * ``freeze_previous=False``: stages 1..i all train.
 
 Then ``set_stage("head")``: the backbone is frozen (and in eval mode), only
-the task head trains, on the task loss. There is no KD weight to tune.
+the task head trains, on the task loss, to convergence. :meth:`SSKD.fit_head`
+does that step in one call: with the backbone frozen the head is a classifier
+on fixed features, so it caches the head module's inputs once and minimises
+mean cross-entropy + weight_decay/2 ||W||^2 (W: the head's weight matrices; the
+small ridge keeps the optimum finite on separable features) by full-batch
+L-BFGS until the gradient vanishes, instead of a few epochs of SGD from
+scratch. There is no KD weight to tune.
+
+``set_stage("all")`` is the paper's ablation baseline: every stage at once, the
+stage losses summed, in one training run (the whole backbone and every adapter
+train).
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -24,7 +35,7 @@ from torch import nn
 
 from .base import (Distiller, Losses, check_real, device_of, execution_stage, logits_of, nn_module, reachable_params,
                    sample_input)
-from .taps import FeatureTaps, shape_4d
+from .taps import FeatureTaps, eval_mode, shape_4d
 
 Stage = Union[int, str]
 
@@ -74,6 +85,10 @@ class SSKD(Distiller):
         xt = x.to(t_dev) if t_dev else x
         self._s_taps = [FeatureTaps(student, [n]) for n in student_layers]
         self._t_taps = [FeatureTaps(teacher, [n]) for n in teacher_layers]
+        self._s_all = FeatureTaps(student, student_layers)  # stage "all"
+        self._t_all = FeatureTaps(teacher, teacher_layers)
+        self._s_all.probe(xs)
+        self._t_all.probe(xt)
         adapters = {}
         self._widths: List[Tuple[int, int]] = []
         for i, (st, tt) in enumerate(zip(self._s_taps, self._t_taps)):
@@ -129,10 +144,15 @@ class SSKD(Distiller):
         return out
 
     def set_stage(self, stage: Stage) -> None:
-        """``1..num_stages`` (feature mimicking) or ``"head"`` (task head only)."""
+        """``1..num_stages`` (feature mimicking), ``"all"`` (every stage at once, the losses
+        summed) or ``"head"`` (task head only)."""
         if stage == "head":
             trainable = set(self._head)
             buffers = self._buffer_only(self.num_stages)
+        elif stage == "all":
+            trainable = set(self._reach[-1])
+            trainable |= {f"adapters.{n}" for n, _ in self.adapters.named_parameters()}
+            buffers = []
         elif isinstance(stage, int) and not isinstance(stage, bool) and 1 <= stage <= self.num_stages:
             i = stage - 1
             trainable = set(self._reach[i])
@@ -143,7 +163,7 @@ class SSKD(Distiller):
             trainable |= {f"adapters.{i}.{p}" for p, _ in self.adapters[str(i)].named_parameters()} \
                 if str(i) in self.adapters else set()
         else:
-            raise ValueError(f"SSKD stage must be 1..{self.num_stages} or 'head', got {stage!r}")
+            raise ValueError(f"SSKD stage must be 1..{self.num_stages}, 'all' or 'head', got {stage!r}")
         self.stage = stage
         self._train_only(trainable, self._frozen_by_params(trainable, buffers))
 
@@ -154,11 +174,105 @@ class SSKD(Distiller):
             logits = logits_of(self.student(images))
             ce = self.task_loss(logits, labels)
             return logits, ({} if ce is None else {"ce": ce})
+        if self.stage == "all":
+            _, fss = self._s_all(images, stop=True)
+            _, fts = self.teacher_forward(self._t_all, images, stop=True)
+            loss = sum(self._stage_loss(i, fs, ft) for i, (fs, ft) in enumerate(zip(fss, fts)))
+            return None, {"feat": self.feature_weight * loss}
         i = self.stage - 1
         _, (fs,) = self._s_taps[i](images, stop=True)
         _, (ft,) = self.teacher_forward(self._t_taps[i], images, stop=True)
+        return None, {"feat": self.feature_weight * self._stage_loss(i, fs, ft)}
+
+    def _stage_loss(self, i: int, fs: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
         fs = fs if fs.dim() == 4 else fs.view(fs.shape[0], fs.shape[1], 1, 1)
         ft = ft if ft.dim() == 4 else ft.view(ft.shape[0], ft.shape[1], 1, 1)
         adapter = self.adapters[str(i)] if str(i) in self.adapters else None
         # nn.HintLoss: the fused kdkernels.hint_loss through the 1x1 adapter, plain MSE without one
-        return None, {"feat": self.feature_weight * self.criterion(fs, ft.to(fs.dtype), adapter)}
+        return self.criterion(fs, ft.to(fs.dtype), adapter)
+
+    # ------------------------------------------------------------------ head
+    def fit_head(self, batches, *, weight_decay: float = 1e-4, max_iter: int = 500,
+                 tolerance: float = 1e-7) -> dict:
+        r"""Train the task head to convergence on the frozen backbone (stage ``"head"``).
+
+        Minimises mean CE(head(f), y) + weight_decay / 2 * sum ||W||^2 over every
+        ``(inputs, labels)`` batch at once (W: head parameters with 2+ dims) by
+        full-batch L-BFGS (strong Wolfe), until the largest gradient entry is below
+        ``tolerance`` or ``max_iter`` iterations. When the head is one module (e.g.
+        ``fc``) its inputs are computed once, in eval mode, and cached; otherwise
+        every evaluation runs the whole (frozen, eval-mode) student.
+
+        Returns ``{"loss": final objective, "iterations": n, "converged": bool}``.
+        """
+        weight_decay = check_real(weight_decay, "weight_decay")
+        self.set_stage("head")
+        params = self.trainable_parameters()
+        decayed = [p for p in params if p.dim() >= 2]
+        owners = {n.rsplit(".", 1)[0] for n, p in self.named_parameters() if p.requires_grad}
+        mods = dict(self.named_modules())
+        head = mods[next(iter(owners))] if len(owners) == 1 else None
+        xs, ys = [], []
+        with eval_mode(self.student), torch.no_grad():
+            for batch in batches:
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                    raise TypeError("fit_head: batches must yield (inputs, labels) pairs")
+                x, y = batch[0], batch[1]
+                dev = device_of(self.student)
+                x = x.to(dev) if dev is not None else x
+                if head is not None:
+                    cache: List[torch.Tensor] = []
+                    handle = head.register_forward_pre_hook(lambda m, args: cache.append(args[0].detach()))
+                    try:
+                        self.student(x)
+                    finally:
+                        handle.remove()
+                    if len(cache) != 1:
+                        head = None  # called more than once: not a plain head, run the student
+                        xs = []
+                    else:
+                        x = cache[0]
+                xs.append(x)
+                ys.append(y.to(x.device))
+        if not xs:
+            raise ValueError("fit_head: batches is empty")
+        x_all, y_all = torch.cat(xs), torch.cat(ys)
+        target = params
+        if head is not None:  # cached features: optimise an fp64 copy (fp32 stalls short of the optimum)
+            work = copy.deepcopy(head).to(torch.float64)
+            x_all = x_all.to(torch.float64)
+            params = [p for p in work.parameters() if p.requires_grad]
+            decayed = [p for p in params if p.dim() >= 2]
+            fn = work
+        else:
+            fn = lambda inp: logits_of(self.student(inp))  # noqa: E731
+
+        def objective():
+            loss = nn.functional.cross_entropy(fn(x_all), y_all)
+            if weight_decay:
+                loss = loss + 0.5 * weight_decay * sum(p.square().sum() for p in decayed)
+            return loss
+
+        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=50,
+                                line_search_fn="strong_wolfe", tolerance_grad=tolerance, tolerance_change=0.0)
+
+        def closure():
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            return loss
+
+        with eval_mode(self.student), torch.enable_grad():
+            opt.step(closure)
+            opt.zero_grad()
+            loss = objective()
+            loss.backward()
+            worst = max(float(p.grad.abs().max()) for p in params)
+        with torch.no_grad():
+            for p, q in zip(params, target):
+                p.grad = None
+                if p is not q:
+                    q.copy_(p.to(q.dtype))
+        state = opt.state[opt._params[0]]
+        return {"loss": float(loss.detach()), "iterations": int(state.get("n_iter", 0)),
+                "converged": worst <= 10 * tolerance}
