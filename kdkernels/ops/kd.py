@@ -33,15 +33,13 @@ kernels on small logits); under ``torch.compile`` it calls the custom op.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _native, backends
-from .._checks import check_float_tensor
+from .._checks import check_choice, check_float_tensor, check_temperature
 from ..reference import kd as reference
 from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
 from . import _autocast
@@ -219,13 +217,8 @@ def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
                         "cast one of them")
     if logits_s.device != logits_t.device:
         raise ValueError(f"{OP}: logits_s is on {logits_s.device} but logits_t is on {logits_t.device} ({shapes})")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"{OP}: temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0.0):
-        raise ValueError(f"{OP}: temperature must be finite and > 0, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    temperature = check_temperature(temperature, OP)
+    check_choice(reduction, OP, "reduction", REDUCTIONS)
     return temperature
 
 
