@@ -1,7 +1,9 @@
 """Input validation shared by the public ops: clear errors, nothing broadcast."""
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+import math
+import numbers
+from typing import Any, List, Sequence, Union
 
 import torch
 
@@ -56,3 +58,20 @@ def check_feature_pairs(fs: List[torch.Tensor], ft: List[torch.Tensor], op: str)
                     f"{op}: level {k}: {arg} is on {x.device} (shape {tuple(x.shape)}) "
                     f"but fstudent[0] is on {device}"
                 )
+
+
+def check_temperature(value: Any, op: str, arg: str = "temperature") -> float:
+    """A temperature: a real number (not a bool), finite and > 0; returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: {arg} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{op}: {arg} must be finite and > 0, got {value}")
+    return value
+
+
+def check_choice(value: Any, op: str, arg: str, choices: Sequence[str]) -> str:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{op}: {arg} must be one of {tuple(choices)}, got {value!r}")
+    return value

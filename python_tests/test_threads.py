@@ -113,8 +113,9 @@ def _kd_forward_two_threads(s, t):
     """The native KD forward on two threads (the shared pool), without torch's intra-op threads."""
     from kdkernels import _native
     from kdkernels.ops._common import DTYPE_CODE
+    from kdkernels.ops.kd import STATS
 
-    stats, kl = torch.empty(s.shape[0], 5), torch.empty(s.shape[0])
+    stats, kl = torch.empty(s.shape[0], STATS), torch.empty(s.shape[0])
     _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), kl.data_ptr(),
                                 s.shape[0], s.shape[1], 0.25, 1.0, False, 2)
     return stats, kl

@@ -424,7 +424,7 @@ def test_fit_bf16_autocast_on_cpu():
         assert ("acc" in hist[0]) == (not isinstance(d, train.SSKD))  # SSKD stage 1 returns no logits
         assert all(p.dtype == torch.float32 for p in d.parameters())
     with pytest.raises(ValueError, match="bf16"):
-        train.fit(d, loader_of(), epochs=1, optimizer=opt, amp="fp16", progress=False)
+        train.fit(d, loader_of(), epochs=1, optimizer=opt, amp="fp8", progress=False)
 
 
 def test_fit_bf16_reviewkd():

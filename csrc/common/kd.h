@@ -21,12 +21,21 @@
 //   S_s <- alpha_s S_s,   S_t <- alpha_t S_t,   W <- alpha_t (W - dc S_t).
 // Two states merge by rescaling both to the common maxima and adding.
 //
-// Per row the forward writes stats[n] = (e(m_s), log S_s, e(m_t), log S_t, W / S_t)
-// and kl[n] = KL. The backward, with gscale[n] = grad_output[n] * T, writes
+// Per row the forward writes stats[n] = (e(m_s), log S_s, e(m_t), log S_t, E, rho)
+// and kl[n] = KL, where the teacher's gradient factor is written with the gaps
+// g = a_t - (z_s - rho) for a finite reference rho of the writer's choice:
+// E = E_{p_t}[g] = W / S_t + rho - e(m_s). The backward, with gscale[n] =
+// grad_output[n] * T, writes
 //   p_s = exp(a_s - log S_s),  p_t = exp(a_t - log S_t)
 //   grad_s = gscale (p_s - p_t)
-//   grad_t = gscale p_t ((a_t - a_s) - W / S_t)
-// (the last since log p_t - log p_s - KL = (a_t - a_s) - W / S_t).
+//   grad_t = gscale p_t (g - E)
+// (the last since log p_t - log p_s - KL = (a_t - a_s) - W / S_t = g - E).
+// KdState (the CUDA kernels) takes rho = e(m_s), so g = a_t - a_s and E = W / S_t.
+// The CPU kernels take rho = the student's logit at the teacher's first argmax
+// (csrc/cpu/kd.cpp): g is then exactly 0 where p_t is largest, and g - E does not
+// cancel there when the teacher is peaked (with rho = e(m_s) it is the difference
+// of two numbers of the size of the logits' spread, which costs up to ~10x the
+// teacher gradient's accuracy).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +48,7 @@
 
 namespace kdk {
 
-constexpr int kKdStats = 5;  // per-row stats: e(m_s), log S_s, e(m_t), log S_t, W / S_t
+constexpr int kKdStats = 6;  // per-row stats: e(m_s), log S_s, e(m_t), log S_t, E_{p_t}[g], rho
 
 template <typename A> KDK_HD A kd_neg_inf();
 template <> KDK_HD float kd_neg_inf<float>() { return -__builtin_huge_valf(); }
@@ -111,7 +120,7 @@ struct KdState {
     w += o.w;
   }
 
-  // stats[0..4] and the row's KL.
+  // stats[0..5] (with rho = e(m_s)) and the row's KL.
   template <typename LOG>
   KDK_HD A finish(A* stats, LOG log_fn) const {
     const A ec = w / st;
@@ -120,6 +129,7 @@ struct KdState {
     stats[2] = kd_eff(mt);
     stats[3] = log_fn(st);
     stats[4] = ec;
+    stats[5] = kd_eff(ms);
     return ec + log_fn(ss / st);
   }
 };
@@ -149,10 +159,11 @@ inline bool kd_begin(const char* where, bool forward, int64_t rows, int64_t cols
 //
 // The CPU entry points also do the few scalar steps around the kernels, since
 // on a CPU each extra tensor op costs as much as the kernel on small logits:
-// the forward writes the loss itself in the logits' dtype, out[0] =
+// the forward writes the loss itself in the accumulation dtype, out[0] =
 // out_scale * sum_n KL_n when `reduce`, else out[n] = out_scale * KL_n; the
-// backward reads grad_output in the logits' dtype, g_n = gout_scale *
-// gout[n * gout_stride] (stride 0 for a 0-dim grad_output).
+// backward reads grad_output in the accumulation dtype (a loss scale of 65,536
+// does not fit fp16), g_n = gout_scale * gout[n * gout_stride] (stride 0 for a
+// 0-dim grad_output).
 void kd_fwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t out, int64_t rows, int64_t cols,
                 double inv_t, double out_scale, bool reduce, int64_t num_threads);
 void kd_bwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gout, int64_t gout_stride,

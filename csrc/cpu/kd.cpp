@@ -168,19 +168,52 @@ KDK_ALWAYS_INLINE const acc_t<T>* block_values(const T* __restrict x, int64_t nb
   return buf;
 }
 
+// The state of a row segment in raw logit units (see fwd_segment_impl): KdState's
+// fields, w taken with the gaps g = d_t - (x_s - rho) (common/kd.h), plus r, the
+// student's logit at the teacher's first argmax so far (-inf: none yet), and the
+// reference rho = r where r is finite, else e(m_s).
+template <typename A>
+struct RowState {
+  KdState<A> k;
+  A r, rho;
+};
+
+template <typename A>
+KDK_ALWAYS_INLINE A gap_reference(A r, A ms) {
+  return std::isfinite(r) ? r : kd_eff(ms);
+}
+
+// a <- the state of a's classes followed by b's (rows merge their segments in order).
+template <typename A>
+void merge_rows(RowState<A>& a, const RowState<A>& b, A c) {
+  const A ms = kd_max(a.k.ms, b.k.ms), mt = kd_max(a.k.mt, b.k.mt);
+  const A r = b.k.mt > a.k.mt ? b.r : a.r;  // the first segment that holds the teacher's maximum
+  const A rho = gap_reference(r, ms);
+  A ss = A(0), st = A(0), w = A(0);
+  const RowState<A>* both[2] = {&a, &b};
+  for (const RowState<A>* p : both) {
+    const A as = kd_alpha(p->k.ms, ms, Exp2Scaled<A>{c}), at = kd_alpha(p->k.mt, mt, Exp2Scaled<A>{c});
+    const A dc = (kd_eff(mt) - kd_eff(p->k.mt)) - (rho - p->rho);
+    w += p->k.st == A(0) ? A(0) : at * (p->k.w - dc * p->k.st);
+    ss += as * p->k.ss;
+    st += at * p->k.st;
+  }
+  a = RowState<A>{KdState<A>{ms, mt, ss, st, w}, r, rho};
+}
+
 // The state of classes [0, n) of one row segment, in raw logit units: with the
 // running maxima m of the raw logits x (not of x / T) and d = x - e(m),
 // exp(d / T) = 2^(d c) with c = log2(e) / T, and
 //
-//   ss = sum 2^(d_s c),  st = sum 2^(d_t c),  w = sum 2^(d_t c) (d_t - d_s)
+//   ss = sum 2^(d_s c),  st = sum 2^(d_t c),  w = sum 2^(d_t c) (d_t - (x_s - rho))
 //
-// (KdState's fields with x in place of x / T; merged with Exp2Scaled{c}). Raw
+// (KdState's fields with x in place of x / T; merged by merge_rows). Raw
 // differences keep the largest logit's term exactly 1 (a single class gives a
 // loss and gradient of exactly 0, as the reference does), and 2^(d c) needs no
 // range reduction by ln 2.
 template <typename T>
-KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, const T* __restrict t, int64_t n,
-                                                     acc_t<T> c) {
+KDK_ALWAYS_INLINE RowState<acc_t<T>> fwd_segment_impl(const T* __restrict s, const T* __restrict t, int64_t n,
+                                                      acc_t<T> c) {
   using A = acc_t<T>;
   using M = KdMath<A>;
   using K = OrderKey<A>;
@@ -188,6 +221,7 @@ KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, cons
   alignas(64) A buf_s[kBlock], buf_t[kBlock];
   alignas(64) A ss[kLanes] = {}, st[kLanes] = {}, w[kLanes] = {};
   A ms = kd_neg_inf<A>(), mt = kd_neg_inf<A>();
+  A r = kd_neg_inf<A>(), rho = A(0);
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t nb = std::min(kBlock, n - i0);
     const A* __restrict xs = block_values(s + i0, nb, buf_s);
@@ -198,10 +232,17 @@ KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, cons
       ks = a > ks ? a : ks;
       kt = b > kt ? b : kt;
     }
-    const A ms_new = kd_max(ms, K::value(ks)), mt_new = kd_max(mt, K::value(kt));
+    const A bt = K::value(kt);
+    const A ms_new = kd_max(ms, K::value(ks)), mt_new = kd_max(mt, bt);
     if (ms_new != ms || mt_new != mt) {  // the maxima grew: rescale every lane
+      if (bt > mt) {  // the teacher's maximum is in this block: the student's logit at its first argmax
+        int64_t j = 0;
+        while (K::key(xt[j]) != kt) ++j;
+        r = xs[j];
+      }
+      const A rho_new = gap_reference(r, ms_new);
       const A as = kd_alpha(ms, ms_new, Exp2Scaled<A>{c}), at = kd_alpha(mt, mt_new, Exp2Scaled<A>{c});
-      const A dc = kd_shift(ms, mt, ms_new, mt_new);
+      const A dc = (kd_eff(mt_new) - kd_eff(mt)) - (rho_new - rho);
       for (int64_t l = 0; l < kLanes; ++l) {
         w[l] = st[l] == A(0) ? A(0) : at * (w[l] - dc * st[l]);
         ss[l] *= as;
@@ -209,6 +250,7 @@ KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, cons
       }
       ms = ms_new;
       mt = mt_new;
+      rho = rho_new;
     }
     const A es = kd_eff(ms), et = kd_eff(mt);
     for (int64_t j = 0; j < kBlock; j += kLanes)
@@ -217,41 +259,47 @@ KDK_ALWAYS_INLINE KdState<acc_t<T>> fwd_segment_impl(const T* __restrict s, cons
         const A e_s = M::exp2(d_s * c), e_t = M::exp2(d_t * c);
         ss[l] += e_s;
         st[l] += e_t;
-        w[l] += e_t * keep_if(e_t > A(0), d_t - d_s);  // kd_gap
+        w[l] += e_t * keep_if(e_t > A(0), d_t - (xs[j + l] - rho));  // kd_gap
       }
   }
-  return KdState<A>{ms, mt, lane_sum(ss), lane_sum(st), lane_sum(w)};
+  return RowState<A>{KdState<A>{ms, mt, lane_sum(ss), lane_sum(st), lane_sum(w)}, r, rho};
 }
 
 // A row's stats from its raw-unit state (the CPU layout, see kd_fwd_cpu):
-// (e(m_s), log2 S_s, e(m_t), log2 S_t, KL) with KL = E_pt[d_t - d_s] / T + ln(S_s / S_t).
+// (e(m_s), log2 S_s, e(m_t), log2 S_t, E, rho) with E = E_pt[g] (raw units), and
+// its KL = (E + e(m_s) - rho) / T + ln(S_s / S_t).
 template <typename A>
-KDK_ALWAYS_INLINE A finish_row(const KdState<A>& row, A inv_t, A* stats) {
-  const A kl = (row.w / row.st) * inv_t + std::log(row.ss / row.st);
-  stats[0] = kd_eff(row.ms);
-  stats[1] = std::log2(row.ss);
-  stats[2] = kd_eff(row.mt);
-  stats[3] = std::log2(row.st);
-  stats[4] = kl;
+KDK_ALWAYS_INLINE A finish_row(const RowState<A>& row, A inv_t, A* stats) {
+  const KdState<A>& k = row.k;
+  const A ec = k.w / k.st;
+  const A kl = (ec + (kd_eff(k.ms) - row.rho)) * inv_t + std::log(k.ss / k.st);
+  stats[0] = kd_eff(k.ms);
+  stats[1] = std::log2(k.ss);
+  stats[2] = kd_eff(k.mt);
+  stats[3] = std::log2(k.st);
+  stats[4] = ec;
+  stats[5] = row.rho;
   return kl;
 }
 
 // grad_s (and grad_t when GT) of classes [0, n) of one row, from its stats.
 // u = (x - m) c - log2 S = log2 p, so p = 2^u, and the teacher's factor
-// log p_t - log p_s - KL = (u_t - u_s) ln 2 - KL.
+// log p_t - log p_s - KL = (g - E) / T with g = (x_t - e(m_t)) - (x_s - rho).
 template <typename T, bool GT>
 KDK_ALWAYS_INLINE void bwd_segment_impl(const T* __restrict s, const T* __restrict t, int64_t n,
-                                        const acc_t<T>* __restrict stats, acc_t<T> g, acc_t<T> c,
+                                        const acc_t<T>* __restrict stats, acc_t<T> g, acc_t<T> c, acc_t<T> inv_t,
                                         T* __restrict grad_s, T* __restrict grad_t) {
   using A = acc_t<T>;
   using M = KdMath<A>;
-  const A ms = stats[0], ls = stats[1], mt = stats[2], lt = stats[3], kl = stats[4];
+  const A ms = stats[0], ls = stats[1], mt = stats[2], lt = stats[3], ec = stats[4], rho = stats[5];
+  const A gt = g * inv_t;
   for (int64_t i = 0; i < n; ++i) {
-    const A u_s = (Scalar<T>::load(s[i]) - ms) * c - ls;
-    const A u_t = (Scalar<T>::load(t[i]) - mt) * c - lt;
+    const A xs = Scalar<T>::load(s[i]), xt = Scalar<T>::load(t[i]);
+    const A u_s = (xs - ms) * c - ls;
+    const A u_t = (xt - mt) * c - lt;
     const A p_s = M::exp2(u_s), p_t = M::exp2(u_t);
     grad_s[i] = Scalar<T>::store(g * (p_s - p_t));
-    if (GT) grad_t[i] = Scalar<T>::store(g * p_t * (keep_if(p_t > A(0), (u_t - u_s) * kLn2<A>) - kl));  // kd_gap
+    if (GT) grad_t[i] = Scalar<T>::store(gt * p_t * (keep_if(p_t > A(0), (xt - mt) - (xs - rho)) - ec));  // kd_gap
   }
 }
 
@@ -263,20 +311,21 @@ template <typename T>
 struct SegmentFns {
   using A = acc_t<T>;
   // c = log2(e) / T
-  KdState<A> (*fwd)(const T* s, const T* t, int64_t n, A c);
-  void (*bwd)(const T* s, const T* t, int64_t n, const A* stats, A g, A c, T* grad_s, T* grad_t);
+  RowState<A> (*fwd)(const T* s, const T* t, int64_t n, A c);
+  // inv_t = 1 / T
+  void (*bwd)(const T* s, const T* t, int64_t n, const A* stats, A g, A c, A inv_t, T* grad_s, T* grad_t);
 };
 
 #define KDK_KD_DEFINE(T, NAME, ATTR)                                                                      \
-  ATTR KdState<acc_t<T>> fwd_##NAME(const T* s, const T* t, int64_t n, acc_t<T> c) {                    \
+  ATTR RowState<acc_t<T>> fwd_##NAME(const T* s, const T* t, int64_t n, acc_t<T> c) {                   \
     return fwd_segment_impl<T>(s, t, n, c);                                                             \
   }                                                                                                     \
   ATTR void bwd_##NAME(const T* s, const T* t, int64_t n, const acc_t<T>* stats, acc_t<T> g, acc_t<T> c, \
-                       T* grad_s, T* grad_t) {                                                          \
+                       acc_t<T> inv_t, T* grad_s, T* grad_t) {                                          \
     if (grad_t != nullptr)                                                                              \
-      bwd_segment_impl<T, true>(s, t, n, stats, g, c, grad_s, grad_t);                                 \
+      bwd_segment_impl<T, true>(s, t, n, stats, g, c, inv_t, grad_s, grad_t);                          \
     else                                                                                                \
-      bwd_segment_impl<T, false>(s, t, n, stats, g, c, grad_s, nullptr);                               \
+      bwd_segment_impl<T, false>(s, t, n, stats, g, c, inv_t, grad_s, nullptr);                        \
   }
 #define KDK_KD_DEFINE_ALL(ISA, ATTR)          \
   KDK_KD_DEFINE(float, ISA##_f32, ATTR)       \
@@ -342,7 +391,7 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     const T* s = reinterpret_cast<const T*>(s_ptr);
     const T* t = reinterpret_cast<const T*>(t_ptr);
     A* stats = reinterpret_cast<A*>(stats_ptr);
-    T* out = reinterpret_cast<T*>(out_ptr);
+    A* out = reinterpret_cast<A*>(out_ptr);
     std::vector<A> kl(static_cast<size_t>(rows));
     const A c = A(inv_t * kLog2e<double>), inv = A(inv_t);
     const auto fwd_segment = segment_fns(tag).fwd;
@@ -355,7 +404,7 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
           kl[size_t(r)] = finish_row(fwd_segment(s + r * cols, t + r * cols, cols, c), inv, stats + r * kKdStats);
       });
     } else {
-      std::vector<KdState<A>> parts(static_cast<size_t>(items));
+      std::vector<RowState<A>> parts(static_cast<size_t>(items));
       parallel_for(items, threads, [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = i / segs, c0 = (i % segs) * kSegment;
@@ -364,20 +413,20 @@ void kd_fwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
         }
       });
       for (int64_t r = 0; r < rows; ++r) {  // merge each row's segments in order
-        KdState<A> row = parts[size_t(r * segs)];
-        for (int64_t k = 1; k < segs; ++k) row.merge(parts[size_t(r * segs + k)], Exp2Scaled<A>{c});
+        RowState<A> row = parts[size_t(r * segs)];
+        for (int64_t k = 1; k < segs; ++k) merge_rows(row, parts[size_t(r * segs + k)], c);
         kl[size_t(r)] = finish_row(row, inv, stats + r * kKdStats);
       }
     }
     // The loss itself, so that the caller needs no further tensor op: rows in
-    // order (deterministic), rounded once to the logits' dtype.
+    // order (deterministic), in the accumulation type (never rounded to fp16/bf16).
     const A mult = A(out_scale);
     if (reduce) {
       A sum = A(0);
       for (int64_t r = 0; r < rows; ++r) sum += kl[size_t(r)];
-      out[0] = Scalar<T>::store(sum * mult);
+      out[0] = sum * mult;
     } else {
-      for (int64_t r = 0; r < rows; ++r) out[r] = Scalar<T>::store(kl[size_t(r)] * mult);
+      for (int64_t r = 0; r < rows; ++r) out[r] = kl[size_t(r)] * mult;
     }
   });
 }
@@ -393,11 +442,11 @@ void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
     const T* s = reinterpret_cast<const T*>(s_ptr);
     const T* t = reinterpret_cast<const T*>(t_ptr);
     const A* stats = reinterpret_cast<const A*>(stats_ptr);
-    const T* gout = reinterpret_cast<const T*>(gout_ptr);
+    const A* gout = reinterpret_cast<const A*>(gout_ptr);
     const A gmult = A(gout_scale);
     T* grad_s = reinterpret_cast<T*>(grad_s_ptr);
     T* grad_t = reinterpret_cast<T*>(grad_t_ptr);
-    const A c = A(inv_t * kLog2e<double>);
+    const A c = A(inv_t * kLog2e<double>), inv = A(inv_t);
     const auto bwd_segment = segment_fns(tag).bwd;
     const int64_t segs = (cols + kSegment - 1) / kSegment;
     const int64_t items = rows * segs;
@@ -407,7 +456,7 @@ void kd_bwd_cpu(int dtype, uintptr_t s_ptr, uintptr_t t_ptr, uintptr_t stats_ptr
         const int64_t r = i / segs, c0 = (i % segs) * kSegment;
         const int64_t off = r * cols + c0;
         bwd_segment(s + off, t + off, std::min(kSegment, cols - c0), stats + r * kKdStats,
-                    Scalar<T>::load(gout[r * gout_stride]) * gmult, c,
+                    gout[r * gout_stride] * gmult, c, inv,
                     grad_s + off, grad_t != nullptr ? grad_t + off : nullptr);
       }
     });

@@ -153,7 +153,8 @@ class HintLoss(nn.Module):
     ``HintLoss()(f_s, f_t, regressor)`` regresses f_s first; when ``regressor`` is a
     plain 1x1 ``nn.Conv2d`` (see :func:`is_plain_1x1`) this is the fused
     :func:`kdkernels.hint_loss` (the regressed map is never materialised), else
-    ``mse(regressor(f_s), f_t)``.
+    ``mse(regressor(f_s), f_t)``. Either way the loss is float32 (float64 for
+    float64 features), also for fp16/bf16 features (see :func:`kdkernels.hint_loss`).
 
     Args:
         backend: passed to :func:`kdkernels.hint_loss` (``None`` = environment/auto).
@@ -205,7 +206,9 @@ class HintLoss(nn.Module):
         if f_s.shape != f_t.shape:
             raise ValueError(f"HintLoss: the (regressed) student f_s has shape {tuple(f_s.shape)} but the teacher "
                              f"f_t has shape {tuple(f_t.shape)}")
-        return self._scale(F.mse_loss(f_s, f_t), f_t)
+        # in the accumulation dtype, as the fused path returns it (kdkernels/ops/_autocast.py)
+        acc = torch.float64 if torch.float64 in (f_s.dtype, f_t.dtype) else torch.float32
+        return self._scale(F.mse_loss(f_s.to(acc), f_t.to(acc)), f_t)
 
 
 Batches = Union[Tuple[torch.Tensor, torch.Tensor], Iterable[Tuple[torch.Tensor, torch.Tensor]]]

@@ -1,13 +1,12 @@
 """``DistillKL``: Hinton's KD loss as a module, a drop-in for RepDistiller's class."""
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .._checks import check_choice, check_temperature
 from ..ops.kd import REDUCTIONS, kd_loss
 
 
@@ -28,12 +27,8 @@ class DistillKL(nn.Module):
 
     def __init__(self, T: float, reduction: str = "batchmean", backend: Optional[str] = None):
         super().__init__()
-        if isinstance(T, bool) or not isinstance(T, numbers.Real):
-            raise TypeError(f"DistillKL: T must be a real number, got {type(T).__name__}")
-        if not (math.isfinite(T) and T > 0):
-            raise ValueError(f"DistillKL: T (the temperature) must be finite and > 0, got {T}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"DistillKL: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_temperature(T, "DistillKL", "T (the temperature)")
+        check_choice(reduction, "DistillKL", "reduction", REDUCTIONS)
         self.T = T
         self.reduction = reduction
         self.backend = backend

@@ -1,25 +1,44 @@
-"""What every public op does under ``torch.autocast``, declared in one place.
+"""The dtypes every public op takes and returns, inside and outside ``torch.autocast``, in one place.
 
-Losses (``hcl_loss``, ``hint_loss``, ``kd_loss``) follow autocast's float32
-policy for losses (``mse_loss``, ``kl_div``, ``log_softmax`` run in float32
-there): under autocast they return float32, so a drop-in gives the dtype the
-reference gives. They do *not* copy fp16/bf16 features up to float32 first;
-the kernels already read low precision and accumulate in float32. Inputs of
-different float dtypes (a bf16 student next to an fp32 teacher) are promoted
-to the widest, as autocast promotes them for the reference; the result, rounded
-once to the inputs' dtype by the kernel, is then returned as float32.
+Losses (``hcl_loss``, ``hint_loss``, ``kd_loss`` and the modules and
+distillers built on them) return their accumulation dtype: float32 for
+float32, fp16 and bf16 inputs, float64 for float64 inputs, inside autocast and
+outside it. The kernels read fp16/bf16 as they are (no up-cast copies) and
+accumulate in float32; the loss is never rounded to fp16/bf16 on the way out.
+That matters twice:
 
-``abf_fuse`` and the 1×1 regressor inside ``hint_loss`` follow the conv policy:
-their floating inputs are cast to the autocast dtype (as ``nn.Conv2d`` does to
-its input and weight), and ``abf_fuse`` returns that dtype.
+* fp16 training with a gradient scaler: the loss's grad_output is the scale
+  (65,536 at first, growing from there). A loss returned in fp16 would make
+  autograd hand its backward an fp16 grad_output, where 65,536 is already
+  infinite, and every gradient would come back inf/NaN (a skipped step). A
+  float32 grad_output reaches the kernels, which compute each gradient in
+  float32 and round it once to its input's dtype: the gradients overflow only
+  where the true value exceeds fp16's range.
+* logs and schedules read the loss: a bf16 loss keeps 3 significant digits.
 
-Outside autocast nothing is cast: mixed dtypes are an error there, as everywhere
+Outside autocast this differs from the eager code it replaces, whose
+``mse_loss``/``kl_div`` return fp16 for fp16 inputs: a float32 loss is what the
+eager code gives under autocast, the only place fp16 inputs normally meet a
+loss, and it is never less precise (``loss.half()`` recovers the old dtype).
+
+Under autocast, inputs of different float dtypes (a bf16 student next to an
+fp32 teacher) are promoted to the widest, as autocast promotes them for the
+reference's losses. Outside autocast mixed dtypes are an error, as everywhere
 else in kdkernels.
 
-The policy lives in the public functions (``kdkernels.hcl_loss`` and the rest,
-and the modules built on them), which torch.compile traces like any Python; the
-raw ``torch.ops.kdkernels.*`` ops register no autocast kernel, so called
-directly they compute in whatever dtype they are given.
+``abf_fuse`` and the 1x1 regressor inside ``hint_loss`` follow the conv rule:
+their floating inputs are cast to the autocast dtype (as ``nn.Conv2d`` does to
+its input and weight), and ``abf_fuse`` returns that dtype (its gradients are
+computed in float32 from whatever grad_output the next layer sends).
+
+The ``torch`` backend (the plain-PyTorch reference) follows the same rules: it
+runs the reference on the inputs cast to the accumulation dtype, with autocast
+switched off, and casts a feature-map result back to the inputs' dtype.
+
+The policy lives in the public functions (``kdkernels.hcl_loss`` and the rest),
+which torch.compile traces like any Python; the raw ``torch.ops.kdkernels.*``
+ops register no autocast kernel, so called directly they take whatever dtype
+they are given (and still return losses in the accumulation dtype).
 """
 from __future__ import annotations
 
@@ -27,8 +46,6 @@ from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
-
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -58,8 +75,3 @@ def cast(tensors: Sequence, dtype: torch.dtype) -> list:
     """Cast the float tensors of ``tensors`` (not float64, as autocast) to ``dtype``."""
     return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
             else t for t in tensors]
-
-
-def float32_result(out: Tensor) -> Tensor:
-    """A loss computed in fp16/bf16, returned as float32 (float64 stays float64)."""
-    return out.float() if out.dtype in _LOW_PRECISION else out

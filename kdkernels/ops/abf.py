@@ -26,7 +26,7 @@ from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import abf as reference
 from ..reference.abf import float32_ratio
-from ._common import DTYPE_CODE, acc_dtype
+from ._common import DTYPE_CODE, acc_dtype, run_reference
 from . import _autocast
 
 OP = "abf_fuse"
@@ -152,5 +152,5 @@ def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend
     _check(x, y, att_weight, att_bias)
     chosen = backends.choose_backend(OP, x.device, backend)
     if chosen == "torch":
-        return reference.abf_fuse(x, y, att_weight, att_bias)
+        return run_reference(reference.abf_fuse, (x, y, att_weight, att_bias), x.device, cast_back=x.dtype)
     return torch.ops.kdkernels.abf_fuse(x, y, att_weight, att_bias, chosen)[0]

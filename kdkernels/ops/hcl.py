@@ -20,7 +20,7 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import as_tensor_list, check_feature_pairs
 from ..reference import hcl as reference
-from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
 from . import _autocast
 
 OP = "hcl_loss"
@@ -71,7 +71,7 @@ def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, po
 
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
 def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tensor:
-    """Fused HCL forward: lists of (N, C, H, W) -> 0-dim loss in the inputs' dtype."""
+    """Fused HCL forward: lists of (N, C, H, W) -> 0-dim loss in the accumulation dtype."""
     acc = acc_dtype(fstudent[0].dtype)
     total = None
     for fs, ft in zip(fstudent, fteacher):
@@ -81,18 +81,18 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
         _fwd_level(backend, fs, ft, partial, pools, ratios)
         level = partial.sum() * c0
         total = level if total is None else total + level
-    return total.to(fstudent[0].dtype)
+    return total
 
 
 @hcl_loss_op.register_fake
 def _(fstudent, fteacher, backend):
-    return fstudent[0].new_empty(())
+    return fstudent[0].new_empty((), dtype=acc_dtype(fstudent[0].dtype))
 
 
 @torch.library.custom_op("kdkernels::hcl_loss_backward", mutates_args=())
 def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Tensor],
                          backend: str) -> List[Tensor]:
-    """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output."""
+    """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output (accumulation dtype)."""
     acc = acc_dtype(fstudent[0].dtype)
     g_acc = grad.to(acc).reshape(1)
     grads = []
@@ -140,8 +140,9 @@ def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
             ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor in the inputs' dtype (float32 under autocast, see
-        ``kdkernels/ops/_autocast.py``): sum over levels of
+        0-dim tensor in the accumulation dtype (float32; float64 for float64
+        inputs), inside autocast and outside (see ``kdkernels/ops/_autocast.py``):
+        sum over levels of
         ``(mse(d) + sum_j w_j * mse(P_l_j(d))) / (1 + sum_j w_j)``, d = fs - ft,
         pools l from (4, 2, 1) kept when l < H, w_j = 2^-(j+1).
         Accumulated in float32 (float64 for float64 inputs).
@@ -155,7 +156,5 @@ def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
     check_feature_pairs(fs, ft, OP)
     chosen = backends.choose_backend(OP, fs[0].device, backend)
     if chosen == "torch":
-        loss = reference.hcl_loss(fs, ft)
-    else:
-        loss = torch.ops.kdkernels.hcl_loss(fs, ft, chosen)
-    return loss if amp is None else _autocast.float32_result(loss)
+        return run_reference(reference.hcl_loss, (fs, ft), fs[0].device)
+    return torch.ops.kdkernels.hcl_loss(fs, ft, chosen)

@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import hint as reference
-from ._common import DTYPE_CODE, acc_dtype
+from ._common import DTYPE_CODE, acc_dtype, run_reference
 from . import _autocast
 
 OP = "hint_loss"
@@ -51,7 +51,7 @@ def _outputs_like(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor]
     """Empty outputs (loss, gfs, gw, gb, gft) with the shapes and dtypes the op returns."""
     acc = acc_dtype(fs.dtype)
     need_fs, need_w, need_b, need_ft = needs
-    loss = fs.new_empty(())
+    loss = fs.new_empty((), dtype=acc)
     gfs = torch.empty_like(fs, memory_format=torch.contiguous_format) if need_fs else _empty(fs, fs.dtype)
     gw = fs.new_empty(weight.shape, dtype=acc) if need_w else _empty(fs, acc)
     gb = fs.new_empty((ft.shape[1],), dtype=acc) if (need_b and bias is not None) else _empty(fs, acc)
@@ -65,7 +65,7 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
                        gscale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Loss and gradients (times ``gscale``) in one pass; ``needs`` = [fs, weight, bias, ft] flags.
 
-    Returns (loss 0-dim in fs's dtype, gscale W^T r like fs, gscale sum r fs^T like
+    Returns (loss 0-dim in the accumulation dtype, gscale W^T r like fs, gscale sum r fs^T like
     weight in the accumulation dtype, gscale sum r (Ct,) in the accumulation dtype,
     gscale r like ft); a gradient that is not needed is an empty (0,) tensor.
 
@@ -260,10 +260,10 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
             ``"auto"``, ``"triton"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor in the inputs' dtype (under autocast: the regressor runs
-        in the autocast dtype, as a conv would, and the loss is float32; see
-        ``kdkernels/ops/_autocast.py``). All inputs share one dtype and device;
-        sums are accumulated in float32 (float64 for float64 inputs).
+        0-dim tensor in the accumulation dtype (float32; float64 for float64
+        inputs), inside autocast and outside (under autocast the regressor's
+        inputs are cast to the autocast dtype, as a conv's would be; see
+        ``kdkernels/ops/_autocast.py``). All inputs share one dtype and device.
 
     Gradients: with r the residual and s = 2 * grad_output / (N*Ct*H*W):
     ``d/d fs = s W^T r``, ``d/d W = s sum r fs^T``, ``d/d b = s sum r``, ``d/d ft = -s r``.
@@ -277,7 +277,7 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
         allow_tf32 = torch_allows_tf32()
     chosen = backends.choose_backend(OP, fs.device, backend)
     if chosen == "torch":
-        loss = reference.hint_loss(fs, ft, weight, bias)
+        return run_reference(reference.hint_loss, (fs, ft, weight, bias), fs.device)
     else:
         grad_on = torch.is_grad_enabled()
         needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
@@ -287,5 +287,4 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
         # the batch size would specialise a dynamic-shape graph to one batch
         fold = chosen == "cpp" and fs.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
         gscale = 2.0 / ft.numel() if fold else 1.0
-        loss = torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]
-    return loss if amp is None else _autocast.float32_result(loss)
+        return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]

@@ -7,20 +7,25 @@ For (N, C) logits and temperature T, p = softmax(logits / T)::
              1/(N*C) ("mean") or 1 ("sum")
 
 The custom op ``kd_loss(logits_s, logits_t, temperature, reduction, backend)``
-returns ``(loss, stats)``: the loss in the logits' dtype (reduced in the
-accumulation dtype: float32, or float64 for float64 logits) and ``stats``.
+returns ``(loss, stats)``: the loss in the accumulation dtype (float32, or
+float64 for float64 logits; never rounded to fp16/bf16) and ``stats``.
 Every backend reads each row once in the forward, with an online softmax of
-both inputs (csrc/common/kd.h derives it), and writes 5 floats per row in the
+both inputs (csrc/common/kd.h derives it), and writes 6 floats per row in the
 accumulation dtype: the two log-sum-exps, split into max and log-sum so that
-they stay exact for logits around 1e4, plus what the teacher's gradient needs.
-The layout belongs to the backend that wrote it: the GPU kernels write
-``(e(m_s), log S_s, e(m_t), log S_t, E_{p_t}[a_t - a_s])`` of x / T, the C++
-CPU kernels ``(e(m_s), log2 S_s, e(m_t), log2 S_t, KL)`` with the maxima of the
-raw logits (they work in base 2, csrc/cpu/kd.cpp). Autograd saves the two inputs and ``stats``, so the
+they stay exact for logits around 1e4, plus what the teacher's gradient needs:
+a reference rho and E = E_{p_t}[g] of the gaps g = (z_t - e(m_t)) - (z_s - rho).
+The Triton and C++ CPU kernels take rho = the student's logit at the teacher's
+argmax, so that g is exactly 0 where p_t is largest and the teacher's gradient
+does not lose digits to cancellation there. The layout belongs to the backend
+that wrote it: the Triton and CUDA kernels write ``(e(m_s), log S_s, e(m_t),
+log S_t, E, rho)`` of z = x / T (CUDA with rho = e(m_s)), the C++ CPU kernels
+``(e(m_s), log2 S_s, e(m_t), log2 S_t, E, rho)`` of the raw logits (they work
+in base 2, csrc/cpu/kd.cpp). Autograd saves the two inputs and ``stats``, so the
 backward is a single elementwise pass (g_n: grad_output of row n's T^2 KL)::
 
     d loss / d logits_s[n] = g_n T (p_s - p_t)
     d loss / d logits_t[n] = g_n T p_t (log p_t - log p_s - KL_n)   (only when the teacher requires grad)
+                           = g_n T p_t (g - E)
 
 In eager mode :func:`kd_loss` runs the same two bodies through a plain
 ``torch.autograd.Function`` (the custom-op dispatch costs about as much as the
@@ -28,21 +33,19 @@ kernels on small logits); under ``torch.compile`` it calls the custom op.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _native, backends
-from .._checks import check_float_tensor
+from .._checks import check_choice, check_float_tensor, check_temperature
 from ..reference import kd as reference
-from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
 from . import _autocast
 
 OP = "kd_loss"
-STATS = 5
+STATS = 6
 REDUCTIONS = reference.REDUCTIONS
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 
@@ -82,13 +85,14 @@ def _scale(reduction: str, rows: int, cols: int) -> float:
 
 def _forward(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: str,
              backend: str) -> Tuple[Tensor, Tensor]:
-    """(loss in the logits' dtype, stats (N, 5) in the accumulation dtype)."""
+    """(loss, stats (N, STATS)), both in the accumulation dtype."""
     s, t = logits_s.contiguous(), logits_t.contiguous()
     rows, cols = s.shape
-    stats = torch.empty(rows, STATS, dtype=acc_dtype(s.dtype), device=s.device)
+    acc = acc_dtype(s.dtype)
+    stats = torch.empty(rows, STATS, dtype=acc, device=s.device)
     t2 = temperature * temperature
     if backend == "cpp":  # the kernel also reduces and scales the rows (csrc/common/kd.h)
-        loss = torch.empty((rows,) if reduction == "none" else (), dtype=s.dtype)
+        loss = torch.empty((rows,) if reduction == "none" else (), dtype=acc)
         _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
                                     loss.data_ptr(), rows, cols, 1.0 / temperature,
                                     t2 * _scale(reduction, rows, cols), reduction != "none",
@@ -100,7 +104,7 @@ def _forward(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: 
         loss = kl * t2
     else:
         loss = kl.sum() * (t2 * _scale(reduction, rows, cols))
-    return loss.to(s.dtype), stats
+    return loss, stats
 
 
 def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, temperature: float,
@@ -114,7 +118,7 @@ def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, t
     # per row: grad_output of the row's T^2 KL, times T (d (T^2 KL) / d logits = T (...))
     mult = temperature * _scale(reduction, rows, cols)
     if backend == "cpp":  # the kernel reads grad_output as it is: 0-dim, or (N,) with any stride
-        gout = grad if grad.dtype == s.dtype else grad.to(s.dtype)
+        gout = grad if grad.dtype == stats.dtype else grad.to(stats.dtype)
         _native.native().kd_bwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
                                     gout.data_ptr(), gout.stride(0) if gout.dim() else 0, mult,
                                     grad_s.data_ptr(), grad_t.data_ptr() if teacher_grad else 0, rows, cols,
@@ -128,15 +132,15 @@ def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, t
 @torch.library.custom_op("kdkernels::kd_loss", mutates_args=())
 def kd_loss_op(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: str,
                backend: str) -> Tuple[Tensor, Tensor]:
-    """(N, C) logits -> (loss: 0-dim, or (N,) for "none", in their dtype; stats (N, 5), accumulation dtype)."""
+    """(N, C) logits -> (loss: 0-dim, or (N,) for "none"; stats (N, STATS)), both in the accumulation dtype."""
     return _forward(logits_s, logits_t, temperature, reduction, backend)
 
 
 @kd_loss_op.register_fake
 def _(logits_s, logits_t, temperature, reduction, backend):
     n = logits_s.shape[0]
-    loss = logits_s.new_empty((n,) if reduction == "none" else ())
-    return loss, logits_s.new_empty((n, STATS), dtype=acc_dtype(logits_s.dtype))
+    acc = acc_dtype(logits_s.dtype)
+    return logits_s.new_empty((n,) if reduction == "none" else (), dtype=acc), logits_s.new_empty((n, STATS), dtype=acc)
 
 
 @torch.library.custom_op("kdkernels::kd_loss_backward", mutates_args=())
@@ -213,13 +217,8 @@ def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
                         "cast one of them")
     if logits_s.device != logits_t.device:
         raise ValueError(f"{OP}: logits_s is on {logits_s.device} but logits_t is on {logits_t.device} ({shapes})")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"{OP}: temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0.0):
-        raise ValueError(f"{OP}: temperature must be finite and > 0, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    temperature = check_temperature(temperature, OP)
+    check_choice(reduction, OP, "reduction", REDUCTIONS)
     return temperature
 
 
@@ -242,8 +241,9 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduct
             ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``.
 
     Returns:
-        0-dim tensor (``(N,)`` for ``"none"``) in the logits' dtype (float32
-        under autocast, see ``kdkernels/ops/_autocast.py``). Gradient
+        0-dim tensor (``(N,)`` for ``"none"``) in the accumulation dtype
+        (float32; float64 for float64 logits), inside autocast and outside (see
+        ``kdkernels/ops/_autocast.py``). Gradient
         w.r.t. logits_s of row n: ``g_n * T * (p_s - p_t)``.
     """
     amp = _autocast.autocast_dtype(logits_s.device) if isinstance(logits_s, Tensor) else None
@@ -252,9 +252,7 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduct
     temperature = _check_inputs(logits_s, logits_t, temperature, reduction)
     chosen = backends.choose_backend(OP, logits_s.device, backend)
     if chosen == "torch":
-        loss = reference.kd_loss(logits_s, logits_t, temperature, reduction)
-    elif torch.compiler.is_compiling():
-        loss = torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
-    else:
-        loss = _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)
-    return loss if amp is None else _autocast.float32_result(loss)
+        return run_reference(reference.kd_loss, (logits_s, logits_t, temperature, reduction), logits_s.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
+    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)

@@ -1,15 +1,22 @@
 r"""Triton kernels of Hinton's KD loss (SPEC section 4).
 
 Notation (csrc/common/kd.h has the same derivation): z = x / T per row,
-running maxima m_s, m_t, e(m) = 0 if m = -inf else m, a = z - e(m) (<= 0), and
+running maxima m_s, m_t, e(m) = 0 if m = -inf else m, a = z - e(m) (<= 0), a
+reference rho (below), and
 
-    S_s = sum exp(a_s),   S_t = sum exp(a_t),   W = sum exp(a_t) * (a_t - a_s)
-    KL  = sum p_t (log p_t - log p_s) = W / S_t + log(S_s / S_t)
+    S_s = sum exp(a_s),   S_t = sum exp(a_t),   W = sum exp(a_t) * g,   g = a_t - (z_s - rho)
+    KL  = sum p_t (log p_t - log p_s) = W / S_t + (e(m_s) - rho) + log(S_s / S_t)
 
 (terms with exp(a_t) == 0 add 0 to W, so a teacher logit of -inf is harmless).
-When the maxima grow to m', the sums are rescaled with alpha = exp(e(m) - e(m')):
-S <- alpha S, and W <- alpha_t (W - dc S_t) with
-dc = (e(m'_t) - e(m_t)) - (e(m'_s) - e(m_s)).
+rho is the student's z at the teacher's (first) argmax, or e(m_s) where that
+is not finite. The teacher's gradient is p_t (g - W / S_t), and at the
+teacher's argmax, where p_t is largest, g is exactly 0: with rho = e(m_s)
+instead, g - W / S_t there is a difference of two numbers of the size of the
+logits' spread that nearly cancel when the teacher is peaked (a relative error
+of 3e-4 in the teacher's gradient at N=1, C=5, T=0.5).
+When the maxima grow to m' (and rho moves to rho'), the sums are rescaled with
+alpha = exp(e(m) - e(m')): S <- alpha S, and W <- alpha_t (W - dc S_t) with
+dc = (e(m'_t) - e(m_t)) - (rho' - rho).
 
 Grid of the forward: (row, segment). A row is cut into SPLIT segments of SEG
 classes (a multiple of BLOCK; SPLIT > 1 only when there are too few rows to
@@ -17,12 +24,11 @@ fill the GPU), each streamed once in BLOCK chunks with the online update above.
 With one segment the program writes the row's results; otherwise it writes its
 state (m_s, m_t, S_s, S_t, W) and ``_kd_combine_kernel`` merges a row's states
 in one fixed-order reduction (deterministic). Outputs per row, in the
-accumulation dtype: stats = (e(m_s), log S_s, e(m_t), log S_t, W / S_t), kl = KL.
+accumulation dtype: stats = (e(m_s), log S_s, e(m_t), log S_t, W / S_t, rho), kl = KL.
 
-The backward (same grid) is elementwise: with g = grad_output * T per row,
+The backward (same grid) is elementwise: with G = grad_output * T per row,
 
-    grad_s = g (p_s - p_t),   grad_t = g p_t ((a_t - a_s) - W / S_t),
-    p = exp(a - log S).
+    grad_s = G (p_s - p_t),   grad_t = G p_t (g - W / S_t),   p = exp(a - log S).
 
 1/T enters as two float32 scalars (head + tail), since Triton passes Python
 floats as float32; their sum is exact enough for float64 logits.
@@ -37,7 +43,8 @@ from . import launch_counts
 
 _MAX_BLOCK = 2048        # classes per chunk of a program
 _TARGET_PROGRAMS = 1024  # split long rows until the grid has about this many programs
-STATS = 5
+STATS = 6
+PART = 7  # a segment's state: m_s, m_t, S_s, S_t, W, the student's z at the teacher's argmax, rho
 
 
 @triton.jit
@@ -47,16 +54,23 @@ def _eff(m):
 
 
 @triton.jit
-def _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w):
-    """A finished row: stats (max_s, log sum_s, max_t, log sum_t, E_t[a_t - a_s]) and its KL."""
+def _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho):
+    """A finished row: stats (max_s, log sum_s, max_t, log sum_t, E_t[g], rho) and its KL."""
     ec = w / st
-    out = stats_ptr + row * 5
+    out = stats_ptr + row * 6
     tl.store(out + 0, _eff(ms))
     tl.store(out + 1, tl.log(ss))
     tl.store(out + 2, _eff(mt))
     tl.store(out + 3, tl.log(st))
     tl.store(out + 4, ec)
-    tl.store(kl_ptr + row, ec + tl.log(ss / st))
+    tl.store(out + 5, rho)
+    tl.store(kl_ptr + row, (ec + (_eff(ms) - rho)) + tl.log(ss / st))
+
+
+@triton.jit
+def _rho(r, ms):
+    """The reference of the gaps: r (the student's z at the teacher's argmax) if finite, else e(m_s)."""
+    return tl.where((r == r) & (tl.abs(r) < float("inf")), r, _eff(ms))
 
 
 @triton.jit
@@ -84,6 +98,8 @@ def _kd_fwd_kernel(
     ss = tl.zeros([], ACC)
     st = tl.zeros([], ACC)
     w = tl.zeros([], ACC)
+    r = tl.full([], float("-inf"), ACC)  # none yet: rho = e(m_s)
+    rho = tl.zeros([], ACC)
     for c0 in range(start, end, BLOCK):
         offs = c0 + cols
         mask = offs < end
@@ -92,16 +108,22 @@ def _kd_fwd_kernel(
         zs = tl.where(mask, zs, float("-inf"))
         zt = tl.where(mask, zt, float("-inf"))
         # grow the maxima; exp(-inf - e) = 0 drops the empty prefix
+        bt = tl.max(zt, axis=0)
         ms_new = _max_keep(ms, tl.max(zs, axis=0))
-        mt_new = _max_keep(mt, tl.max(zt, axis=0))
+        mt_new = _max_keep(mt, bt)
+        # the student's z at the teacher's first argmax so far
+        r_blk = tl.sum(tl.where(cols == tl.argmax(zt, axis=0), zs, 0.0), axis=0)
+        r = tl.where(bt > mt, r_blk, r)
+        rho_new = _rho(r, ms_new)
         alpha_s = tl.exp(ms - _eff(ms_new))
         alpha_t = tl.exp(mt - _eff(mt_new))
-        dc = (_eff(mt_new) - _eff(mt)) - (_eff(ms_new) - _eff(ms))
+        dc = (_eff(mt_new) - _eff(mt)) - (rho_new - rho)
         w = tl.where(st == 0.0, 0.0, alpha_t * (w - dc * st))
         ss = ss * alpha_s
         st = st * alpha_t
         ms = ms_new
         mt = mt_new
+        rho = rho_new
         # this chunk's terms
         a_s = zs - _eff(ms)
         a_t = zt - _eff(mt)
@@ -110,40 +132,47 @@ def _kd_fwd_kernel(
         ss += tl.sum(e_s, axis=0)
         st += tl.sum(e_t, axis=0)
         on = e_t > 0.0  # where the teacher's term counts (also keeps -inf - -inf out)
-        w += tl.sum(e_t * (tl.where(on, a_t, 0.0) - tl.where(on, a_s, 0.0)), axis=0)
+        w += tl.sum(e_t * (tl.where(on, a_t, 0.0) - tl.where(on, zs - rho, 0.0)), axis=0)
     if FINAL:
-        _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w)
+        _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho)
     else:
-        out = part_ptr + (row * nseg + seg) * 5
+        out = part_ptr + (row * nseg + seg) * 7
         tl.store(out + 0, ms)
         tl.store(out + 1, mt)
         tl.store(out + 2, ss)
         tl.store(out + 3, st)
         tl.store(out + 4, w)
+        tl.store(out + 5, r)
+        tl.store(out + 6, rho)
 
 
 @triton.jit
 def _kd_combine_kernel(part_ptr, stats_ptr, kl_ptr, SPLIT, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the SPLIT segment states of a row: rescale each to the row's maxima, add."""
+    """Merge the SPLIT segment states of a row: rescale each to the row's maxima and rho, add."""
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_S)
     mask = k < SPLIT
-    p = part_ptr + (row * SPLIT + k) * 5
+    p = part_ptr + (row * SPLIT + k) * 7
     ms_k = tl.load(p + 0, mask=mask, other=float("-inf")).to(ACC)
     mt_k = tl.load(p + 1, mask=mask, other=float("-inf")).to(ACC)
     ss_k = tl.load(p + 2, mask=mask, other=0.0).to(ACC)
     st_k = tl.load(p + 3, mask=mask, other=0.0).to(ACC)
     w_k = tl.load(p + 4, mask=mask, other=0.0).to(ACC)
+    r_k = tl.load(p + 5, mask=mask, other=float("-inf")).to(ACC)
+    rho_k = tl.load(p + 6, mask=mask, other=0.0).to(ACC)
     ms = tl.max(ms_k, axis=0)
     mt = tl.max(mt_k, axis=0)
+    # the first segment holding the teacher's maximum holds its first argmax
+    r = tl.sum(tl.where(k == tl.argmax(mt_k, axis=0), r_k, 0.0), axis=0)
+    rho = _rho(r, ms)
     alpha_s = tl.exp(ms_k - _eff(ms))
     alpha_t = tl.exp(mt_k - _eff(mt))
-    dc = (_eff(mt) - _eff(mt_k)) - (_eff(ms) - _eff(ms_k))
+    dc = (_eff(mt) - _eff(mt_k)) - (rho - rho_k)
     w_k = tl.where(st_k == 0.0, 0.0, alpha_t * (w_k - dc * st_k))
     ss = tl.sum(alpha_s * ss_k, axis=0)
     st = tl.sum(alpha_t * st_k, axis=0)
     w = tl.sum(w_k, axis=0)
-    _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w)
+    _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho)
 
 
 @triton.jit
@@ -156,26 +185,28 @@ def _kd_bwd_kernel(
     inv_t = (tl.zeros([], ACC) + inv_head) + inv_tail  # Python floats in the interpreter, fp32 when compiled
     start = seg * SEG
     end = tl.minimum(start + SEG, C)
-    stats = stats_ptr + row * 5
+    stats = stats_ptr + row * 6
     ms = tl.load(stats + 0).to(ACC)
     ls = tl.load(stats + 1).to(ACC)
     mt = tl.load(stats + 2).to(ACC)
     lt = tl.load(stats + 3).to(ACC)
     ec = tl.load(stats + 4).to(ACC)
+    rho = tl.load(stats + 5).to(ACC)
     g = tl.load(g_ptr + row).to(ACC)
     cols = tl.arange(0, BLOCK)
     base = row * C
     for c0 in range(start, end, BLOCK):
         offs = base + c0 + cols
         mask = c0 + cols < end
-        a_s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) * inv_t - ms
+        zs = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC) * inv_t
+        a_s = zs - ms
         a_t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(ACC) * inv_t - mt
         p_s = tl.exp(a_s - ls)
         p_t = tl.exp(a_t - lt)
         tl.store(gs_ptr + offs, (g * (p_s - p_t)).to(gs_ptr.dtype.element_ty), mask=mask)
         if TEACHER:
             on = p_t > 0.0
-            gap = tl.where(on, a_t, 0.0) - tl.where(on, a_s, 0.0)
+            gap = tl.where(on, a_t, 0.0) - tl.where(on, zs - rho, 0.0)
             tl.store(gt_ptr + offs, (g * p_t * (gap - ec)).to(gt_ptr.dtype.element_ty), mask=mask)
 
 
@@ -206,7 +237,7 @@ def kd_fwd(s: torch.Tensor, t: torch.Tensor, stats: torch.Tensor, kl: torch.Tens
     block, seg, split, num_warps = _plan(rows, cols)
     head, tail = _inv_parts(inv_t)
     acc = _acc(s.dtype)
-    part = stats if split == 1 else torch.empty(rows * split * STATS, dtype=stats.dtype, device=s.device)
+    part = stats if split == 1 else torch.empty(rows * split * PART, dtype=stats.dtype, device=s.device)
     _kd_fwd_kernel[(rows, split)](
         s, t, part, stats, kl, cols, seg, head, tail,
         ACC=acc, BLOCK=block, FINAL=split == 1, num_warps=num_warps,
