@@ -15,8 +15,17 @@ Backward, with g = grad_out:
     grad_y[q] = sum of grad_u over the output pixels whose source is q (a gather:
                 each program owns y pixels, so no atomics)
     grad_w[k, c] = sum_pixels da_k x_c,  grad_w[k, C + c] = sum_pixels da_k u_c,  grad_b[k] = sum da_k
-The weight/bias sums are written as per-program partials and reduced by the
-host in a fixed order: deterministic.
+The weight/bias sums are written as per-program partials and summed over the
+programs in a fixed order by one small kernel: deterministic, no atomics.
+
+Launches: one forward kernel; backward, the pixel kernel, the grad_y kernel and
+the partial sum. Grids: pixel tiles shrink (down to 8 pixels) until the grid
+has about four programs per SM of an H100, and a backward program walks
+several tiles so the partials stay few. When the whole channel range fits one
+tile ([C, BLOCK_P] <= 4096 elements: C <= 512) x, u (and g) are read once;
+beyond that C is walked twice, the second walk mostly from L2. Scales and
+spans are rounded to float32 on the host in pure Python (_host.py): no tensor
+and no device read per call.
 
 Index widths: every offset that includes the sample n or a channel c (n*C*H*W,
 c*H*W, the partial slots) is formed in int64, so N*C*H*W may pass 2^31. Pixel
