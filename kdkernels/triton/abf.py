@@ -159,7 +159,7 @@ def _abf_bwd_pixel_kernel(
             s0 = tl.zeros([BLOCK_P], ACC)
             s1 = tl.zeros([BLOCK_P], ACC)
             for c0 in range(0, C, BLOCK_C):
-                _, _, e0, e1 = _grad_chunk(gb, xb, yb, c0 + cw, p, pm, q, C, H, W, h, w, ACC)
+                _, _, _, e0, e1 = _grad_chunk(gb, xb, yb, c0 + cw, p, pm, q, C, H, W, h, w, ACC)
                 s0 += e0
                 s1 += e1
         z0 = tl.load(zb + p, mask=pm, other=0.0)

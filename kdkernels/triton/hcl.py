@@ -178,7 +178,7 @@ def _level_fwd(fs_ptr, ft_ptr, j, n_planes, n_elems, H, W, r4, r2, r1, NPOOL: tl
 @triton.jit
 def _hcl_fwd_kernel(fs, ft, partial_ptr, starts, n_planes, n_elems, hs, ws, r4, r2, r1, c0_head, c0_tail,
                     NLEV: tl.constexpr, NPOOL: tl.constexpr, PB: tl.constexpr, BH: tl.constexpr,
-                    BW: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
+                    BW: tl.constexpr, ALIGN: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr):
     """partial[pid] = c0 * (loss / c0 of the planes of program pid); levels in a table of tuples."""
     pid = tl.program_id(0)
     for i in tl.static_range(NLEV):
@@ -213,7 +213,8 @@ def _grad_tile(d, rows, cols, H, W, q4, q2, q1, gs, NPOOL: tl.constexpr):
 
 @triton.jit
 def _level_bwd(fs_ptr, ft_ptr, grad_ptr, j, n_planes, n_elems, H, W, r4, r2, r1, gs, NPOOL: tl.constexpr,
-               ACC: tl.constexpr, PB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ALIGN: tl.constexpr):
+               ACC: tl.constexpr, PB: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, ALIGN: tl.constexpr,
+               SINGLE: tl.constexpr):
     out_ty = grad_ptr.dtype.element_ty
     if NPOOL == 0:
         offs = j.to(tl.int64) * (BH * BW) + tl.arange(0, BH * BW)
@@ -223,7 +224,7 @@ def _level_bwd(fs_ptr, ft_ptr, grad_ptr, j, n_planes, n_elems, H, W, r4, r2, r1,
     else:
         planes = j.to(tl.int64) * PB + tl.arange(0, PB)
         cols = tl.arange(0, BW)
-        if BH >= H:  # the whole plane is one tile: read it once, keep it in registers
+        if SINGLE:  # the whole plane is one tile (BH >= H): read it once, keep it in registers
             rows = tl.arange(0, BH)
             offs, mask = _tile_offsets(planes, rows, cols, H, W, n_planes, ALIGN)
             d = _load_diff(fs_ptr, ft_ptr, offs, mask, ACC)
@@ -244,7 +245,7 @@ def _level_bwd(fs_ptr, ft_ptr, grad_ptr, j, n_planes, n_elems, H, W, r4, r2, r1,
         q4 = r4 * s4 / (a4 * a4)
         q2 = r2 * s2 / (a2 * a2)
         q1 = r1 * s1 / (a1 * a1)
-        if BH >= H:
+        if SINGLE:
             grad = _grad_tile(d, rows, cols, H, W, q4, q2, q1, gs, NPOOL)
             tl.store(grad_ptr + offs, grad.to(out_ty), mask=mask)
         else:
@@ -259,7 +260,7 @@ def _level_bwd(fs_ptr, ft_ptr, grad_ptr, j, n_planes, n_elems, H, W, r4, r2, r1,
 @triton.jit
 def _hcl_bwd_kernel(fs, ft, grads, g_ptr, starts, n_planes, n_elems, hs, ws, r4, r2, r1, c0_head, c0_tail,
                     NLEV: tl.constexpr, NPOOL: tl.constexpr, PB: tl.constexpr, BH: tl.constexpr,
-                    BW: tl.constexpr, ALIGN: tl.constexpr, ACC: tl.constexpr):
+                    BW: tl.constexpr, ALIGN: tl.constexpr, SINGLE: tl.constexpr, ACC: tl.constexpr):
     """grads[i] = d loss / d fs[i] * grad_output (g_ptr: the 0-dim grad_output, any float dtype)."""
     pid = tl.program_id(0)
     g = tl.load(g_ptr).to(ACC)
@@ -267,7 +268,7 @@ def _hcl_bwd_kernel(fs, ft, grads, g_ptr, starts, n_planes, n_elems, hs, ws, r4,
         if (pid >= starts[i]) & (pid < starts[i + 1]):
             gs = 2.0 * g * _c0(c0_head[i], c0_tail[i], ACC)
             _level_bwd(fs[i], ft[i], grads[i], pid - starts[i], n_planes[i], n_elems[i], hs[i], ws[i], r4[i], r2[i], r1[i],
-                       gs, NPOOL[i], ACC, PB[i], BH[i], BW[i], ALIGN[i])
+                       gs, NPOOL[i], ACC, PB[i], BH[i], BW[i], ALIGN[i], SINGLE[i])
 
 
 def _check_plane(H: int, W: int) -> None:
@@ -312,7 +313,7 @@ def launch_table(fs: List[torch.Tensor], ft: List[torch.Tensor], plans) -> Tuple
     ``plans``: per level (pools, ratios r_l, c0) as ``kdkernels.ops.hcl.level_plan`` gives.
     """
     starts, n_planes, n_elems, hs, ws, r4s, r2s, r1s, heads, tails = [0], [], [], [], [], [], [], [], [], []
-    npool, pbs, bhs, bws, aligns = [], [], [], [], []
+    npool, pbs, bhs, bws, aligns, singles = [], [], [], [], [], []
     for f, (pools, ratios, c0) in zip(fs, plans):
         n, c, h, w = f.shape
         _check_plane(h, w)
@@ -321,11 +322,12 @@ def launch_table(fs: List[torch.Tensor], ft: List[torch.Tensor], plans) -> Tuple
         head, tail = f32_split(c0)
         starts.append(starts[-1] + progs)
         for lst, v in ((n_planes, n * c), (n_elems, n * c * h * w), (hs, h), (ws, w), (r4s, r4), (r2s, r2), (r1s, r1), (heads, head),
-                       (tails, tail), (npool, len(pools)), (pbs, pb), (bhs, bh), (bws, bw), (aligns, align)):
+                       (tails, tail), (npool, len(pools)), (pbs, pb), (bhs, bh), (bws, bw), (aligns, align),
+                       (singles, bh >= h)):
             lst.append(v)
     args = tuple(tuple(x) for x in (starts, n_planes, n_elems, hs, ws, r4s, r2s, r1s, heads, tails))
     consts = dict(NLEV=len(fs), NPOOL=tuple(npool), PB=tuple(pbs), BH=tuple(bhs), BW=tuple(bws),
-                  ALIGN=tuple(aligns), ACC=_acc(fs[0].dtype))
+                  ALIGN=tuple(aligns), SINGLE=tuple(singles), ACC=_acc(fs[0].dtype))
     return starts[-1], args, consts
 
 
