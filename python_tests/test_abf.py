@@ -204,3 +204,19 @@ def test_triton_interpreter_really_ran():
     x, y, w, b = _inputs((1, 2, 4, 4, 2, 2), torch.float32)
     kdkernels.abf_fuse(x, y, w, b, backend="triton").sum().backward()
     assert (launch_counts["abf_fwd"], launch_counts["abf_bwd"]) == (before[0] + 1, before[1] + 1)
+
+
+def test_triton_channels_past_one_tile():
+    """C = 600 > 512: the Triton kernels walk the channels in chunks (two passes) instead of one tile."""
+    from kdkernels.triton import abf as tri
+
+    shape = (1, 600, 3, 5, 2, 3)
+    assert not tri._config(1, 600, 15, torch.float32)[3]  # not ONE_PASS
+    inputs = _inputs(shape, torch.float32, seed=5)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(6)).to(DEVICE) * 1.7
+    out, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="triton"), inputs, gout)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref_out, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    assert_rel_close(out, ref_out, REL_TOL[torch.float32], "out")
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
+        assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")

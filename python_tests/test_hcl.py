@@ -210,10 +210,12 @@ def test_triton_interpreter_really_ran():
 
     assert isinstance(tri._hcl_fwd_kernel, InterpretedFunction)
     assert isinstance(tri._hcl_bwd_kernel, InterpretedFunction)
-    before = (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"])
+    before = (launch_counts["hcl_fwd"], launch_counts["hcl_sum"], launch_counts["hcl_bwd"])
     fs, ft = _features([(1, 2, 5, 5), (1, 2, 2, 2)], torch.float32)
     kdkernels.hcl_loss(fs, ft, backend="triton").backward()
-    assert (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"]) == (before[0] + 2, before[1] + 2)
+    # both levels in one launch each way, plus the forward's one partial sum
+    after = (launch_counts["hcl_fwd"], launch_counts["hcl_sum"], launch_counts["hcl_bwd"])
+    assert after == (before[0] + 1, before[1] + 1, before[2] + 1)
 
 
 def test_backend_selection(monkeypatch):
@@ -225,3 +227,23 @@ def test_backend_selection(monkeypatch):
     other = "cuda" if DEVICE.type == "cpu" else "cpp"
     with pytest.raises(RuntimeError, match=f"backend '{other}' cannot run on {DEVICE.type}"):
         kdkernels.hcl_loss(fs, ft, backend=other)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
+def test_triton_more_levels_than_one_launch_holds():
+    """10 levels (more than the kernel's level table of 8): two launches each way, same loss and gradients."""
+    from kdkernels.triton import hcl as tri
+    from kdkernels.triton import launch_counts
+
+    shapes = [(1, 2, h, w) for h, w in ((1, 1), (2, 2), (3, 4), (4, 4), (5, 5), (7, 7), (2, 9), (6, 3),
+                                         (1, 5), (8, 8))]
+    assert len(shapes) > tri.MAX_LEVELS
+    fs, ft = _features(shapes, torch.float32, seed=11)
+    before = (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"])
+    loss = kdkernels.hcl_loss(fs, ft, backend="triton")
+    (loss * GRAD_OUT).backward()
+    assert (launch_counts["hcl_fwd"], launch_counts["hcl_bwd"]) == (before[0] + 2, before[1] + 2)
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, REL_TOL[torch.float32], "loss")
+    for k, (f, g) in enumerate(zip(fs, ref_gs)):
+        assert_rel_close(f.grad, g, REL_TOL[torch.float32], f"grad of level {k}")

@@ -247,7 +247,7 @@ def test_triton_kd_combine_past_int32():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("H,W", [(7, 7), (40, 60)])  # one tile per plane (SINGLE), and row chunks
+@pytest.mark.parametrize("H,W", [(7, 7), (40, 60)])  # whole planes per tile, and row chunks
 def test_triton_hcl_planes_past_int32(H, W):
     """_hcl_fwd_kernel / _hcl_bwd_kernel at planes whose plane * H * W passes 2^31."""
     from kdkernels.ops.hcl import level_plan
@@ -263,24 +263,24 @@ def test_triton_hcl_planes_past_int32(H, W):
     for p in picked:
         fs[p] = torch.randn(H, W, generator=g)
         ft[p] = torch.randn(H, W, generator=g)
-    pools, ratios, _ = level_plan((1, 1, H, W))
-    r4, r2, r1 = th._ratios(pools, ratios)
-    block_h, block_w, acc, num_warps = th._launch_config(H, W, fs.dtype)
-    single = block_h >= H
-    assert single == (H == 7)
-    partial = torch.full((planes,), float("nan"))
-    _run_programs(th._hcl_fwd_kernel, (planes,), [(p,) for p in picked], fs, ft, partial, H, W, r4, r2, r1,
-                  NPOOL=len(pools), ACC=acc, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps)
-    # one plane's loss is c0 * partial with c0 = 1 / (tot * H * W) for a (1, 1, H, W) level
-    _, _, tot = hcl_ref.hcl_level_plan(H)
-    for p in picked:
-        a = fs[p].double()[None, None].requires_grad_(True)
-        ref = hcl_ref.hcl_level(a, ft[p].double()[None, None])
-        _close(partial[p:p + 1] / (tot * H * W), ref[None], 1e-5, f"hcl fwd: plane {p}")
-    gout = torch.tensor([1.0 / (tot * H * W)])  # grad_output * c0 of a single-plane level
-    _run_programs(th._hcl_bwd_kernel, (planes,), [(p,) for p in picked], fs, ft, gout, grad, H, W, r4, r2, r1,
-                  NPOOL=len(pools), ACC=acc, BLOCK_H=block_h, BLOCK_W=block_w, SINGLE=single,
-                  num_warps=num_warps)
+    # one level of `planes` (1, H, W) planes; every other plane is zero (d = 0 adds nothing)
+    level = (fs.view(planes, 1, H, W),), (ft.view(planes, 1, H, W),)  # the kernel's level table: tuples
+    plan = level_plan((planes, 1, H, W))
+    grid, args, consts = th.launch_table(*level, [plan])
+    _, pb, block_h, _, _ = th.level_config((planes, 1, H, W), len(plan[0]))
+    assert (block_h >= H) == (H == 7)
+    programs = sorted({p // pb for p in picked})
+    partial = torch.full((grid,), float("nan"))
+    _run_programs(th._hcl_fwd_kernel, (grid,), [(j,) for j in programs], *level, partial, *args, **consts,
+                  num_warps=4)
+    # partial[j] = c0 * sum of its planes' losses / c0_plane, c0 / c0_plane = 1 / planes
+    for j in programs:
+        ref = sum(hcl_ref.hcl_level(fs[p].double()[None, None], ft[p].double()[None, None])
+                  for p in picked if p // pb == j)
+        _close(partial[j:j + 1] * planes, ref.reshape(1), 1e-5, f"hcl fwd: program {j}")
+    gout = torch.tensor(float(planes))  # grad_output * c0 = 1 / (tot * H * W): one plane's own scale
+    _run_programs(th._hcl_bwd_kernel, (grid,), [(j,) for j in programs], *level, (grad.view(planes, 1, H, W),),
+                  gout, *args, **consts, num_warps=4)
     for p in picked:
         a = fs[p].double()[None, None].requires_grad_(True)
         (ref_grad,) = torch.autograd.grad(hcl_ref.hcl_level(a, ft[p].double()[None, None]), a)
@@ -314,17 +314,18 @@ def test_triton_abf_samples_past_int32():
         y[n] = torch.randn(C, h, w, generator=g)
         go[n] = torch.randn(C, H, W, generator=g)
     sh, sw = ta.float32_ratio(h, H), ta.float32_ratio(w, W)
-    acc, block_p, block_c = ta._config(C, H * W, x.dtype)
+    acc, block_p, block_c, one_pass = ta._config(N, C, H * W, x.dtype)
     blocks_p = -(-H * W // block_p)
-    assert blocks_p == 1
+    assert blocks_p == 1 and ta._tiles_per_program(N, blocks_p, one_pass) == 1
     wflat = weight.reshape(-1).contiguous()
     _run_programs(ta._abf_fwd_kernel, (blocks_p, N), [(0, n) for n in picked],
-                  x, y, wflat, bias, out, z, C, H, W, h, w, sh, sw, ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
+                  x, y, wflat, bias, out, z, C, H, W, h, w, sh, sw, ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c,
+                  ONE_PASS=one_pass)
     pw = sparse(N * blocks_p * 4 * C, torch.float32)
     pb = sparse(N * blocks_p * 2, torch.float32)
     _run_programs(ta._abf_bwd_pixel_kernel, (blocks_p, N), [(0, n) for n in picked],
-                  go, x, y, wflat, z, gx, da, pw, pb, C, H, W, h, w, sh, sw,
-                  ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
+                  go, x, y, wflat, z, gx, da, pw, pb, C, H, W, h, w, sh, sw, 1,
+                  ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c, ONE_PASS=one_pass)
     block_q = min(64, h * w)
     inv_h, inv_w = float(H / h), float(W / w)
     span_h, span_w = -(-H // h) + 2, -(-W // w) + 2

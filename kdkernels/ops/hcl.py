@@ -6,9 +6,11 @@ r_l = w_l*H*W/l^2 of :func:`level_plan` (exact in any float format)::
     loss_level = c0 * sum over planes of ( sum(d^2) + sum_l r_l * sum_bins (S_l/area_l)^2 )
     d loss / d fs = grad_output * c0 * 2 * ( d + sum_l r_l * scatter_l(S_l / area_l^2) )
 
-Kernels write one partial per (n, c) plane, in the accumulation dtype; the
-host sums them (deterministically) and applies c0. The forward saves only its
-inputs; the backward recomputes the bin sums.
+The C++ and CUDA kernels write one partial per (n, c) plane, in the
+accumulation dtype, and the host sums them (deterministically) and applies c0,
+level by level. The Triton path takes every level in one launch (a level table)
+plus one fixed-order sum, and one backward launch (kdkernels/triton/hcl.py).
+The forward saves only its inputs; the backward recomputes the bin sums.
 """
 from __future__ import annotations
 
@@ -36,11 +38,6 @@ def level_plan(shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[float, ...]
 
 
 def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
-    if backend == "triton":
-        from ..triton import hcl as tri
-
-        tri.hcl_fwd(fs, ft, partial, pools, ratios)
-        return
     n, c, h, w = fs.shape
     C = _native.native()
     args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), partial.data_ptr(),
@@ -53,11 +50,6 @@ def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, rat
 
 
 def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
-    if backend == "triton":
-        from ..triton import hcl as tri
-
-        tri.hcl_bwd(fs, ft, g, grad, pools, ratios)
-        return
     n, c, h, w = fs.shape
     C = _native.native()
     args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), g.data_ptr(), grad.data_ptr(),
@@ -72,6 +64,11 @@ def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, po
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
 def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tensor:
     """Fused HCL forward: lists of (N, C, H, W) -> 0-dim loss in the accumulation dtype."""
+    if backend == "triton":  # every level in one launch (kdkernels/triton/hcl.py)
+        from ..triton import hcl as tri
+
+        fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
+        return tri.hcl_fwd(fs, ft, [level_plan(f.shape) for f in fs])
     acc = acc_dtype(fstudent[0].dtype)
     total = None
     for fs, ft in zip(fstudent, fteacher):
@@ -93,6 +90,11 @@ def _(fstudent, fteacher, backend):
 def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Tensor],
                          backend: str) -> List[Tensor]:
     """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output (accumulation dtype)."""
+    if backend == "triton":
+        from ..triton import hcl as tri
+
+        fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
+        return tri.hcl_bwd(grad, fs, ft, [level_plan(f.shape) for f in fs])
     acc = acc_dtype(fstudent[0].dtype)
     g_acc = grad.to(acc).reshape(1)
     grads = []

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from . import launch_counts
+from ._host import f32_split
 
 _MAX_BLOCK = 2048        # classes per chunk of a program
 _TARGET_PROGRAMS = 1024  # split long rows until the grid has about this many programs
@@ -222,9 +223,8 @@ def _plan(rows: int, cols: int):
 
 
 def _inv_parts(inv_t: float):
-    """1/T as a float32 head and the float32 rounding of the rest."""
-    head = float(torch.tensor(inv_t, dtype=torch.float32))
-    return head, float(inv_t - head)
+    """1/T as a float32 head and the rest (rounded on the host in pure Python: no tensor per call)."""
+    return f32_split(inv_t)
 
 
 def _acc(dtype: torch.dtype):

@@ -1,0 +1,159 @@
+"""Launch counts and host work of every op's GPU path (the Triton backend).
+
+A GPU op is only as fast as its launches allow when the work is small (HCL at
+CIFAR shapes moves less data than one launch costs), and any host round trip
+(``.item()``, a tensor built from Python data) stalls the stream or adds a
+transfer per call. The bounds: HCL at most 3 launches per forward and per
+backward whatever the number of levels; every other op at most 4. Counted as
+described in ``_launches.py``: Triton kernels plus the torch ops that launch a
+device kernel (fills, reductions, arithmetic, casts, copies), from the public
+call through the backward of the result.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdkernels
+
+from _launches import recording
+from _util import DEVICE
+
+pytestmark = pytest.mark.skipif(
+    DEVICE.type != "cpu" and not torch.cuda.is_available(), reason="needs the CPU interpreter or a GPU")
+
+HCL_MAX = 3
+OTHER_MAX = 4
+
+
+def _step(fn, inputs, grad_out):
+    """(forward record, backward record, output) of fn(*inputs) and its backward with ``grad_out``."""
+    with recording() as fwd:
+        out = fn(*inputs)
+    wrt = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.requires_grad]
+    g = grad_out(out)
+    with recording() as bwd:
+        torch.autograd.grad(out, wrt, g)
+    return fwd, bwd, out
+
+
+def _rand(shape, dtype, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed + len(shape) + sum(shape))
+    return torch.randn(shape, generator=g).to(DEVICE, dtype).requires_grad_(grad)
+
+
+def _report(what, rec):
+    return f"{what}: {len(rec.launches)} launches {rec.launches}; host work {rec.host}"
+
+
+# ---------------------------------------------------------------- HCL
+HCL_LEVELS = {
+    "one 8x8": [(2, 3, 8, 8)],
+    "cifar 4 levels": [(2, 4, 32, 32), (2, 8, 16, 16), (2, 16, 8, 8), (2, 16, 1, 1)],
+    "imagenet 5 levels": [(1, 4, 56, 56), (1, 8, 28, 28), (1, 8, 14, 14), (1, 16, 7, 7), (1, 16, 1, 1)],
+    "every plan": [(2, 3, 1, 1), (2, 3, 2, 2), (2, 3, 3, 5), (2, 3, 4, 4), (2, 3, 5, 3), (2, 3, 7, 7),
+                   (1, 2, 14, 14), (1, 2, 9, 16)],
+}
+
+
+def _hcl_inputs(levels, dtype):
+    fs = [_rand(s, dtype, grad=True, seed=i) for i, s in enumerate(levels)]
+    ft = [_rand(s, dtype, seed=10 + i) for i, s in enumerate(levels)]
+    return fs, ft
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(HCL_LEVELS))
+def test_hcl_launches_do_not_grow_with_levels(case, dtype):
+    fs, ft = _hcl_inputs(HCL_LEVELS[case], dtype)
+    fwd, bwd, _ = _step(lambda a, b: kdkernels.hcl_loss(a, b, backend="triton"), (fs, ft),
+                        lambda out: torch.full_like(out, 1.7))
+    assert len(fwd.launches) <= HCL_MAX, _report("forward", fwd)
+    assert len(bwd.launches) <= HCL_MAX, _report("backward", bwd)
+    assert not fwd.host and not bwd.host, _report("forward", fwd) + "\n" + _report("backward", bwd)
+
+
+# ---------------------------------------------------------------- ABF
+ABF_SHAPES = [((2, 8, 8, 8), (4, 4)), ((1, 16, 7, 7), (4, 4)), ((2, 5, 6, 10), (3, 5))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("xshape, yhw", ABF_SHAPES)
+def test_abf_launches_and_no_host_work(xshape, yhw, dtype):
+    n, c, _, _ = xshape
+    x = _rand(xshape, dtype, grad=True)
+    y = _rand((n, c) + yhw, dtype, grad=True, seed=1)
+    w = _rand((2, 2 * c, 1, 1), dtype, grad=True, seed=2)
+    b = _rand((2,), dtype, grad=True, seed=3)
+    fwd, bwd, _ = _step(lambda *a: kdkernels.abf_fuse(*a, backend="triton"), (x, y, w, b),
+                        lambda out: _rand(out.shape, dtype, seed=4))
+    assert len(fwd.launches) <= OTHER_MAX, _report("forward", fwd)
+    assert len(bwd.launches) <= OTHER_MAX, _report("backward", bwd)
+    assert not fwd.host, _report("forward", fwd)
+    assert not bwd.host, _report("backward", bwd)
+
+
+# ---------------------------------------------------------------- KD
+# (rows, classes): one segment per row; long rows split into segments (a combine pass)
+KD_SHAPES = [(16, 100), (2, 50000)]
+
+
+# A split row in bf16 with a reduction: the kernel, the combine pass, then the op body's
+# sum, scale and cast to bf16 (kdkernels/ops/kd.py) make 5 forward launches.
+_KD_OVER = pytest.mark.xfail(strict=True, reason=(
+    "kd_loss's op body reduces the per-row KL with three torch ops (sum, scale, cast); with the "
+    "combine pass of split rows that is 5 launches in bf16: the reduction belongs in one kernel "
+    "(the KD op body is being reworked on another branch; drop this marker with that)"))
+
+
+def _kd_params():
+    for rows, cols in KD_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for reduction in ("batchmean", "none"):
+                for teacher_grad in (False, True):
+                    over = cols > 2048 and dtype == torch.bfloat16 and reduction != "none"
+                    yield pytest.param(rows, cols, dtype, reduction, teacher_grad, marks=[_KD_OVER] if over else [])
+
+
+@pytest.mark.parametrize("rows, cols, dtype, reduction, teacher_grad", list(_kd_params()))
+def test_kd_launches_and_no_host_work(rows, cols, dtype, reduction, teacher_grad):
+    s = _rand((rows, cols), dtype, grad=True)
+    t = _rand((rows, cols), dtype, grad=teacher_grad, seed=1)
+    fwd, bwd, _ = _step(lambda a, b: kdkernels.kd_loss(a, b, 3.0, reduction, backend="triton"), (s, t),
+                        lambda out: _rand(out.shape, dtype, seed=2))
+    assert len(fwd.launches) <= OTHER_MAX, _report("forward", fwd)
+    assert len(bwd.launches) <= OTHER_MAX, _report("backward", bwd)
+    assert not fwd.host, _report("forward", fwd)
+    assert not bwd.host, _report("backward", bwd)
+
+
+# ---------------------------------------------------------------- hint
+@pytest.mark.xfail(strict=True, reason="the hint launcher (zero-filled weight-gradient partials, host-side "
+                   "sums and scalings: 8-10 launches) is being rebuilt with the Triton compile tier; "
+                   "drop this marker when that lands")
+def test_hint_launches():
+    fs = _rand((2, 8, 4, 4), torch.float32, grad=True)
+    ft = _rand((2, 16, 4, 4), torch.float32, seed=1)
+    w = _rand((16, 8, 1, 1), torch.float32, grad=True, seed=2)
+    b = _rand((16,), torch.float32, grad=True, seed=3)
+    fwd, bwd, _ = _step(lambda *a: kdkernels.hint_loss(*a, backend="triton"), (fs, ft, w, b),
+                        lambda out: torch.full_like(out, 1.7))
+    assert len(fwd.launches) <= OTHER_MAX, _report("forward", fwd)
+    assert len(bwd.launches) <= OTHER_MAX, _report("backward", bwd)
+
+
+# ---------------------------------------------------------------- the recorder itself
+def test_recorder_sees_launches_and_host_work():
+    """The counting rules: what is a launch, what is host work (so the bounds above mean something)."""
+    x = torch.randn(4, 4, device=DEVICE)
+    with recording() as rec:
+        y = torch.empty_like(x)         # allocation: not a launch
+        v = x.view(16).reshape(4, 4)    # views: not launches
+        same = x.to(x.dtype)            # returns x: not a launch
+        s = (x * 2).sum()               # two launches
+        torch.zeros(3, device=DEVICE)   # a fill: a launch
+        float(s)                        # host read
+        torch.tensor(1.5)               # tensor from Python data
+    assert rec.launches == ["torch:mul", "torch:sum", "torch:zeros"], rec.launches
+    assert len(rec.host) == 2 and "_local_scalar_dense" in rec.host[0] and "lift_fresh" in rec.host[1], rec.host
+    del y, v, same
