@@ -1,6 +1,6 @@
 """Which backends exist here, why the others do not, and which one an op uses.
 
-Backends, per device (DESIGN.md "Ops and backends"):
+Backends, per device (docs/design.md "Ops and backends"):
 
 - CUDA tensors: ``triton`` (default), ``cuda`` (csrc, where built), ``torch``.
 - CPU tensors: ``cpp`` (default), ``torch``, and ``triton`` only when

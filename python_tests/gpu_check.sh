@@ -141,7 +141,7 @@ done
 echo "== benchmark, quick ($(left) s left)"
 # one op at a time, each under its own limit: the CSV keeps the rows already
 # written, so an op that runs out of time costs only its own remaining cases
-for op in hcl kd abf hint reviewkd fskd; do
+for op in hcl kd abf hint reviewkd fskd linear_kd; do
   limit "${GPU_CHECK_OP_S:-25}" $PY benchmarks/run.py --device "$device" --quick --ops "$op" --out "$out/bench" \
     --no-progress >> "$out/bench.log" 2>&1
   rc=$?; echo "benchmark $op: exit $rc"; [ $rc -eq 0 ] || status=1

@@ -1,4 +1,4 @@
-// HCL on CPU (SPEC section 1; formulas in common/hcl.h).
+// HCL on CPU (docs/spec.md §1; formulas in common/hcl.h).
 //
 // Every bin edge of every pool splits each axis of a plane into "segments"; a
 // bin is then a rectangle of segment cells (bins overlap, so one pool's sums

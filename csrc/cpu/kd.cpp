@@ -1,4 +1,4 @@
-// Hinton KD on CPU (SPEC section 4; the streaming state and formulas are in common/kd.h).
+// Hinton KD on CPU (docs/spec.md §4; the streaming state and formulas are in common/kd.h).
 //
 // A row is cut into fixed segments of kSegment classes (the cut depends on the
 // row length only); a work item is one (row, segment). Threads take contiguous

@@ -1,4 +1,4 @@
-// HCL on CUDA (SPEC section 1; formulas in common/hcl.h).
+// HCL on CUDA (docs/spec.md §1; formulas in common/hcl.h).
 //
 // A group of G = TX * TY threads (a power of two, 1..256) owns one (n, c) plane;
 // a 256-thread block holds 256 / G groups, so tiny planes share a block. Thread

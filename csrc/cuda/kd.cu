@@ -1,4 +1,4 @@
-// Hinton KD on CUDA (SPEC section 4; the streaming state and formulas are in common/kd.h).
+// Hinton KD on CUDA (docs/spec.md §4; the streaming state and formulas are in common/kd.h).
 //
 // Forward: one block per row (blocks stride over the rows when there are more
 // than the grid holds). Thread k of the block reads the classes

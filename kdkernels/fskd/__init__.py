@@ -1,4 +1,4 @@
-r"""FSKD: few-sample knowledge distillation with a mergeable 1x1 conv (SPEC section 5).
+r"""FSKD: few-sample knowledge distillation with a mergeable 1x1 conv (docs/spec.md §5).
 
 After each chosen student block, a 1x1 conv Q is fitted in closed form so that
 the block's pre-activation output matches the teacher's, from a few hundred

@@ -1,4 +1,4 @@
-r"""The few-sample pipeline: capture, solve, merge (SPEC section 5).
+r"""The few-sample pipeline: capture, solve, merge (docs/spec.md §5).
 
 For each block (student conv, its BN or None, teacher module), the aligned
 signal S is the output of the student BN (or of the conv when there is no BN),

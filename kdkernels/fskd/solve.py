@@ -1,4 +1,4 @@
-r"""Batched solve of the FSKD normal equations (SPEC section 5).
+r"""Batched solve of the FSKD normal equations (docs/spec.md §5).
 
 For every block b, with G (Cs, Cs), Hc (Ct, Cs) from :class:`GramStats`,
 

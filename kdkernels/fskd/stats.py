@@ -1,4 +1,4 @@
-r"""Streaming second moments for FSKD (SPEC section 5).
+r"""Streaming second moments for FSKD (docs/spec.md §5).
 
 For one block, the student signal ``s`` (N, Cs, H, W) and the teacher target
 ``t`` (N, Ct, H, W) are read as M = N*H*W samples ("pixels are samples"). The

@@ -1,4 +1,4 @@
-r"""FitNets modules (SPEC section 3): ``ConvReg``, ``HintLoss`` and a closed-form 1x1 regressor.
+r"""FitNets modules (docs/spec.md §3): ``ConvReg``, ``HintLoss`` and a closed-form 1x1 regressor.
 
 * :class:`ConvReg` is RepDistiller's / mdistiller's convolutional regressor
   (same structure, parameter keys ``conv.*``, ``bn.*`` and initialisation), with
@@ -10,7 +10,7 @@ r"""FitNets modules (SPEC section 3): ``ConvReg``, ``HintLoss`` and a closed-for
   of kernel (1 + Hs - Ht, 1 + Ws - Wt) (1x1 when the spatial sizes are equal)
   with a bias, followed by the hint layer's nonlinearity, and no BatchNorm.
 * :func:`least_squares_init_` sets a 1x1 regressor to the least-squares map
-  from student to teacher features over a few batches (SPEC section 5 with
+  from student to teacher features over a few batches (docs/spec.md §5 with
   prior 0, solved by :mod:`kdkernels.fskd`), so the hint stage starts from the
   best linear map instead of noise.
 """

@@ -1,4 +1,4 @@
-r"""``torch.ops.kdkernels.abf_fuse``: ReviewKD's attention-based fusion step, fused (SPEC section 2).
+r"""``torch.ops.kdkernels.abf_fuse``: ReviewKD's attention-based fusion step, fused (docs/spec.md §2).
 
 x (N, C, H, W), y (N, C, h, w) with h <= H, w <= W, att_weight (2, 2C, 1, 1),
 att_bias (2,)::

@@ -1,4 +1,4 @@
-r"""``torch.ops.kdkernels.hcl_loss``: the fused hierarchical context loss (SPEC section 1).
+r"""``torch.ops.kdkernels.hcl_loss``: the fused hierarchical context loss (docs/spec.md §1).
 
 Every backend computes, per level, with c0 = 1/(tot*N*C*H*W) and the ratios
 r_l = w_l*H*W/l^2 of :func:`level_plan` (exact in any float format)::
@@ -132,7 +132,7 @@ hcl_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
-    """ReviewKD's hierarchical context loss, fused (SPEC section 1).
+    """ReviewKD's hierarchical context loss, fused (docs/spec.md §1).
 
     Args:
         fstudent: a (N, C, H, W) tensor or a list of them, one per level.

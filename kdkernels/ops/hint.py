@@ -1,4 +1,4 @@
-r"""``kdkernels.hint_loss``: FitNets' hint loss through a fused 1x1 regressor (SPEC section 3).
+r"""``kdkernels.hint_loss``: FitNets' hint loss through a fused 1x1 regressor (docs/spec.md §3).
 
 With r = conv1x1(fs; W, b) - ft (never materialised) and numel = N*Ct*H*W::
 

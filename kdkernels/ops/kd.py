@@ -1,4 +1,4 @@
-r"""``torch.ops.kdkernels.kd_loss``: Hinton's KD loss in one streaming pass per row (SPEC section 4).
+r"""``torch.ops.kdkernels.kd_loss``: Hinton's KD loss in one streaming pass per row (docs/spec.md §4).
 
 For (N, C) logits and temperature T, p = softmax(logits / T)::
 
@@ -224,7 +224,7 @@ def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
 
 def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduction: str = "batchmean",
             backend: Optional[str] = None) -> Tensor:
-    """Hinton's KD loss ``T^2 * KL(softmax(logits_t/T) || softmax(logits_s/T))``, fused (SPEC section 4).
+    """Hinton's KD loss ``T^2 * KL(softmax(logits_t/T) || softmax(logits_s/T))``, fused (docs/spec.md §4).
 
     Equal to RepDistiller's ``DistillKL(T)(logits_s, logits_t)`` and mdistiller's
     ``kd_loss(logits_s, logits_t, T)`` with the default ``reduction``.

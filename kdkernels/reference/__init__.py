@@ -1,7 +1,7 @@
 """Plain-PyTorch implementations of every op: the spec as code.
 
 They are the CPU fallback when no faster backend serves, and the oracle the
-tests compare every kernel against. Each follows shared SPEC.md exactly.
+tests compare every kernel against. Each follows docs/spec.md exactly.
 """
 from .hcl import hcl_loss, hcl_level_plan
 from .abf import abf_fuse

@@ -1,4 +1,4 @@
-r"""ReviewKD's attention-based fusion step (SPEC section 2, step 2), in plain PyTorch.
+r"""ReviewKD's attention-based fusion step (docs/spec.md §2, step 2), in plain PyTorch.
 
 With x (N, C, H, W), y (N, C, h, w), h <= H, w <= W, att_weight (2, 2C, 1, 1),
 att_bias (2,)::

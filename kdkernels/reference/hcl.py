@@ -1,4 +1,4 @@
-r"""ReviewKD's hierarchical context loss (HCL), SPEC section 1.
+r"""ReviewKD's hierarchical context loss (HCL), docs/spec.md §1.
 
 Per level k, with d = fs - ft of shape (N, C, H, W)::
 

@@ -1,4 +1,4 @@
-r"""FitNets hint loss through a 1x1 regressor (SPEC section 3).
+r"""FitNets hint loss through a 1x1 regressor (docs/spec.md §3).
 
 With fs (N, Cs, H, W), ft (N, Ct, H, W), weight (Ct, Cs, 1, 1) and bias (Ct,)
 or None, the regressed map is y = conv1x1(fs; weight, bias), i.e. per sample n

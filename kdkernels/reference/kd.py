@@ -1,4 +1,4 @@
-r"""Hinton's knowledge-distillation loss (KD), SPEC section 4.
+r"""Hinton's knowledge-distillation loss (KD), docs/spec.md §4.
 
 For logits (N, C) of the student (s) and the teacher (t) and a temperature T,
 with p = softmax(logits / T) along the classes::

@@ -1,4 +1,4 @@
-r"""FitNets: hints from a teacher layer to a student layer (SPEC section 3).
+r"""FitNets: hints from a teacher layer to a student layer (docs/spec.md §3).
 
 Two variants:
 

@@ -1,4 +1,4 @@
-"""Hinton's knowledge distillation (SPEC section 4)."""
+"""Hinton's knowledge distillation (docs/spec.md §4)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple

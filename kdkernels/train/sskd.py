@@ -1,4 +1,4 @@
-r"""SSKD: stage-by-stage knowledge distillation (SPEC section 6).
+r"""SSKD: stage-by-stage knowledge distillation (docs/spec.md §6).
 
 Stage i (1-based, shallow to deep) trains the student to mimic the teacher's
 stage-i features with an L2 feature loss, ``mean((A_i s_i - t_i)^2)``, through

@@ -1,4 +1,4 @@
-r"""Triton kernels of ReviewKD's ABF fusion (SPEC section 2, step 2).
+r"""Triton kernels of ReviewKD's ABF fusion (docs/spec.md §2, step 2).
 
 Layout: x, out, grad_x (N, C, H, W); y, grad_y (N, C, h, w); z, da (N, 2, H, W)
 in the accumulation dtype; w = att_weight viewed as (2, 2C): w[k, c] acts on x,

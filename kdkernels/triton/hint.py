@@ -1,4 +1,4 @@
-r"""Triton kernel of the FitNets hint loss through a 1x1 regressor (SPEC section 3).
+r"""Triton kernel of the FitNets hint loss through a 1x1 regressor (docs/spec.md §3).
 
 Pixels are the long dimension: pixel q in [0, N*H*W) is (n, p) = (q // P, q % P)
 with P = H*W, and fs[n, c, p] sits at n*Cs*P + c*P + p (contiguous NCHW). Pixel,

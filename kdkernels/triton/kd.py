@@ -1,4 +1,4 @@
-r"""Triton kernels of Hinton's KD loss (SPEC section 4).
+r"""Triton kernels of Hinton's KD loss (docs/spec.md §4).
 
 Notation (csrc/common/kd.h has the same derivation): z = x / T per row,
 running maxima m_s, m_t, e(m) = 0 if m = -inf else m, a = z - e(m) (<= 0), a
