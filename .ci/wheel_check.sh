@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The cluster-wheel story, end to end: build one wheel with an isolated build
-# (no torch in the build environment), install it into a fresh virtual
-# environment next to whatever torch is there, and check from outside the
-# source tree that _C loaded and serves every CPU op. Then build an sdist with
-# `python -m build --sdist` and check it rebuilds into a wheel with the same files.
+# (no torch in the build environment) the way tools/build_wheels.sh builds every
+# Python's: `auditwheel show` must report manylinux_2_28 or older (glibc 2.28
+# nodes), `auditwheel repair` tags it. Install the repaired wheel into a fresh
+# virtual environment next to whatever torch is there, and check from outside
+# the source tree that _C loaded and serves every CPU op. Then build an sdist
+# with `python -m build --sdist` and check it rebuilds into a wheel with the
+# same files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 -m pip wheel . -w "$work/dist" --no-deps -q
+OUT="$work/dist" bash tools/build_wheels.sh python3
 wheel=$(ls "$work"/dist/kdkernels-*.whl)
-echo "built $(basename "$wheel")"
+case "$(basename "$wheel")" in
+  *manylinux_2_28_*) echo "built $(basename "$wheel")" ;;
+  *) echo "FAIL: $(basename "$wheel") is not tagged manylinux_2_28"; exit 1 ;;
+esac
 python3 - "$wheel" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
