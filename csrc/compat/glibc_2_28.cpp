@@ -31,10 +31,10 @@
 
 #if defined(__x86_64__)
 #define KDK_GLIBC_BASE "GLIBC_2.2.5"  // the first glibc version of the x86-64 ABI
-#define KDK_JUMP "jmp "
+#define KDK_JUMP(target) "jmp " target "@PLT"
 #else
 #define KDK_GLIBC_BASE "GLIBC_2.17"  // the first glibc version of the aarch64 ABI
-#define KDK_JUMP "b "
+#define KDK_JUMP(target) "b " target  // the linker routes a branch to a shared-library symbol through the PLT
 #endif
 
 // __wrap_NAME: a hidden function that jumps to NAME@VERSION (through the PLT).
@@ -45,7 +45,7 @@
       ".hidden __wrap_" #name "\n"                                              \
       ".type __wrap_" #name ", %function\n"                                     \
       "__wrap_" #name ":\n"                                                     \
-      "  " KDK_JUMP "kdk_glibc_" #name "@PLT\n"                                 \
+      "  " KDK_JUMP("kdk_glibc_" #name) "\n"                                     \
       ".size __wrap_" #name ", .-__wrap_" #name "\n");
 #define KDK_GLIBC_PIN(name) KDK_GLIBC_PIN_AT(name, KDK_GLIBC_BASE)
 
