@@ -9,11 +9,18 @@ Environment:
   KDKERNELS_CUDA_ARCHS=80;90  SASS for each listed arch, PTX for the highest
   CUDA_HOME / CUDA_PATH       where the toolkit is (default: from nvcc on PATH)
   MAX_JOBS                    parallel compile jobs (default: all cores)
+
+On Linux (x86-64, aarch64, glibc) the library is built to load on glibc 2.28 and
+later whatever glibc and GCC build it: libstdc++ is linked statically and the
+glibc symbols that newer glibcs re-versioned are pinned to their old versions
+(csrc/compat/glibc_2_28.cpp). `auditwheel repair` then tags the wheel
+manylinux_2_28 (tools/build_wheels.sh does both, for every Python).
 """
 from __future__ import annotations
 
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -30,6 +37,41 @@ os.chdir(ROOT)  # sources are given relative to the project root
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
               "--expt-relaxed-constexpr", "-DKDKERNELS_WITH_CUDA"]
+
+
+# glibc 2.28 compatibility (see csrc/compat/glibc_2_28.cpp): Linux x86-64 / aarch64 with glibc.
+GLIBC_COMPAT_SRC = os.path.join("csrc", "compat", "glibc_2_28.cpp")
+GLIBC_FLOOR = (2, 28)
+
+
+def _glibc_compat() -> bool:
+    return (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "aarch64")
+            and platform.libc_ver()[0] == "glibc")
+
+
+def _glibc_compat_link_args() -> list[str]:
+    """Linker flags that pair with GLIBC_COMPAT_SRC: static libstdc++, a --wrap per pinned symbol."""
+    names = sorted(set(re.findall(r"KDK_GLIBC_PIN(?:_AT)?\((\w+)", open(GLIBC_COMPAT_SRC).read())) - {"name"})
+    return [
+        # GCC 12's libstdc++ needs GLIBCXX_3.4.30; a RHEL 8 node has 3.4.25. Its symbols stay
+        # private (--exclude-libs), so they never meet torch's libstdc++.
+        "-static-libstdc++",
+        "-Wl,--exclude-libs,ALL",
+        *(f"-Wl,--wrap={n}" for n in names),
+        # The pinned pthread/dl/rt functions live in these libraries before glibc 2.34: keep them
+        # needed even where they are empty stubs today (and where gcc defaults to --as-needed).
+        "-Wl,--no-as-needed", "-l:libpthread.so.0", "-l:libdl.so.2", "-l:librt.so.1",
+    ]
+
+
+def _glibc_needed(path: str) -> tuple[int, ...] | None:
+    """Newest GLIBC_x.y symbol version ``path`` needs (via objdump; None when objdump is missing)."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        return None
+    out = subprocess.run([objdump, "-T", path], capture_output=True, text=True).stdout
+    found = [tuple(int(x) for x in v.split(".")) for v in re.findall(r"\bGLIBC_(\d+(?:\.\d+)+)\b", out)]
+    return max(found, default=(0,))
 
 
 def _log(msg: str) -> None:
@@ -118,7 +160,31 @@ class BuildExt(build_ext):
                     _log(f"CUDA build failed, building the CPU kernels only: {exc}")
         else:
             _log("KDKERNELS_CUDA=0: building the CPU kernels only")
+        self._stamp_config(ext)
         super().build_extensions()
+        if _glibc_compat():
+            need = _glibc_needed(self.get_ext_fullpath(ext.name))
+            if need is not None:
+                ok = need <= GLIBC_FLOOR
+                _log(f"_C needs glibc >= {'.'.join(map(str, need))}" + (
+                    "" if ok else f": NEWER than {'.'.join(map(str, GLIBC_FLOOR))}; a symbol escaped "
+                    f"{GLIBC_COMPAT_SRC} (objdump -T shows which), the wheel will not be manylinux_2_28"))
+
+    def _stamp_config(self, ext) -> None:
+        """Relink when the configuration changes, not only when a source does.
+
+        setuptools skips an extension whose sources are older than the built
+        library; without this, a wheel built after a CPU-only build in the same
+        tree (KDKERNELS_CUDA=0, then =1) would silently reuse the CPU-only _C.
+        """
+        config = repr((sorted(map(str, ext.define_macros)), ext.extra_objects, ext.extra_link_args,
+                       ext.libraries, ext.library_dirs, self.compiler.compiler_so, self.compiler.linker_so))
+        path = os.path.join(self.build_temp, "kdkernels-config.txt")
+        os.makedirs(self.build_temp, exist_ok=True)
+        if not os.path.exists(path) or open(path).read() != config:
+            with open(path, "w") as f:
+                f.write(config)
+        ext.depends = [*ext.depends, path, *ext.extra_objects]
 
     def _add_cuda(self, ext, nvcc: str, home: str) -> None:
         lib_dir = _cuda_lib_dir(home)
@@ -132,7 +198,9 @@ class BuildExt(build_ext):
         gencode += ["-gencode", f"arch=compute_{ptx},code=compute_{ptx}"]
         sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         headers = glob.glob(os.path.join("csrc", "common", "*.h"))
-        out_dir = os.path.join(self.build_temp, "cuda")
+        # Shared by every Python's build (the objects do not depend on Python): building the
+        # wheels of five Pythons compiles the CUDA sources once. The .cmd stamp guards reuse.
+        out_dir = os.path.join(os.path.dirname(os.path.abspath(self.build_temp)), "temp.cuda")
         os.makedirs(out_dir, exist_ok=True)
         pool = max(1, min(_jobs(), len(sources)))
         threads = max(1, _jobs() // pool)
@@ -172,10 +240,12 @@ class BuildExt(build_ext):
 ext_modules = [
     Pybind11Extension(
         "kdkernels._C",
-        ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))],
+        ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")),
+         *([GLIBC_COMPAT_SRC] if _glibc_compat() else [])],
         include_dirs=["csrc"],
         depends=sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cuda/*.cu")),
         extra_compile_args=CXX_FLAGS,
+        extra_link_args=_glibc_compat_link_args() if _glibc_compat() else [],
         # dlsym (csrc/common/parallel.h finds torch's OpenMP team at run time): libdl before glibc 2.34
         libraries=["dl", "pthread"] if sys.platform.startswith("linux") else [],
         cxx_std=17,

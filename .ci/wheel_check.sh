@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
 # The cluster-wheel story, end to end: build one wheel with an isolated build
-# (no torch in the build environment), install it into a fresh virtual
-# environment next to whatever torch is there, and check from outside the
-# source tree that _C loaded and serves every CPU op. Then build an sdist with
-# `python -m build --sdist` and check it rebuilds into a wheel with the same files.
+# (no torch in the build environment) the way tools/build_wheels.sh builds every
+# Python's: `auditwheel show` must report manylinux_2_28 or older (glibc 2.28
+# nodes), `auditwheel repair` tags it. Install the repaired wheel into a fresh
+# virtual environment next to whatever torch is there, and check from outside
+# the source tree that _C loaded and serves every CPU op. Then build an sdist
+# with `python -m build --sdist` and check it rebuilds into a wheel with the
+# same files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python3 -m pip wheel . -w "$work/dist" --no-deps -q
+OUT="$work/dist" bash tools/build_wheels.sh python3
 wheel=$(ls "$work"/dist/kdkernels-*.whl)
-echo "built $(basename "$wheel")"
+case "$(basename "$wheel")" in
+  *manylinux_2_28_*) echo "built $(basename "$wheel")" ;;
+  *) echo "FAIL: $(basename "$wheel") is not tagged manylinux_2_28"; exit 1 ;;
+esac
 python3 - "$wheel" <<'PY'
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
@@ -35,7 +41,8 @@ sdist=$(ls "$work"/sdist/kdkernels-*.tar.gz)
 python3 -m pip wheel "$sdist" -w "$work/dist2" --no-deps -q
 python3 - "$wheel" "$work"/dist2/kdkernels-*.whl <<'PY'
 import sys, zipfile
-a, b = (sorted(zipfile.ZipFile(p).namelist()) for p in sys.argv[1:3])
+# Files only: auditwheel repair writes directory entries that pip wheel does not.
+a, b = (sorted(n for n in zipfile.ZipFile(p).namelist() if not n.endswith("/")) for p in sys.argv[1:3])
 assert a == b, f"the sdist rebuilt into a different wheel: only in the first {set(a) - set(b)}, only in the second {set(b) - set(a)}"
 print(f"sdist {sys.argv[2].rsplit('/', 1)[-1]} rebuilds into the same {len(a)} files")
 PY
