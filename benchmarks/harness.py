@@ -102,6 +102,14 @@ def shape_label(shape: Sequence[int]) -> str:
     return "×".join(str(d) for d in dims)
 
 
+DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def dtype_suffix(dtype: torch.dtype) -> str:
+    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
+    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
+
+
 # --------------------------------------------------------------------------- providers
 
 

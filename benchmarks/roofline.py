@@ -108,11 +108,15 @@ def hint(batch: int, cs: int, ct: int, h: int, w: int, dtype: str) -> Tuple[floa
 
 
 def _cases_module(op: str):
+    import importlib
+    import importlib.util
+
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.insert(0, here)
-    import importlib
-
+    # as benchmarks/run.py: an installed kdkernels, else this checkout
+    if importlib.util.find_spec("kdkernels") is None:
+        sys.path.append(os.path.dirname(here))
     return importlib.import_module(f"cases.{op}")
 
 

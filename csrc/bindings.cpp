@@ -178,13 +178,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("kd_fwd_cpu", &kdk::kd_fwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),
         py::arg("out_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"), py::arg("out_scale"),
         py::arg("reduce"), py::arg("num_threads"), release(),
-        "stats (rows, 5) in the acc dtype; the loss (out_scale * sum of the rows' KL, or per row) in the "
-        "logits' dtype; see csrc/common/kd.h");
+        "stats (rows, 6) in the acc dtype; the loss (out_scale * sum of the rows' KL, or per row) in the "
+        "acc dtype; see csrc/common/kd.h");
   m.def("kd_bwd_cpu", &kdk::kd_bwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),
         py::arg("gout_ptr"), py::arg("gout_stride"), py::arg("gout_scale"), py::arg("grad_s_ptr"),
         py::arg("grad_t_ptr"), py::arg("rows"), py::arg("cols"), py::arg("inv_t"), py::arg("num_threads"), release(),
         "grad_s (and grad_t unless grad_t_ptr is 0) from the forward's stats; "
-        "g[n] = gout_scale * gout[n * gout_stride], gout in the logits' dtype");
+        "g[n] = gout_scale * gout[n * gout_stride], gout in the acc dtype");
   m.def(
       "kd_fwd_cuda",
       [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols, double inv_t,

@@ -98,6 +98,18 @@ def _hint(n, cs, ct, hw, dtype, grad=True, teacher=False, bias=True, tf32=False)
     _backward(kdkernels.hint_loss(fs, ft, w, b, allow_tf32=tf32, backend="triton"))
 
 
+def _lkd(n, v, d, dtype, teacher=False, ce=False):
+    import torch
+
+    import kdkernels
+
+    hs, ws = _t((n, d), dtype, True), _t((v, d), dtype, True)
+    ht, wt = _t((n, d), dtype, teacher), _t((v, d), dtype, teacher)
+    labels = torch.zeros(n, dtype=torch.long) if ce else None
+    _backward(kdkernels.linear_kd_loss(hs, ws, ht, wt, temperature=2.0, labels=labels, ce_weight=0.5 if ce else 0.0,
+                                       ignore_index=-100 if ce else None, backend="triton"))
+
+
 def _dtypes():
     import torch
 
@@ -154,11 +166,17 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
         ("hint 64x128x16^2->128 bf16 teacher grad", lambda: _hint(64, 128, 128, 16, dt["bf16"], teacher=True)),
         ("hint 64x256x8^2->256 bf16", lambda: _hint(64, 256, 256, 8, dt["bf16"])),
     ]
+    # linear KD: the tiles do not depend on N, V, D, so small shapes (the chunk's GEMMs for dh and dw
+    # are torch ops that run for real on the CPU tensors here)
+    g["linear_kd"] = [(f"linear_kd 128x4096x256 {d}{' teacher grad' if tg else ''}{' +ce' if ce else ''}",
+                       (lambda d=d, tg=tg, ce=ce: _lkd(128, 4096, 256, dt[d], teacher=tg, ce=ce)))
+                      for d, tg, ce in (("fp32", False, False), ("bf16", False, False), ("fp16", False, True),
+                                        ("fp32", True, True), ("fp64", False, False))]
     return g
 
 
 GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hint", "hint-tf32", "hint-fp64",
-          "hint-variants")
+          "hint-variants", "linear_kd")
 
 
 # ------------------------------------------------------- compile, not launch

@@ -127,7 +127,8 @@ def test_joint_schedule_recovers_a_mixed_student_exactly(make, blocks, device):
     out = fskd.distill(student, teacher, blocks, data(), schedule="joint", alpha=0.0, joint_steps=10,
                        progress=False)
     assert out_err(out, teacher, x) < 1e-4
-    assert sum(p.numel() for p in out.parameters()) < sum(p.numel() for p in student.parameters())
+    # the joint Q's are merged like greedy's: the student keeps its structure and keys
+    assert type(out) is type(student) and out.state_dict().keys() == student.state_dict().keys()
 
 
 def test_independent_schedule_is_gone():

@@ -174,11 +174,15 @@ def test_triton_kd_rows_past_int32():
 
 
 def _segment_state(s, t, inv_t):
-    """(m_s, m_t, S_s, S_t, W) of a piece of a row, in float64 (csrc/common/kd.h)."""
+    """A piece of a row's state (m_s, m_t, S_s, S_t, W, r, rho), in float64 (kdkernels/triton/kd.py):
+    r is the student's z at the teacher's first argmax, rho = r (finite here), and the gaps
+    W = sum exp(a_t) (a_t - (z_s - rho)) are taken from it."""
     zs, zt = s.double() * inv_t, t.double() * inv_t
     ms, mt = zs.max(), zt.max()
     a_s, a_t = zs - ms, zt - mt
-    return torch.stack([ms, mt, a_s.exp().sum(), a_t.exp().sum(), (a_t.exp() * (a_t - a_s)).sum()])
+    r = zs[int(zt.argmax())]
+    w = (a_t.exp() * (a_t - (zs - r))).sum()
+    return torch.stack([ms, mt, a_s.exp().sum(), a_t.exp().sum(), w, r, r])
 
 
 @needs_interpreter
@@ -201,41 +205,41 @@ def test_triton_kd_segments_past_int32():
         s[r, k * seg:k * seg + n] = (torch.randn(n, generator=g) * 2).half()
         t[r, k * seg:k * seg + n] = (torch.randn(n, generator=g) * 2).half()
     assert C + (nseg - 1) * seg > I32
-    p = sparse(rows * nseg * tk.STATS, torch.float32)  # the segment states
+    p = sparse(rows * nseg * tk.PART, torch.float32)  # the segment states
     _run_programs(tk._kd_fwd_kernel, (rows, nseg), picked,
                   s, t, p, p, p, C, seg, *tk._inv_parts(inv_t),
                   ACC=tk._acc(s.dtype), BLOCK=block, FINAL=False, num_warps=8)
     for r, k in picked:
-        got = p[(r * nseg + k) * 5:(r * nseg + k) * 5 + 5]
+        got = p[(r * nseg + k) * tk.PART:(r * nseg + k + 1) * tk.PART]
         ref = _segment_state(s[r, k * seg:(k + 1) * seg], t[r, k * seg:(k + 1) * seg], inv_t)
         _close(got, ref, 1e-5, f"kd fwd: segment state ({r}, {k})")
 
 
 @needs_interpreter
 def test_triton_kd_combine_past_int32():
-    """_kd_combine_kernel reads the states of row r at (r * SPLIT + k) * 5: past 2^31 for the last rows."""
+    """_kd_combine_kernel reads the states of row r at (r * SPLIT + k) * PART: past 2^31 for the last rows."""
     from kdkernels.triton import kd as tk
 
     split = 3
-    rows = I32 // (split * tk.STATS) + 2
-    assert (rows - 1) * split * tk.STATS > I32
+    rows = I32 // (split * tk.PART) + 2
+    assert (rows - 1) * split * tk.PART > I32
     g = _gen(2)
     # the states of a real 3-segment row, from the kernel itself (small, ordinary tensors)
     C = 3 * 64
     s_small = torch.randn(1, C, generator=g) * 3
     t_small = torch.randn(1, C, generator=g) * 3
-    small_part = torch.empty(split * tk.STATS)
+    small_part = torch.empty(split * tk.PART)
     stats_small = torch.empty(1, tk.STATS)
     kl_small = torch.empty(1)
     tk._kd_fwd_kernel[(1, split)](s_small, t_small, small_part, stats_small, kl_small, C, 64,
                                   *tk._inv_parts(1.0), ACC=tl.float32, BLOCK=64, FINAL=False)
-    numel = rows * split * tk.STATS
+    numel = rows * split * tk.PART
     part = sparse(numel, torch.float32, _guard_for(numel))
     stats = sparse(rows * tk.STATS, torch.float32)
     kl = sparse(rows, torch.float32)
     picked = [0, rows - 1]
     for r in picked:
-        part[r * split * 5:(r + 1) * split * 5] = small_part
+        part[r * split * tk.PART:(r + 1) * split * tk.PART] = small_part
     _run_programs(tk._kd_combine_kernel, (rows,), [(r,) for r in picked],
                   part, stats, kl, split, ACC=tl.float32, BLOCK_S=4, num_warps=1)
     ref = kd_ref.kd_loss(s_small.double(), t_small.double(), 1.0, "none")

@@ -296,7 +296,6 @@ def test_sskd_unfrozen_previous_stages_train():
 
 
 def test_sskd_all_stages_at_once():
-    need("hint_loss")
     student, teacher = pair()
     layers = ["layer1", "layer2", "layer3"]
     d = train.SSKD(student, teacher, layers, layers, sample=batch()[0])
@@ -323,7 +322,6 @@ def test_sskd_all_stages_at_once():
 
 
 def test_sskd_fit_head_converges_on_frozen_features():
-    need("hint_loss")
     student, teacher = pair()
     layers = ["layer1", "layer2", "layer3"]
     d = train.SSKD(student, teacher, layers, layers, sample=batch()[0])

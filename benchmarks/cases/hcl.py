@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 import kdkernels
-from harness import Case, shape_label
+from harness import Case, DTYPE_LABEL, dtype_suffix, shape_label
 from kdkernels.reference.hcl import hcl_loss as reference
 
 Level = Tuple[int, int, int]  # C, H, W
@@ -51,12 +51,7 @@ CUDA_PLAN = [
 ]
 # GPU quick mode: one CIFAR and one ImageNet configuration (every level plan: H = 1, 7, 8, ≥ 14)
 CUDA_QUICK = [("resnet32x4→resnet8x4", 64, torch.float32), ("ResNet34→ResNet18", 64, torch.bfloat16)]
-DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
-
-def _dtype_suffix(dtype: torch.dtype) -> str:
-    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
-    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
 
 
 class _TrafficFloor(torch.autograd.Function):
@@ -97,7 +92,7 @@ def _case(label: str, levels: Sequence[Level], batch: int, dtype: torch.dtype, d
 
     inner = ", ".join(shape_label(l) for l in levels)
     return Case(
-        name=f"{label} b{batch}" + _dtype_suffix(dtype),
+        name=f"{label} b{batch}" + dtype_suffix(dtype),
         shape=f"{batch}×[{inner}]",
         make_inputs=make_inputs,
         reference=reference,

@@ -16,7 +16,7 @@ from typing import List
 import torch
 
 import kdkernels
-from harness import Case, shape_label
+from harness import Case, DTYPE_LABEL, dtype_suffix, shape_label
 from kdkernels.reference.hint import hint_loss as _reference_hint
 
 # (label, batch, Cs, Ct, H, W, dtype)
@@ -34,12 +34,7 @@ CUDA_EXTRA = [
 QUICK = [("tiny", 2, 16, 24, 7, 7, torch.float32), ("tiny 1×1", 8, 33, 16, 1, 1, torch.float32)]
 # GPU quick mode: the real hint shape, in fp32 and bf16
 CUDA_QUICK = [PLAN[0], CUDA_EXTRA[1]]
-DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
-
-def _dtype_suffix(dtype: torch.dtype) -> str:
-    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
-    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
 
 
 def reference(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -58,7 +53,7 @@ def _case(label: str, n: int, cs: int, ct: int, h: int, w: int, dtype: torch.dty
         return fs, ft, weight, bias
 
     return Case(
-        name=f"{label} b{n}" + _dtype_suffix(dtype),
+        name=f"{label} b{n}" + dtype_suffix(dtype),
         shape=f"{shape_label((n, cs, h, w))} → {ct}",
         make_inputs=make_inputs,
         reference=reference,

@@ -14,7 +14,7 @@ from typing import List
 import torch
 
 import kdkernels
-from harness import Case
+from harness import Case, DTYPE_LABEL, dtype_suffix
 from kdkernels.reference.kd import kd_loss as _reference_kd
 
 TEMPERATURE = 4.0
@@ -24,12 +24,7 @@ CUDA_PLAN = [(256, 100, torch.float32), (256, 1000, torch.float32), (64, 32000, 
              (64, 128256, torch.float32), (256, 1000, torch.bfloat16), (64, 128256, torch.bfloat16)]
 QUICK_PLAN = [(8, 100, torch.float32), (2, 1000, torch.float32)]
 CUDA_QUICK_PLAN = [(256, 1000, torch.float32), (64, 32000, torch.bfloat16)]  # GPU quick mode
-DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
-
-def _dtype_suffix(dtype: torch.dtype) -> str:
-    """Case names must differ between dtypes of one configuration: ' bf16' etc., '' for fp32."""
-    return "" if dtype == torch.float32 else f" {DTYPE_LABEL[dtype]}"
 LABEL = {100: "CIFAR-100", 1000: "ImageNet", 32000: "LM 32k vocab", 128256: "LM 128k vocab"}
 
 
@@ -47,7 +42,7 @@ def _case(n: int, c: int, dtype: torch.dtype, device: str) -> Case:
         return s, t
 
     return Case(
-        name=f"{LABEL.get(c, f'{c} classes')} b{n}" + _dtype_suffix(dtype),
+        name=f"{LABEL.get(c, f'{c} classes')} b{n}" + dtype_suffix(dtype),
         shape=f"{n}×{c}",
         make_inputs=make_inputs,
         reference=reference,

@@ -24,14 +24,13 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from harness import Case
+from harness import Case, DTYPE_LABEL, dtype_suffix
 
 TEMPERATURE = 2.0
 CUDA_PLAN = [(n, v, 2048, dt) for dt in (torch.bfloat16, torch.float32) for v in (32000, 128256)
              for n in (2048, 8192)]
 CPU_PLAN = [(256, 32000, 256, torch.float32), (128, 128256, 256, torch.float32)]
 QUICK_PLAN = [(24, 500, 32, torch.float32)]
-DTYPE_LABEL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 H100_FLOPS = {torch.bfloat16: 989e12, torch.float16: 989e12, torch.float32: 67e12, torch.float64: 67e12}
 
 
@@ -72,7 +71,7 @@ def _case(n: int, v: int, d: int, dtype: torch.dtype, device: str, op, why: str)
         return op(h_s, w_s, h_t, w_t, temperature=TEMPERATURE, backend=backend)
 
     return Case(
-        name=f"LM vocab {v:,} N{n} D{d}",
+        name=f"LM vocab {v:,} N{n} D{d}" + dtype_suffix(dtype),
         shape=f"{n}×{d} · {v}×{d}",
         make_inputs=make_inputs,
         reference=reference,

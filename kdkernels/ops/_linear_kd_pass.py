@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import _native
 from ._common import DTYPE_CODE, acc_dtype
+from .kd import STATS
 
 
 def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -48,7 +49,7 @@ def _cpp_chunk(hs: Tensor, w_s: Tensor, b_s: Optional[Tensor], ht: Tensor, w_t: 
     zs = F.linear(hs, w_s, b_s).to(acc).contiguous()
     zt = F.linear(ht, w_t, b_t).to(acc).contiguous()
     m, v = zs.shape
-    stats = torch.empty(m, 5, dtype=acc)
+    stats = torch.empty(m, STATS, dtype=acc)  # the C++ kernel's per-row layout (kdkernels/ops/kd.py)
     kl = torch.empty(m, dtype=acc)
     _native.native().kd_fwd_cpu(DTYPE_CODE[acc], zs.data_ptr(), zt.data_ptr(), stats.data_ptr(), kl.data_ptr(),
                                 m, v, inv_t, 1.0, False, torch.get_num_threads())

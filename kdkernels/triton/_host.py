@@ -14,6 +14,7 @@ the correctly rounded float32 quotient, because binary64 carries more than
 from __future__ import annotations
 
 import math
+import os
 import struct
 
 _F32 = struct.Struct("<f")
@@ -37,3 +38,9 @@ def f32_split(x: float):
     kernel receives it), so head + tail carries ~48 bits of x."""
     head = f32(x)
     return head, x - head
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels through its interpreter (TRITON_INTERPRET=1): the
+    launchers then pick what the interpreter can run, e.g. no bf16 operands of tl.dot."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

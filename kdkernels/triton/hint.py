@@ -32,7 +32,6 @@ products use r rounded to that dtype (as eager PyTorch stores r).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -40,6 +39,7 @@ import triton
 import triton.language as tl
 
 from . import launch_counts
+from ._host import interpreted
 
 _MAX_PARTIAL = 1 << 22  # elements of the (G, Ct, Cs) weight-gradient partials
 
@@ -144,7 +144,7 @@ def _target(device: torch.device) -> Tuple[Optional[int], int]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return props.major * 10 + props.minor, props.multi_processor_count
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreted():
         return None, 4
     from triton.runtime.driver import driver
 
@@ -202,10 +202,6 @@ def _config(q: int, cs: int, ct: int, dtype: torch.dtype, prec: str, arch: Optio
     return _Config(block_q, block_cs, block_ct, num_warps, 2 if small_smem else 3)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def hint_fused(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                gfs: Optional[torch.Tensor], gft: Optional[torch.Tensor], need_w: bool, need_b: bool,
                allow_tf32: bool = False):
@@ -235,7 +231,7 @@ def hint_fused(fs: torch.Tensor, ft: torch.Tensor, weight: torch.Tensor, bias: O
         q, p, cs, ct, num_tiles,
         HAS_BIAS=bias is not None, NEED_FS=gfs is not None, NEED_W=need_w, NEED_B=need_b,
         NEED_FT=gft is not None, ACC=tl.float64 if acc_t == torch.float64 else tl.float32, PREC=prec,
-        SINGLE_CT=ct <= cfg.block_ct, DOT_F32=fs.dtype == torch.bfloat16 and _interpreted(),
+        SINGLE_CT=ct <= cfg.block_ct, DOT_F32=fs.dtype == torch.bfloat16 and interpreted(),
         BLOCK_Q=cfg.block_q, BLOCK_CS=cfg.block_cs, BLOCK_CT=cfg.block_ct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from . import launch_counts
+from ._host import f32_split, interpreted
 
 STATS = 7
 PARTS = 8
@@ -255,19 +256,22 @@ def _lkd_dlogits_kernel(
         tl.store(zt_ptr + offs, r_kd * p_t * (gap - ec), mask=mask)
 
 
-def _plan(m: int, v: int) -> Tuple[int, int, int]:
+def _tiles(dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """(BM, BV, BK, num_warps) of the forward kernel. float64 takes quarter tiles: at
+    BM = BV = 64 its two [BM, BV] fp64 accumulators spilled 1,064 B on sm_80 (compile tier)."""
+    if dtype == torch.float64:
+        return min(_BM, 32), min(_BV, 32), min(_BK, 16), 4
+    return _BM, _BV, _BK, _NUM_WARPS
+
+
+def _plan(m: int, v: int, bm: int = None, bv: int = None) -> Tuple[int, int, int]:
     """(SEG, SPLIT, token blocks) of the forward grid: shapes only."""
-    blocks = triton.cdiv(m, _BM)
-    tiles = triton.cdiv(v, _BV)
+    bm, bv = bm or _BM, bv or _BV
+    blocks = triton.cdiv(m, bm)
+    tiles = triton.cdiv(v, bv)
     split = max(1, min(tiles, triton.cdiv(_TARGET_PROGRAMS, blocks)))
-    seg = triton.cdiv(tiles, split) * _BV
+    seg = triton.cdiv(tiles, split) * bv
     return seg, triton.cdiv(v, seg), blocks
-
-
-def _inv_parts(x: float):
-    """x as a float32 head and the float32 rounding of the rest."""
-    head = float(torch.tensor(x, dtype=torch.float32))
-    return head, float(x - head)
 
 
 def _acc(dtype: torch.dtype):
@@ -283,18 +287,19 @@ def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h
     v, dt = w_s.shape[0], h_t.shape[1]
     acc_t = torch.float64 if h_s.dtype == torch.float64 else torch.float32
     dev = h_s.device
-    seg, split, blocks = _plan(m, v)
+    bm, bv, bk, warps = _tiles(h_s.dtype)
+    seg, split, blocks = _plan(m, v, bm, bv)
     part = torch.empty(m * split * PARTS, dtype=acc_t, device=dev)
     zs = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
     zt = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
-    head, tail = _inv_parts(inv_t)
+    head, tail = f32_split(inv_t)
     _lkd_fwd_kernel[(blocks, split)](
         h_s, w_s, b_s if b_s is not None else part, h_t, w_t, b_t if b_t is not None else part,
         labels if labels is not None else part, zs, zt, part, m, v, ds, dt, seg, head, tail,
         HAS_BS=b_s is not None, HAS_BT=b_t is not None, HAS_Y=labels is not None, STORE=store,
         ACC=_acc(h_s.dtype), PREC="ieee",
-        DOT_F32=h_s.dtype == torch.bfloat16 and dev.type == "cpu",  # the interpreter's numpy dot has no bf16
-        BM=_BM, BV=_BV, BK=_BK, num_warps=_NUM_WARPS,
+        DOT_F32=h_s.dtype == torch.bfloat16 and interpreted(),  # the interpreter's numpy dot has no bf16
+        BM=bm, BV=bv, BK=bk, num_warps=warps,
     )
     launch_counts["linear_kd_fwd"] += 1
     stats = torch.empty(m, STATS, dtype=acc_t, device=dev)
@@ -312,7 +317,7 @@ def lkd_dlogits(zs: torch.Tensor, zt: torch.Tensor, stats: torch.Tensor, labels:
                 r_kd: torch.Tensor, r_ce: Optional[torch.Tensor], inv_t: float, teacher: bool) -> None:
     """Turn the stored logits into the gradient logits in place (zs -> dz_s; zt -> dz_t when ``teacher``)."""
     m, v = zs.shape
-    head, tail = _inv_parts(inv_t)
+    head, tail = f32_split(inv_t)
     block = min(_EW_BLOCK, triton.next_power_of_2(v))
     _lkd_dlogits_kernel[(m, triton.cdiv(v, block))](
         zs, zt, stats, labels if labels is not None else stats, r_kd, r_ce if r_ce is not None else r_kd,
