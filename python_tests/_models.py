@@ -1,6 +1,7 @@
 """Small models the tests share."""
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -23,3 +24,17 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         out += self.shortcut(x)  # in place on the bn2 output, as torchvision does
         return F.relu(out)
+
+
+def randomize_bns(model, seed):
+    """Non-trivial BN statistics and affine parameters (eval mode afterwards)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
+                m.bias.copy_(0.3 * torch.randn(c, generator=g))
+    return model.eval()

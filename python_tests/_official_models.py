@@ -24,19 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _models import BasicBlock, randomize_bns
 
-class _Block(nn.Module):
-    """conv-bn-relu, conv-bn, + shortcut; the pre-activation sum is returned too."""
 
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+class _Block(BasicBlock):
+    """BasicBlock's layers (conv-bn-relu, conv-bn, + shortcut); the pre-activation sum is returned too."""
 
     def forward(self, x):
         pre = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x)
@@ -150,18 +142,6 @@ class VGG(nn.Module):
         return self.classifier(F.adaptive_avg_pool2d(self.feature(x), 1).flatten(1))
 
 
-def randomize_bns(model, seed):
-    """Non-trivial BN statistics and affine parameters (eval mode afterwards)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-    return model.eval()
 
 
 def pruned_vgg(widths=(8, 8, 16), keep=(5, 6, 11), seed=0):

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdkernels import fskd
 
-from _models import BasicBlock
+from _models import BasicBlock, randomize_bns
 
 
 def rel_err(a, b):
@@ -19,17 +19,6 @@ def rel_err(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def randomize_bns(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.2 * torch.randn(c, generator=g))
-                m.bias.copy_(0.3 * torch.randn(c, generator=g))
-    return model.eval()
 
 
 def vgg(widths=(8, 8, 16, 16), seed=0):

@@ -11,7 +11,8 @@ from kdkernels import fskd
 from kdkernels.fskd.merge import absorb, absorb_into
 from kdkernels.train import FSKD
 
-from _official_models import VGG, CachingVGG, pruned_vgg, randomize_bns
+from _models import randomize_bns
+from _official_models import VGG, CachingVGG, pruned_vgg
 
 BLOCKS = [("feature.conv1", "feature.bn1", "feature.bn1"), ("feature.conv2", "feature.bn2", "feature.bn2"),
           ("feature.conv3", "feature.bn3", "feature.bn3")]
