@@ -205,7 +205,9 @@ def test_gradcheck_float64(backend):
                                             labels=inp["labels"], temperature=1.7, ce_weight=0.4,
                                             ignore_index=-100, reduction=reduction, chunk=2, backend=backend)
 
-        assert torch.autograd.gradcheck(fn, leaves)
+        # through the interpreter a full numerical Jacobian (2 passes per input element) takes minutes:
+        # the Triton backend is checked along random directions (gradcheck's fast mode)
+        assert torch.autograd.gradcheck(fn, leaves, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", FAST)
