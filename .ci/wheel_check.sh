@@ -38,7 +38,17 @@ cd "$repo"
 python3 -m pip install -q build
 python3 -m build --sdist -o "$work/sdist" . >/dev/null
 sdist=$(ls "$work"/sdist/kdkernels-*.tar.gz)
-python3 -m pip wheel "$sdist" -w "$work/dist2" --no-deps -q
+# Every tracked source the build reads is in the sdist (csrc/cuda included), so
+# the rebuild below may skip nvcc: the wheel built above already proved the
+# CUDA sources compile, and a third CUDA build would cost CI minutes.
+git ls-files csrc kdkernels setup.py pyproject.toml MANIFEST.in README.md | python3 -c '
+import sys, tarfile
+names = {n.split("/", 1)[1] for n in tarfile.open(sys.argv[1]).getnames() if "/" in n}
+missing = [f for f in sys.stdin.read().split() if f not in names]
+assert not missing, f"tracked sources missing from the sdist: {missing}"
+print("the sdist holds every tracked source under csrc/ and kdkernels/")
+' "$sdist"
+KDKERNELS_CUDA=0 python3 -m pip wheel "$sdist" -w "$work/dist2" --no-deps -q
 python3 - "$wheel" "$work"/dist2/kdkernels-*.whl <<'PY'
 import sys, zipfile
 # Files only: auditwheel repair writes directory entries that pip wheel does not.

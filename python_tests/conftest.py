@@ -14,6 +14,14 @@ os.environ.pop("KDKERNELS_BACKEND", None)  # tests choose backends explicitly
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (`-n auto`, the README's command) each worker gets its share
+# of the cores: the suite is mostly single-threaded interpreter work, and one
+# OpenMP pool per core per worker only oversubscribes the machine. Tests that
+# need several threads set them explicitly.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def pytest_report_header(config):
     return f"kdkernels test device: {DEVICE} (TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')})"

@@ -30,6 +30,7 @@ from kdkernels.reference import hcl as ref_hcl
 from kdkernels.reference import hint as ref_hint
 from kdkernels.reference import kd as ref_kd
 
+from _models import StageNet
 from _util import DEVICE, assert_rel_close, backends_for, rel_error
 
 # (autocast dtype, loss scale): fp16 with GradScaler's initial scale; bf16 needs none
@@ -228,19 +229,9 @@ def test_hintloss_with_regressors(low, scale, autocast):
 
 
 # ------------------------------------------------------------------ distillers
-class _Net(nn.Module):
-    def __init__(self, w, classes=5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False),
-                                    nn.BatchNorm2d(2 * w), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * w, classes)
-
-    def forward(self, x):
-        x = self.layer2(self.layer1(self.stem(x)))
-        return self.fc(torch.flatten(self.pool(x), 1))
+def _Net(w, classes=5):
+    """The two-stage StageNet (no layer3): stem -> layer1 -> layer2 -> pool -> fc."""
+    return StageNet(w, classes, stages=2)
 
 
 def _batch(n=8, seed=1):

@@ -14,24 +14,7 @@ from kdkernels import train
 from kdkernels import hcl_loss, hint_loss, kd_loss  # noqa: F401
 from kdkernels.nn import ConvReg, HintLoss, ReviewKD, ReviewKDLoss  # noqa: F401
 
-
-class Net(nn.Module):
-    """stem -> layer1 (8x8) -> layer2 (4x4) -> layer3 (2x2) -> pool -> fc; widths w, 2w, 4w."""
-
-    def __init__(self, w, classes=5):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer1 = nn.Sequential(nn.Conv2d(w, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(w, 2 * w, 3, stride=2, padding=1, bias=False),
-                                    nn.BatchNorm2d(2 * w), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1, bias=False),
-                                    nn.BatchNorm2d(4 * w), nn.ReLU())
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * w, classes)
-
-    def forward(self, x):
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        return self.fc(torch.flatten(self.pool(x), 1))
+from _models import StageNet as Net  # 8x8 input: layer1 8x8, layer2 4x4, layer3 2x2
 
 
 class Block(nn.Module):
