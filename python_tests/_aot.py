@@ -48,7 +48,8 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: the grid a launcher sizes from 
 MAX_SPILL = 256  # bytes; above this a row needs a written reason (SPILL_REASONS)
 # (kernel name, key fragment) -> why its spills are accepted. Empty: none is.
 SPILL_REASONS: Dict[Tuple[str, str], str] = {}
-# csrc/cuda: (demangled kernel name, arch) -> why it may spill at all (any spill fails otherwise).
+# csrc/cuda: (demangled kernel name, arch) -> why it may spill at all. Empty: any spill of a
+# csrc/cuda kernel fails the tier (nvcc's kernels are few and hand-written; none needs to spill).
 CUDA_SPILL_REASONS: Dict[Tuple[str, int], str] = {}
 
 
@@ -395,6 +396,21 @@ def compile_cuda(source: str, arch: int, nvcc: str = "nvcc") -> Tuple[int, str, 
     for r in rows:
         r.update(source=source, file_compile_s=round(seconds, 1))
     return proc.returncode, log, rows
+
+
+def cuda_problems(rows: List[dict]) -> List[str]:
+    """csrc/cuda rows (parse_nvcc_log): any spill without a CUDA_SPILL_REASONS entry, shared memory
+    over the arch's per-block limit."""
+    out = []
+    for r in rows:
+        where = f"{r.get('source', '?')} sm_{r['arch']} {r['kernel']}"
+        spill = max(r.get("spill_st", 0), r.get("spill_ld", 0))
+        if spill and (r["kernel"], r["arch"]) not in CUDA_SPILL_REASONS:
+            out.append(f"{where}: {r['regs']} registers, {r['spill_st']} B spill stores / {r['spill_ld']} B loads "
+                       "(no reason written in CUDA_SPILL_REASONS)")
+        if r["smem"] > SMEM_PER_BLOCK[r["arch"]]:
+            out.append(f"{where}: {r['smem']} B shared memory > {SMEM_PER_BLOCK[r['arch']]} B per block")
+    return out
 
 
 # -------------------------------------------------------------- checks, table
