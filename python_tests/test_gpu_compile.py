@@ -199,8 +199,7 @@ def test_hint_grid_fills_the_gpu(aot_rows, arch):
 
 
 # ------------------------------------------------------------- csrc/cuda
-CUDA_SOURCES = sorted(f"csrc/cuda/{f}" for f in os.listdir(os.path.join(_aot.ROOT, "csrc", "cuda"))
-                      if f.endswith(".cu"))
+CUDA_SOURCES = _aot.cuda_sources()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
