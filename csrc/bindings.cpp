@@ -187,17 +187,20 @@ PYBIND11_MODULE(_C, m) {
         "g[n] = gout_scale * gout[n * gout_stride], gout in the acc dtype");
   m.def(
       "kd_fwd_cuda",
-      [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols, double inv_t,
-         uintptr_t stream) {
+      [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, uintptr_t part, int64_t rows,
+         int64_t cols, int64_t split, double inv_t, uintptr_t stream) {
 #if defined(KDKERNELS_WITH_CUDA)
-        kdk::kd_fwd_cuda(dtype, s, t, stats, kl, rows, cols, inv_t, stream);
+        kdk::kd_fwd_cuda(dtype, s, t, stats, kl, part, rows, cols, split, inv_t, stream);
 #else
-        (void)dtype, (void)s, (void)t, (void)stats, (void)kl, (void)rows, (void)cols, (void)inv_t, (void)stream;
+        (void)dtype, (void)s, (void)t, (void)stats, (void)kl, (void)part, (void)rows, (void)cols, (void)split,
+            (void)inv_t, (void)stream;
         throw std::runtime_error("kd_fwd_cuda: kdkernels._C was built without CUDA");
 #endif
       },
-      py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"), py::arg("kl_ptr"), py::arg("rows"),
-      py::arg("cols"), py::arg("inv_t"), py::arg("stream"), release(), "CUDA kd_fwd_cpu, launched on `stream`");
+      py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"), py::arg("kl_ptr"), py::arg("part_ptr"),
+      py::arg("rows"), py::arg("cols"), py::arg("split"), py::arg("inv_t"), py::arg("stream"), release(),
+      "CUDA kd_fwd_cpu, launched on `stream`: each row in at most `split` segments, whose states go to "
+      "part_ptr (rows * split * 5 values of the acc dtype; 0 when split is 1) and are merged in order");
   m.def(
       "kd_bwd_cuda",
       [](int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gscale, uintptr_t grad_s, uintptr_t grad_t,

@@ -17,7 +17,8 @@ be the interpreter; the process asserts it is not)::
 
 ``run_groups`` runs many (group, arch) jobs in parallel processes and returns
 their rows; ``python python_tests/_aot.py --table OUT_DIR`` writes the
-resource table (CSV and markdown) for every group on sm_80 and sm_90.
+resource table (CSV and markdown) for every group on sm_80 and sm_90, and
+``--cuda-table OUT_DIR`` the same for csrc/cuda through nvcc.
 
 Which cases: ``GROUPS`` below. The shapes are the benchmark's (docs/spec.md,
 "Shapes that real configurations use"), at the batch sizes of the CUDA
@@ -48,7 +49,8 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: the grid a launcher sizes from 
 MAX_SPILL = 256  # bytes; above this a row needs a written reason (SPILL_REASONS)
 # (kernel name, key fragment) -> why its spills are accepted. Empty: none is.
 SPILL_REASONS: Dict[Tuple[str, str], str] = {}
-# csrc/cuda: (demangled kernel name, arch) -> why it may spill at all (any spill fails otherwise).
+# csrc/cuda: (demangled kernel name, arch) -> why it may spill at all. Empty: any spill of a
+# csrc/cuda kernel fails the tier (nvcc's kernels are few and hand-written; none needs to spill).
 CUDA_SPILL_REASONS: Dict[Tuple[str, int], str] = {}
 
 
@@ -397,6 +399,62 @@ def compile_cuda(source: str, arch: int, nvcc: str = "nvcc") -> Tuple[int, str, 
     return proc.returncode, log, rows
 
 
+# Threads per block of each csrc/cuda kernel as its launcher uses it (the KD forward: at most).
+CUDA_BLOCK_THREADS = {"hcl_fwd_kernel": 256, "hcl_bwd_kernel": 256, "kd_fwd_kernel": 256, "kd_bwd_kernel": 256,
+                      "kd_combine_kernel": 128}
+CUDA_COLUMNS = ["nvcc", "arch", "source", "kernel", "threads", "regs", "spill_st", "spill_ld", "stack", "smem",
+                "blocks_per_sm"]
+
+
+def cuda_sources() -> List[str]:
+    return sorted(f"csrc/cuda/{f}" for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")) if f.endswith(".cu"))
+
+
+def write_cuda_table(out_dir: str, archs=(80, 90), nvcc: str = "nvcc") -> List[dict]:
+    """Compile every csrc/cuda file for each arch; write resources-cuda-nvcc-<release>.{csv,md}."""
+    release = re.search(r"release (\d+\.\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
+                                                              text=True).stdout).group(1)
+    rows = []
+    for source in cuda_sources():
+        for arch in archs:
+            rc, log, rs = compile_cuda(source, arch, nvcc)
+            if rc:
+                raise RuntimeError(f"{source} sm_{arch} does not compile:\n{log[-3000:]}")
+            rows += rs
+    out = []
+    for r in sorted(rows, key=lambda r: (r["arch"], r["source"], r["kernel"])):
+        base = r["kernel"].split("::")[-1].split("<")[0]
+        threads = CUDA_BLOCK_THREADS.get(base, 256)
+        out.append(dict(r, nvcc=release, threads=threads,
+                        blocks_per_sm=blocks_per_sm(r["arch"], r["regs"], threads // 32, r["smem"])))
+    os.makedirs(out_dir, exist_ok=True)
+    tag = f"resources-cuda-nvcc-{release}"
+    with open(os.path.join(out_dir, tag + ".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CUDA_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(out)
+    with open(os.path.join(out_dir, tag + ".md"), "w") as f:
+        f.write("| " + " | ".join(CUDA_COLUMNS) + " |\n|" + "---|" * len(CUDA_COLUMNS) + "\n")
+        for r in out:
+            f.write("| " + " | ".join(str(r[c]) for c in CUDA_COLUMNS) + " |\n")
+    return out
+
+
+def cuda_problems(rows: List[dict]) -> List[str]:
+    """csrc/cuda rows (parse_nvcc_log): any spill without a CUDA_SPILL_REASONS entry, shared memory
+    over the arch's per-block limit."""
+    out = []
+    for r in rows:
+        where = f"{r.get('source', '?')} sm_{r['arch']} {r['kernel']}"
+        spill = max(r.get("spill_st", 0), r.get("spill_ld", 0))
+        if spill and (r["kernel"], r["arch"]) not in CUDA_SPILL_REASONS:
+            out.append(f"{where}: {r['regs']} registers, {r['spill_st']} B spill stores / {r['spill_ld']} B loads "
+                       "(no reason written in CUDA_SPILL_REASONS)")
+        if r["smem"] > SMEM_PER_BLOCK[r["arch"]]:
+            out.append(f"{where}: {r['smem']} B shared memory > {SMEM_PER_BLOCK[r['arch']]} B per block")
+    return out
+
+
 # -------------------------------------------------------------- checks, table
 def problems(rows: List[dict]) -> List[str]:
     """Compile errors, shared memory over the arch's per-block limit, unexplained spills."""
@@ -496,7 +554,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--groups", help="with --table: comma-separated groups (default: all)")
     ap.add_argument("--archs", default="80,90", help="with --table: comma-separated archs")
+    ap.add_argument("--cuda-table", metavar="OUT_DIR",
+                    help="compile csrc/cuda with nvcc for sm_80 and sm_90, write resources-cuda-nvcc-<release>.*")
     args = ap.parse_args()
+    if args.cuda_table:
+        rows = write_cuda_table(args.cuda_table, tuple(int(a) for a in args.archs.split(",")))
+        for p in cuda_problems(rows):
+            print("PROBLEM", p)
+        print(f"{len(rows)} csrc/cuda kernels compiled")
+        return
     if args.warm:
         t0 = time.perf_counter()
         rows = run_groups([(g, args.warm) for g in GROUPS], workers=args.workers, fresh_cache=False)

@@ -49,6 +49,7 @@
 namespace kdk {
 
 constexpr int kKdStats = 6;  // per-row stats: e(m_s), log S_s, e(m_t), log S_t, E_{p_t}[g], rho
+constexpr int kKdCudaPart = 5;  // a row segment's KdState in the CUDA forward's scratch: m_s, m_t, S_s, S_t, W
 
 template <typename A> KDK_HD A kd_neg_inf();
 template <> KDK_HD float kd_neg_inf<float>() { return -__builtin_huge_valf(); }
@@ -109,6 +110,30 @@ struct KdState {
     mt = mt_new;
   }
 
+  // Add a group of N elements (z_s[u], z_t[u]; -inf where there is none): grow the
+  // maxima to the group's (rescaling the sums when they grow), then add its terms.
+  template <int N, typename EXP>
+  KDK_HD void add_group(const A (&zs)[N], const A (&zt)[N], EXP exp_fn) {
+    A bs = zs[0], bt = zt[0];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 1; u < N; ++u) bs = kd_max(bs, zs[u]), bt = kd_max(bt, zt[u]);
+    const A ms_new = kd_max(ms, bs), mt_new = kd_max(mt, bt);
+    if (ms_new != ms || mt_new != mt) rescale(ms_new, mt_new, exp_fn);
+    const A es = kd_eff(ms), et = kd_eff(mt);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int u = 0; u < N; ++u) {
+      const A a_s = zs[u] - es, a_t = zt[u] - et;
+      const A e_s = exp_fn(a_s), e_t = exp_fn(a_t);
+      ss += e_s;
+      st += e_t;
+      w += e_t * kd_gap(e_t, a_t, a_s);
+    }
+  }
+
   // *this <- merge(*this, o): order-independent up to the final additions.
   template <typename EXP>
   KDK_HD void merge(KdState o, EXP exp_fn) {
@@ -119,6 +144,16 @@ struct KdState {
     st += o.st;
     w += o.w;
   }
+
+  // The state as kKdCudaPart values (ms, mt, ss, st, w) and back.
+  KDK_HD void store(A* p) const {
+    p[0] = ms;
+    p[1] = mt;
+    p[2] = ss;
+    p[3] = st;
+    p[4] = w;
+  }
+  KDK_HD static KdState load(const A* p) { return KdState{p[0], p[1], p[2], p[3], p[4]}; }
 
   // stats[0..5] (with rho = e(m_s)) and the row's KL.
   template <typename LOG>
@@ -152,7 +187,7 @@ inline bool kd_begin(const char* where, bool forward, int64_t rows, int64_t cols
 }
 
 // Pointers are addresses (tensor.data_ptr()); logits contiguous (rows, cols) of
-// dtype code `dtype`; stats (rows, 5), kl (rows,) and gscale (rows,) in the
+// dtype code `dtype`; stats (rows, 6), kl (rows,) and gscale (rows,) in the
 // accumulation dtype (the CPU kernels write their stats in their own layout,
 // see csrc/cpu/kd.cpp, and only their backward reads them); grad_s / grad_t in the logits' dtype, grad_t may be 0
 // (not wanted). inv_t = 1 / T.
@@ -171,8 +206,11 @@ void kd_bwd_cpu(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t 
                 int64_t num_threads);
 
 #if defined(KDKERNELS_WITH_CUDA)
-void kd_fwd_cuda(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, int64_t rows, int64_t cols,
-                 double inv_t, uintptr_t stream);
+// The CUDA forward cuts each row into at most `split` segments (1 <= split <= 65535) and,
+// when that gives more than one, writes their states to `part` (rows * split * kKdCudaPart
+// values of the accumulation dtype; unused, and may be 0, when split is 1) before merging them.
+void kd_fwd_cuda(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t kl, uintptr_t part, int64_t rows,
+                 int64_t cols, int64_t split, double inv_t, uintptr_t stream);
 void kd_bwd_cuda(int dtype, uintptr_t s, uintptr_t t, uintptr_t stats, uintptr_t gscale, uintptr_t grad_s,
                  uintptr_t grad_t, int64_t rows, int64_t cols, double inv_t, uintptr_t stream);
 #endif

@@ -18,8 +18,15 @@
 // results in shared memory summed in warp order. No atomics: deterministic.
 //
 // The backward recomputes the bin sums the same way, turns them into the
-// gradient terms f = g * 2 coef S / area^2, folds those per column into one
-// term per row bin, and writes grad in a second read of the plane (from L2).
+// gradient terms f = 2 coef S / area^2, folds those per column into one term
+// per row bin, and writes grad = g (2 coef_mse d + terms) in a second read of
+// the plane (from L2).
+//
+// The per-bin factors coef / area^2 and 2 coef / area^2 are computed on the host
+// in double, as the C++ CPU kernels do (csrc/cpu/hcl.cpp), and passed by value:
+// the kernels only multiply. (A division on the GPU is a subroutine call on its
+// slow path, and the registers saved around those calls were all of the HCL
+// kernels' register spills.)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -35,6 +42,16 @@
 namespace kdk {
 namespace hcl_detail {
 
+constexpr int kMaxBins = 21;  // 16 + 4 + 1
+
+// Per bin b (pool by pool, then row-major (i, k), as in Layout and csrc/cpu/hcl.cpp):
+// the plane's loss adds loss[b] * S_b^2, each pixel the bin covers gets g * grad[b] * S_b.
+template <typename A>
+struct BinFactors {
+  A loss[kMaxBins];  // coef_j / area_b^2
+  A grad[kMaxBins];  // 2 coef_j / area_b^2
+};
+
 // Register layout for NP kept pools (a suffix of 4, 2, 1).
 template <int NP>
 struct Layout {
@@ -45,16 +62,21 @@ struct Layout {
   // bin sums, row-major (i, k) per pool: pool 4 at B4.., pool 2 at B2.., pool 1 at B1
   static constexpr int B4 = 0, B2 = has4 ? 16 : 0, B1 = B2 + (has2 ? 4 : 0);
   static constexpr int bins = B1 + (has1 ? 1 : 0);
-  // index of each pool's coefficient in HclCoefs::pool
-  static constexpr int J4 = 0, J2 = has4 ? 1 : 0, J1 = J2 + (has2 ? 1 : 0);
+  static_assert(bins <= kMaxBins, "at most the 21 bins of pools 4, 2, 1");
 };
 
 }  // namespace hcl_detail
 
 namespace {
 
+using hcl_detail::BinFactors;
 using hcl_detail::Layout;
 
+// Blocks of kThreads threads. The kernels carry no __launch_bounds__: with one,
+// ptxas aims at a register count for occupancy and spills a few bytes of
+// loop-invariant values to reach it (4-28 B in several instantiations); without
+// one it keeps them in registers (at most 134 per thread here, well under the 255
+// a 256-thread block allows, so every launch fits).
 constexpr int kThreadBits = 8;
 constexpr int kThreads = 1 << kThreadBits;
 constexpr int kWarps = kThreads / 32;
@@ -148,54 +170,21 @@ __device__ __forceinline__ void group_allreduce(A (&v)[N], int group_size, A* sm
   }
 }
 
-__device__ __forceinline__ int bin_len(int i, int length, int l) {
-  return pool_bin_end<int>(i, length, l) - pool_bin_start<int>(i, length, l);
-}
-
-// sum over the L x L bins of (S / area)^2.
-template <int L, typename A>
-__device__ __forceinline__ A pooled_sq(const A* S, int H, int W) {
-  A acc = A(0);
-#pragma unroll
-  for (int i = 0; i < L; ++i)
-#pragma unroll
-    for (int k = 0; k < L; ++k) {
-      const A mean = S[i * L + k] / A(bin_len(i, H, L) * bin_len(k, W, L));
-      acc += mean * mean;
-    }
-  return acc;
-}
-
-// The plane's loss from its reduced sums: v[0] = sum d^2, v[1 + b] = bin sums.
+// The plane's loss from its reduced sums v[0] = sum d^2, v[1 + b] = bin sums:
+// coef_mse sum d^2 + sum_b loss[b] S_b^2 (bins in order, as the C++ CPU kernel).
 template <int NP, typename A>
-__device__ __forceinline__ A plane_loss(const A* v, int H, int W, const HclCoefs& coefs) {
-  using Lay = Layout<NP>;
-  A out = A(coefs.mse) * v[0];
-  if constexpr (Lay::has4) out += A(coefs.pool[Lay::J4]) * pooled_sq<4>(v + 1 + Lay::B4, H, W);
-  if constexpr (Lay::has2) out += A(coefs.pool[Lay::J2]) * pooled_sq<2>(v + 1 + Lay::B2, H, W);
-  if constexpr (Lay::has1) out += A(coefs.pool[Lay::J1]) * pooled_sq<1>(v + 1 + Lay::B1, H, W);
-  return out;
+__device__ __forceinline__ A plane_loss(const A* v, A mse, const BinFactors<A>& f) {
+  A pooled = A(0);
+#pragma unroll
+  for (int b = 0; b < Layout<NP>::bins; ++b) pooled += f.loss[b] * (v[1 + b] * v[1 + b]);
+  return mse * v[0] + pooled;
 }
 
-// S <- scale * S / area^2 over the L x L bins.
-template <int L, typename A>
-__device__ __forceinline__ void scale_by_area(A* S, A scale, int H, int W) {
-#pragma unroll
-  for (int i = 0; i < L; ++i)
-#pragma unroll
-    for (int k = 0; k < L; ++k) {
-      const A area = A(bin_len(i, H, L) * bin_len(k, W, L));
-      S[i * L + k] = scale * S[i * L + k] / (area * area);
-    }
-}
-
-// Bin sums -> gradient terms f_b = g * 2 coef_j * S_b / area_b^2, in place.
+// Bin sums -> gradient terms grad[b] * S_b, in place.
 template <int NP, typename A>
-__device__ __forceinline__ void grad_terms(A* f, A g, int H, int W, const HclCoefs& coefs) {
-  using Lay = Layout<NP>;
-  if constexpr (Lay::has4) scale_by_area<4>(f + Lay::B4, g * A(2.0 * coefs.pool[Lay::J4]), H, W);
-  if constexpr (Lay::has2) scale_by_area<2>(f + Lay::B2, g * A(2.0 * coefs.pool[Lay::J2]), H, W);
-  if constexpr (Lay::has1) scale_by_area<1>(f + Lay::B1, g * A(2.0 * coefs.pool[Lay::J1]), H, W);
+__device__ __forceinline__ void grad_terms(A* t, const BinFactors<A>& f) {
+#pragma unroll
+  for (int b = 0; b < Layout<NP>::bins; ++b) t[b] = f.grad[b] * t[b];
 }
 
 // Row-bin terms of column c: q[i] = sum over the column bins k covering c of f(i, k).
@@ -211,12 +200,12 @@ __device__ __forceinline__ void fold_columns(A* q, const A* f, int c, int W) {
   }
 }
 
-// This thread's share of one plane's gradient: grad = a d + sum of the terms f
-// of the bins covering each pixel (a = 2 g coef_mse).
+// This thread's share of one plane's gradient: grad = a d + g * (sum of the terms f
+// of the bins covering each pixel), a = g * 2 coef_mse.
 template <typename T, int NP>
 __device__ __forceinline__ void thread_grad(const T* __restrict__ fs, const T* __restrict__ ft, T* __restrict__ grad,
                                             int H, int W, int tx, int ty, int TX, int TY, const acc_t<T>* f,
-                                            acc_t<T> a) {
+                                            acc_t<T> g, acc_t<T> a) {
   using A = acc_t<T>;
   using Lay = Layout<NP>;
   constexpr int NR = Lay::rows > 0 ? Lay::rows : 1;
@@ -243,7 +232,7 @@ __device__ __forceinline__ void thread_grad(const T* __restrict__ fs, const T* _
         for (int i = 0; i < 2; ++i) t += ((m >> i) & 1u) ? q[Lay::R2 + i] : A(0);
       }
       if constexpr (Lay::has1) t += q[Lay::R1];
-      grad[off] = Scalar<T>::store(a * d + t);
+      grad[off] = Scalar<T>::store(a * d + g * t);
     }
   }
 }
@@ -268,9 +257,9 @@ __device__ __forceinline__ ThreadPos thread_pos(const Shape& s, int thread) {
 }
 
 template <typename T, int NP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void
     hcl_fwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, acc_t<T>* __restrict__ partial, Shape s,
-                   HclCoefs coefs) {
+                   acc_t<T> mse, BinFactors<acc_t<T>> factors) {
   using A = acc_t<T>;
   constexpr int N = 1 + Layout<NP>::bins;  // v[0] = sum d^2, v[1 + b] = bin sums
   __shared__ A smem[kWarps * N];
@@ -287,14 +276,14 @@ __global__ void __launch_bounds__(kThreads)
     if (plane < s.planes)
       thread_sums<T, NP, true>(fs + plane * HW, ft + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, v);
     group_allreduce(v, t.G, smem);
-    if (plane < s.planes && t.lane == 0) partial[plane] = plane_loss<NP>(v, s.H, s.W, coefs);
+    if (plane < s.planes && t.lane == 0) partial[plane] = plane_loss<NP>(v, mse, factors);
   }
 }
 
 template <typename T, int NP>
-__global__ void __launch_bounds__(kThreads)
+__global__ void
     hcl_bwd_kernel(const T* __restrict__ fs, const T* __restrict__ ft, const acc_t<T>* __restrict__ gout,
-                   T* __restrict__ grad, Shape s, HclCoefs coefs) {
+                   T* __restrict__ grad, Shape s, acc_t<T> mse2, BinFactors<acc_t<T>> factors) {
   using A = acc_t<T>;
   constexpr int N = Layout<NP>::bins > 0 ? Layout<NP>::bins : 1;
   __shared__ A smem[kWarps * N];
@@ -304,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
   // GPU whose saved registers ptxas reports as spills)
   const int64_t tiles = (s.planes + t.groups - 1) >> (kThreadBits - s.tx_bits - s.ty_bits);
   const A g = *gout;
-  const A a = g * A(2.0 * coefs.mse);
+  const A a = g * mse2;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // uniform over the block
     const int64_t plane = tile * t.groups + t.group;
     A f[N];
@@ -314,11 +303,11 @@ __global__ void __launch_bounds__(kThreads)
       if (plane < s.planes)
         thread_sums<T, NP, false>(fs + plane * HW, ft + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, f);
       group_allreduce(f, t.G, smem);
-      grad_terms<NP>(f, g, s.H, s.W, coefs);
+      grad_terms<NP>(f, factors);
     }
     if (plane < s.planes)
       thread_grad<T, NP>(fs + plane * HW, ft + plane * HW, grad + plane * HW, s.H, s.W, t.tx, t.ty, t.TX, t.TY, f,
-                         a);
+                         g, a);
   }
 }
 
@@ -339,6 +328,26 @@ Shape make_shape(int64_t planes, int64_t H, int64_t W) {
   return s;
 }
 
+// The factors of the bins of a plane of H x W, in double and then rounded to A
+// (the C++ CPU kernels' make_plan computes the same numbers).
+template <typename A>
+BinFactors<A> make_factors(const HclCoefs& coefs, int64_t H, int64_t W) {
+  BinFactors<A> f{};
+  int b = 0;
+  for (int j = 0; j < coefs.npools; ++j) {
+    const int64_t l = hcl_pool_size(coefs.npools, j);
+    for (int64_t i = 0; i < l; ++i)
+      for (int64_t k = 0; k < l; ++k, ++b) {
+        const int64_t rows = pool_bin_end<int64_t>(i, H, l) - pool_bin_start<int64_t>(i, H, l);
+        const int64_t cols = pool_bin_end<int64_t>(k, W, l) - pool_bin_start<int64_t>(k, W, l);
+        const double area = double(rows * cols);
+        f.loss[b] = A(coefs.pool[j] / (area * area));
+        f.grad[b] = A(2.0 * coefs.pool[j] / (area * area));
+      }
+  }
+  return f;
+}
+
 unsigned grid_for(const Shape& s) {
   const int64_t groups = kThreads >> (s.tx_bits + s.ty_bits);
   const int64_t tiles = (s.planes + groups - 1) / groups;
@@ -348,13 +357,17 @@ unsigned grid_for(const Shape& s) {
 template <typename T, int NP>
 void launch_fwd(const Shape& s, const T* fs, const T* ft, acc_t<T>* partial, const HclCoefs& coefs,
                 cudaStream_t stream) {
-  hcl_fwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, partial, s, coefs);
+  using A = acc_t<T>;
+  hcl_fwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, partial, s, A(coefs.mse),
+                                                               make_factors<A>(coefs, s.H, s.W));
 }
 
 template <typename T, int NP>
 void launch_bwd(const Shape& s, const T* fs, const T* ft, const acc_t<T>* gout, T* grad, const HclCoefs& coefs,
                 cudaStream_t stream) {
-  hcl_bwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, gout, grad, s, coefs);
+  using A = acc_t<T>;
+  hcl_bwd_kernel<T, NP><<<grid_for(s), kThreads, 0, stream>>>(fs, ft, gout, grad, s, A(2.0 * coefs.mse),
+                                                               make_factors<A>(coefs, s.H, s.W));
 }
 
 }  // namespace

@@ -49,6 +49,22 @@ STATS = 6
 REDUCTIONS = reference.REDUCTIONS
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 
+# The CUDA forward (csrc/cuda/kd.cu) streams a row per block; with fewer rows than
+# about _CUDA_TARGET_BLOCKS (8 blocks of 256 threads per SM of a 132-SM H100, a
+# few waves on smaller GPUs) it cuts long rows into segments of at least
+# _CUDA_MIN_SEGMENT classes (8 per thread of a 256-thread block), one block
+# each, and merges their states in a second small kernel (deterministic).
+_CUDA_TARGET_BLOCKS = 1024
+_CUDA_MIN_SEGMENT = 2048
+CUDA_PART = 5  # a segment's state in the CUDA forward's scratch: m_s, m_t, S_s, S_t, W
+
+
+def _cuda_split(rows: int, cols: int) -> int:
+    """Segments per row of the CUDA forward for (rows, cols) logits (shapes only)."""
+    if rows == 0 or rows >= _CUDA_TARGET_BLOCKS or cols < 2 * _CUDA_MIN_SEGMENT:
+        return 1
+    return min(-(-_CUDA_TARGET_BLOCKS // rows), cols // _CUDA_MIN_SEGMENT)
+
 
 def _fwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, kl: Tensor, inv_t: float) -> None:
     """The GPU forwards: stats and the rows' KL into ``kl`` (N,), accumulation dtype."""
@@ -58,9 +74,12 @@ def _fwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, kl: Tensor, inv_t: f
         tri.kd_fwd(s, t, stats, kl, inv_t)
         return
     rows, cols = s.shape
+    split = _cuda_split(rows, cols)
+    part = torch.empty(rows * split * CUDA_PART, dtype=stats.dtype, device=s.device) if split > 1 else None
     with torch.cuda.device(s.device):
         _native.native().kd_fwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                     kl.data_ptr(), rows, cols, inv_t, stream_of(s))
+                                     kl.data_ptr(), part.data_ptr() if part is not None else 0, rows, cols, split,
+                                     inv_t, stream_of(s))
 
 
 def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad_s: Tensor,
