@@ -183,7 +183,8 @@ def _scale_block(src_ptr, dst_ptr, blk, n, s, BLOCK: tl.constexpr):
     tl.store(dst_ptr + offs, (x * s).to(dst_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["numel"])
+# the sizes that grow with the batch are not specialised (no new kernel for a last, smaller batch)
+@triton.jit(do_not_specialize=["numel", "n_fs", "end_fs", "end_w", "end_b", "n_ft"])
 def _hint_scale_kernel(grad_ptr, numel,
                        fs_src, fs_dst, n_fs, end_fs, w_src, w_dst, n_w, end_w,
                        b_src, b_dst, n_b, end_b, ft_src, ft_dst, n_ft,
