@@ -183,6 +183,8 @@ GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hi
 
 # ------------------------------------------------------- compile, not launch
 _PTXAS = re.compile(r"Compiling entry function '([^']+)'")
+# tensor-core instructions in the PTX: mma.sync (sm_80 on, also TF32 and fp64) and wgmma (sm_90)
+_MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\.")
 
 
 def parse_ptxas(log: str) -> Dict[str, int]:
@@ -284,7 +286,7 @@ def _install(arch: int, records: List[dict]) -> None:
         rec = {"kernel": self.fn.__name__, "grid": list(grid), "num_warps": md.num_warps,
                "num_stages": md.num_stages, "smem": md.shared, "constexprs": constexprs,
                "first_compile": seconds is not None, "compile_s": seconds, "compile_cpu_s": cpu,
-               "hash": kernel.hash}
+               "hash": kernel.hash, "mma": len(_MMA.findall(kernel.asm.get("ptx", "")))}
         if log is not None:
             rec.update(parse_ptxas(log))
             rec["ptxas_log_seen"] = bool(_PTXAS.search(log))

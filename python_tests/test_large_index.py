@@ -386,9 +386,9 @@ def test_triton_hint_pixels_past_int32():
     # one program per tile (G = num_tiles), so program `tile` owns exactly that tile
     _run_programs(th._hint_fused_kernel, (num_tiles,), [(tile,) for tile in picked],
                   fs, ft, weight, bias, loss, gfs, gw, gb, gft,
-                  Q, P, Cs, Ct, num_tiles,
+                  Q, P, Cs, Ct, num_tiles, 1,
                   HAS_BIAS=True, NEED_FS=True, NEED_W=True, NEED_B=True, NEED_FT=True, ACC=tl.float32,
-                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False,
+                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False, MULTI=False,
                   BLOCK_Q=block_q, BLOCK_CS=block_cs, BLOCK_CT=block_ct, num_warps=4)
     wd, bd = weight.double(), bias.double()
     for tile in picked:

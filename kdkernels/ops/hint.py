@@ -86,12 +86,9 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
     if backend == "triton":
         from ..triton import hint as tri
 
-        loss_sum, gw_t, gb_t = tri.hint_fused(fs, ft, w, b, gfs if need_fs else None, gft if need_ft else None,
-                                              bool(need_w), need_b, allow_tf32)
-        if need_w:
-            gw.copy_(gw_t.view(gw.shape))
-        if need_b:
-            gb.copy_(gb_t)
+        # two launches: the fused pass and the reduction that writes loss, gw and gb in place
+        tri.hint_fused(fs, ft, w, b, loss, gfs if need_fs else None, gw if need_w else None,
+                       gb if need_b else None, gft if need_ft else None, allow_tf32)
         if gscale != 1.0:  # the Triton kernel computes gscale = 1; the caller asked otherwise
             for g, need in ((gfs, need_fs), (gw, need_w), (gb, need_b), (gft, need_ft)):
                 if need:
@@ -103,9 +100,9 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
             loss_sum.data_ptr(), gfs.data_ptr() if need_fs else 0, gw.data_ptr() if need_w else 0,
             gb.data_ptr() if need_b else 0, gft.data_ptr() if need_ft else 0, n, cs, ct, h * wd,
             float(gscale), torch.get_num_threads())
+        loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
     else:
         raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
-    loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
     return loss, gfs, gw, gb, gft
 
 
@@ -124,6 +121,7 @@ def _setup_context(ctx, inputs, output):
     ctx.consume_grads = consume_grads
     ctx.numel = ft.numel()
     ctx.gscale = gscale
+    ctx.backend = backend
     ctx.dtypes = (fs.dtype, ft.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(gfs, gw, gb, gft)
 
@@ -175,6 +173,16 @@ def _backward(ctx, grad, *_unused):
         grad_ft = gft.neg_().to(ft_dtype) if want_ft else None
         grad_w = gw.to(w_dtype) if want_w else None
         grad_b = gb.to(b_dtype) if (want_b and ctx.has_bias) else None
+        return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
+    if ctx.backend == "triton" and ctx.gscale == 1.0 and all(
+            t is not None and type(t) is Tensor and not torch._is_functional_tensor(t) for t in (grad, gfs)):
+        # eager Triton: all four in one launch (traced graphs keep the torch ops below)
+        from ..triton import hint as tri
+
+        grad_fs, grad_w, grad_b, grad_ft = tri.scale_grads(
+            grad, ctx.numel, [gfs if want_fs else None, gw if want_w else None,
+                              gb if (want_b and ctx.has_bias) else None, gft if want_ft else None],
+            [fs_dtype, w_dtype, b_dtype, ft_dtype], in_place)
         return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
     s = grad.to(acc_dtype(fs_dtype)) * factor
     grad_fs = _scaled(gfs, s, fs_dtype, in_place) if want_fs else None
