@@ -281,6 +281,9 @@ def test_default_chunk():
 
     assert default_chunk(8192, 128256) == 32 and default_chunk(8192, 32000) == 128
     assert default_chunk(3, 128256) == 3 and default_chunk(100000, 10) == 100000
+    # the CPU's GEMMs want M in the hundreds: 32M logits per block there
+    assert default_chunk(8192, 128256, "cpu") == 256 and default_chunk(8192, 32000, "cpu") == 1024
+    assert default_chunk(2048, 32000, "cpu") == 1024 and default_chunk(3, 128256, "cpu") == 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -64,7 +64,7 @@ def _materialised(student, teacher, ids, mask, T, ce_weight):
     zs, zt = logits_s.reshape(-1, VOCAB), logits_t.reshape(-1, VOCAB)
     kd = kd_loss(zs[keep], zt[keep], T)
     ce = F.cross_entropy(zs, target.reshape(-1), ignore_index=-100)
-    return kd + ce_weight * ce
+    return kd, ce_weight * ce
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -73,16 +73,17 @@ def test_causal_lm_distiller_matches_the_materialised_recipe(backend):
     distiller = CausalLMKD(student, teacher, temperature=2.0, ce_weight=0.5, backend=backend)
     ids, mask = _batch()
     logits, losses = distiller(ids, attention_mask=mask)
-    assert logits is None and list(losses) == ["kd"]
+    assert logits is None and list(losses) == ["kd", "ce"]  # one fused call, the CE term reported apart
     sum(losses.values()).backward()
     ours = {n: p.grad.clone() for n, p in distiller.named_parameters()}
     assert set(ours) == {"student.model.embed.weight", "student.model.mix.weight", "student.model.mix.bias",
                          "student.lm_head.weight", "student.lm_head.bias"}
     assert student[0].calls_with_mask == 1 and teacher[0].calls_with_mask == 1
     distiller.zero_grad()
-    ref = _materialised(student, teacher, ids, mask, 2.0, 0.5)
-    ref.backward()
-    assert_rel_close(losses["kd"], ref, 1e-5, "loss")
+    ref_kd, ref_ce = _materialised(student, teacher, ids, mask, 2.0, 0.5)
+    (ref_kd + ref_ce).backward()
+    assert_rel_close(losses["kd"], ref_kd, 1e-5, "KD term")
+    assert_rel_close(losses["ce"], ref_ce, 1e-5, "CE term")
     for n, p in distiller.named_parameters():
         assert_rel_close(ours[n], p.grad, 1e-5, f"grad {n}")
     assert all(p.grad is None for p in teacher[0].parameters()) and teacher[1].weight.grad is None
@@ -118,7 +119,7 @@ def test_labels_and_bad_input():
     target = labels[:, 1:].reshape(-1)
     keep = target != -100
     ref = kd_loss(logits_s[keep], logits_t[keep], 2.0) + F.cross_entropy(logits_s, target, ignore_index=-100)
-    assert_rel_close(losses["kd"], ref, 1e-5, "loss with labels")
+    assert_rel_close(losses["kd"] + losses["ce"], ref, 1e-5, "loss with labels")
     with pytest.raises(ValueError, match=r"needs L >= 2"):
         distiller(ids[:, :1])
     with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 8\) but input_ids has \(3, 9\)"):
@@ -155,3 +156,50 @@ def test_linear_distill_kl_module():
         crit(h_s, head_s, h_t[:1], head_t)
     with pytest.raises(TypeError, match="head_s must be an nn.Linear"):
         crit(h_s, "head", h_t, head_t)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_causal_lm_terms_are_reported_apart_and_only_their_sum_back_propagates(backend):
+    """"ce" is the student's next-token CE (weighted), "kd" the KL term, from one fused pass; fit's
+    history reports them apart; a backward through one term alone would get the wrong gradient: it raises."""
+    student, teacher = _pair(8, 11, bias=False), _pair(8, 12, bias=False)
+    distiller = CausalLMKD(student, teacher, temperature=2.0, kd_weight=0.5, ce_weight=0.25, backend=backend)
+    ids, mask = _batch(3)
+    _, losses = distiller(ids, attention_mask=mask)
+    ref_kd, ref_ce = _materialised(student, teacher, ids, mask, 2.0, 0.5)  # ce_weight / kd_weight inside
+    assert_rel_close(losses["kd"], 0.5 * ref_kd, 1e-5, "kd = kd_weight T^2 KL")
+    assert_rel_close(losses["ce"], 0.5 * ref_ce, 1e-5, "ce = ce_weight CE")
+    with pytest.raises(RuntimeError, match="gradient of their sum only"):
+        losses["kd"].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="gradient of their sum only"):
+        (losses["kd"] + 2 * losses["ce"]).backward(retain_graph=True)
+    distiller.zero_grad()
+    (losses["kd"] + losses["ce"]).backward()
+    assert student[1].weight.grad is not None
+
+    seen = []
+    loader = [(ids, ids)] * 2
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.0)
+    history = kdkernels.train.fit(distiller, loader, epochs=1, optimizer=opt, progress=False,
+                                  on_step=lambda info: seen.append(info["losses"]))
+    row = history[0]
+    assert set(seen[0]) == {"kd", "ce"}
+    _, plain = distiller(ids, labels=ids)
+    assert_rel_close(torch.tensor(row["ce"]), plain["ce"].detach().double(), 1e-5, "fit's reported CE")
+    assert_rel_close(torch.tensor(row["loss"]), (plain["kd"] + plain["ce"]).detach().double(), 1e-5, "fit's loss")
+
+
+def test_linear_kd_loss_terms_sum_to_the_loss():
+    from kdkernels.ops.linear_kd import linear_kd_loss_terms
+
+    g = torch.Generator().manual_seed(9)
+    h_s, w_s = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(11, 5, generator=g, dtype=torch.float64)
+    h_t, w_t = torch.randn(7, 3, generator=g, dtype=torch.float64), torch.randn(11, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 11, (7,), generator=g)
+    y[2] = -100
+    for reduction in ("batchmean", "sum", "none"):
+        kw = dict(temperature=1.5, labels=y, ignore_index=-100, ce_weight=0.3, reduction=reduction, chunk=3)
+        kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, backend="cpp", **kw)
+        assert_rel_close(kd + ce, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **kw), 1e-12, "sum")
+        only_kd = dict(kw, ce_weight=0.0)
+        assert_rel_close(kd, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **only_kd), 1e-12, "kd")

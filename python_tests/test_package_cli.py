@@ -14,7 +14,7 @@ def _run(*args):
 def test_info_names_every_op_and_backend():
     out = _run("info")
     assert out.returncode == 0, out.stderr
-    for op in ("hcl_loss", "abf_fuse", "hint_loss", "kd_loss"):
+    for op in ("hcl_loss", "abf_fuse", "hint_loss", "kd_loss", "linear_kd_loss"):
         assert op in out.stdout, f"{op} missing from `python -m kdkernels info`:\n{out.stdout}"
     assert "_C" in out.stdout
 
@@ -25,5 +25,5 @@ def test_smoke_checks_every_op_against_the_reference():
         assert out.returncode == 1 and "did not load" in out.stdout
         return
     assert out.returncode == 0, out.stdout + out.stderr
-    for op in ("hcl_loss", "abf_fuse", "hint_loss", "kd_loss"):
+    for op in ("hcl_loss", "abf_fuse", "hint_loss", "kd_loss", "linear_kd_loss"):
         assert f"ok   {op}" in out.stdout, out.stdout

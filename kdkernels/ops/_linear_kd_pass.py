@@ -99,9 +99,11 @@ def _add_grads(dz: Tensor, h: Tensor, w: Tensor, gh: Optional[Tensor], gw: Optio
 def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
         b_t: Optional[Tensor], labels: Optional[Tensor], keep: Tensor, rw: Optional[Tensor], temperature: float,
         ce_weight: float, chunk: int, needs: Sequence[bool]) -> List[Tensor]:
-    """[rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t] over chunks of ``chunk`` tokens.
+    """[rows, ce_rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t] over chunks of ``chunk`` tokens.
 
-    rows (N,): k_n (T^2 KL_n + ce_weight CE_n), accumulation dtype. ``keep`` (N,)
+    rows (N,): k_n (T^2 KL_n + ce_weight CE_n), accumulation dtype; ce_rows (N,):
+    k_n CE_n when ``ce_weight != 0`` (the CE term's own value, for reporting it
+    apart), an empty (0,) tensor otherwise. ``keep`` (N,)
     bool. The gradients (accumulation dtype, shaped like their inputs; an empty
     (0,) tensor where ``needs`` says no) are those of sum_n rw_n L_n / k_n, i.e.
     with per-row weights ``rw`` (N,) that already hold k_n; ``rw=None``: none.
@@ -132,6 +134,7 @@ def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
     gw_t = buf(need_wt, w_t.shape, True)
     gb_t = buf(need_bt, (v,), True)
     rows = torch.empty(n, dtype=acc, device=h_s.device)
+    ce_rows = torch.empty(n if ce_on else 0, dtype=acc, device=h_s.device)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         hs, ht = h_s[c0:c1], h_t[c0:c1]
@@ -149,6 +152,8 @@ def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
             row = row + ce_weight * ce
         k = keep[c0:c1]
         rows[c0:c1] = torch.where(k, row, torch.zeros_like(row))
+        if ce is not None:
+            ce_rows[c0:c1] = torch.where(k, ce, torch.zeros_like(ce))
         if not grad:
             continue
         r = rw[c0:c1]
@@ -166,4 +171,4 @@ def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
             _add_grads(dzt, ht, w_t, gh_t[c0:c1] if need_ht else None, gw_t if need_wt else None,
                        gb_t if need_bt else None)
         del zs, zt, dzs, dzt
-    return [rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t]
+    return [rows, ce_rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t]

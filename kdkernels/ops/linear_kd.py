@@ -40,12 +40,21 @@ from . import _linear_kd_pass
 OP = "linear_kd_loss"
 REDUCTIONS = reference.REDUCTIONS
 backends.register_op(OP, ("triton", "cpp", "torch"))
-_CHUNK_ELEMENTS = 1 << 22  # default chunk: about this many logits (M x V) per block
+# Default chunk: about this many logits (M x V) per block. On the CPU the GEMMs
+# set the pace and BLAS needs M in the hundreds to reach its peak (M = 32 ran the
+# logit GEMM at a quarter of M = 512's rate): 32M logits (128 MiB fp32, a few
+# blocks live at once) give M = 256 at V = 128,256 and M = 1,024 at V = 32,000.
+_CHUNK_ELEMENTS = {"cpu": 1 << 25, "other": 1 << 22}
 
 
-def default_chunk(n: int, v: int) -> int:
-    """Tokens per chunk: a power of two with chunk * V near 4M logits (16 MiB in fp32), within [16, N]."""
-    c = 1 << max(4, (_CHUNK_ELEMENTS // max(v, 1)).bit_length() - 1)
+def default_chunk(n: int, v: int, device_type: str = "cuda") -> int:
+    """Tokens per chunk: a power of two with chunk * V near the block budget, within [16, N].
+
+    The budget is 32M logits on the CPU (GEMMs large enough for BLAS), 4M (16 MiB
+    in fp32) elsewhere.
+    """
+    budget = _CHUNK_ELEMENTS["cpu" if device_type == "cpu" else "other"]
+    c = 1 << max(4, (budget // max(v, 1)).bit_length() - 1)
     return max(1, min(n, c))
 
 
@@ -77,11 +86,13 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
                             b_t: Optional[Tensor], labels: Optional[Tensor], temperature: float, ce_weight: float,
                             ignore_index: Optional[int], reduction: str, needs: Sequence[bool], backend: str,
                             chunk: int, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                      Tensor, Tensor, Tensor]:
-    """(loss, K, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t); ``needs`` = 6 flags (h_s, w_s, b_s, h_t, w_t, b_t).
+                                                                      Tensor, Tensor, Tensor, Tensor]:
+    """(loss, K, ce, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t); ``needs`` = 6 flags (h_s, w_s, b_s, h_t, w_t, b_t).
 
     loss: 0-dim ((N,) for "none") in h_s's dtype; K: 0-dim, the kept rows, in the
-    accumulation dtype; the gradients of sum_n L_n (unscaled) in the accumulation
+    accumulation dtype; ce: the unweighted cross-entropy term reduced like the loss
+    (sum_n k_n CE_n, / K for "batchmean"), shaped and typed like loss, zeros when
+    ce_weight = 0 (not differentiable: it reports the CE inside ``loss``); the gradients of sum_n L_n (unscaled) in the accumulation
     dtype, an empty (0,) tensor where not needed (always with "none").
     ``consume_grads=True`` promises that the caller never reads the returned
     gradients, so a backward that does not retain the graph may scale them in place.
@@ -91,16 +102,19 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
     h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
     acc = acc_dtype(h_s.dtype)
     rw = None if reduction == "none" or not any(needs) else keep.to(acc)
-    rows, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature,
-                                       ce_weight, chunk, needs)
+    rows, ce_rows, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature,
+                                                ce_weight, chunk, needs)
     kept = keep.sum().to(acc)
-    if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / kept
-    return (loss.to(h_s.dtype), kept, *grads)
+    if ce_rows.numel() == 0:
+        ce_rows = torch.zeros_like(rows)
+
+    def reduce(r: Tensor) -> Tensor:
+        if reduction == "none":
+            return r.to(h_s.dtype)
+        total = r.sum() if reduction == "sum" else r.sum() / kept
+        return total.to(h_s.dtype)
+
+    return (reduce(rows), kept, reduce(ce_rows), *grads)
 
 
 @linear_kd_loss_fused_op.register_fake
@@ -110,7 +124,7 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index
     loss = h_s.new_empty((n,) if reduction == "none" else ())
     kept = h_s.new_empty((), dtype=acc_dtype(h_s.dtype))
     fused = [bool(x) and reduction != "none" for x in needs]
-    return (loss, kept, *_grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, fused))
+    return (loss, kept, torch.empty_like(loss), *_grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, fused))
 
 
 @torch.library.custom_op("kdkernels::linear_kd_loss_backward", mutates_args=())
@@ -122,8 +136,8 @@ def linear_kd_loss_backward_op(grad: Tensor, h_s: Tensor, w_s: Tensor, b_s: Opti
     h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
     acc = acc_dtype(h_s.dtype)
     rw = torch.where(keep, grad.to(acc), torch.zeros((), dtype=acc, device=h_s.device)).contiguous()
-    _, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature, ce_weight,
-                                    chunk, needs)
+    _, _, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature, ce_weight,
+                                       chunk, needs)
     return grads
 
 
@@ -138,8 +152,8 @@ _NAMES = ("h_s", "w_s", "bias_s", "h_t", "w_t", "bias_t")
 def _setup_context(ctx, inputs, output):
     (h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
      chunk, consume_grads) = inputs
-    _, kept, *grads = output
-    ctx.mark_non_differentiable(kept, *grads)
+    _, kept, ce, *grads = output
+    ctx.mark_non_differentiable(kept, ce, *grads)
     ctx.set_materialize_grads(False)
     ctx.needs = [bool(x) for x in needs]
     ctx.reduction = reduction
@@ -291,7 +305,8 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
             ``ce_weight != 0``. A label outside [0, V) that is not ignored raises on
             the CPU backends and gives a NaN loss on the Triton backend.
         ce_weight: weight of the cross-entropy of the student's logits (at T = 1).
-        chunk: tokens per chunk; None picks one from the shapes (about 4M logits per block).
+        chunk: tokens per chunk; None picks one from the shapes and device (:func:`default_chunk`:
+            about 32M logits per block on the CPU, 4M on a GPU).
         backend: ``None`` ($KDKERNELS_BACKEND, default ``"auto"``), ``"triton"``, ``"cpp"``
             (CPU: BLAS for the logits, the fused C++ KD kernels for the softmaxes) or
             ``"torch"`` (the reference: materialises both (N, V) logits).
@@ -307,17 +322,73 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
         computed in the forward pass for the scalar reductions (the backward only
         scales them); double backward is not supported.
     """
+    return _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight, chunk,
+                backend, False)[0]
+
+
+def _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight, chunk,
+         backend, want_ce: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """(loss, the unweighted CE term reduced like it, detached; None unless ``want_ce``)."""
     temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
                                     ignore_index, ce_weight, chunk)
+    kw = dict(temperature=temperature, bias_s=bias_s, bias_t=bias_t, reduction=reduction,
+              ignore_index=ignore_index, labels=labels)
     chosen = backends.choose_backend(OP, h_s.device, backend)
     if chosen == "torch":
-        return reference.linear_kd_loss(h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
-                                        reduction=reduction, ignore_index=ignore_index, labels=labels,
-                                        ce_weight=ce_weight)
+        loss = reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=ce_weight, **kw)
+        ce = None
+        if want_ce and ce_weight == 0.0:
+            ce = torch.zeros_like(loss.detach())
+        elif want_ce:
+            with torch.no_grad():
+                ce = reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=1.0, **kw) - \
+                    reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=0.0, **kw)
+        return loss, ce
     grad_on = torch.is_grad_enabled()
     needs = [grad_on and x is not None and x.requires_grad for x in (h_s, w_s, bias_s, h_t, w_t, bias_t)]
     if chunk is None:
-        chunk = default_chunk(h_s.shape[0], w_s.shape[0])
-    return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
-                                                     ce_weight, ignore_index, reduction, needs, chosen, chunk,
-                                                     True)[0]
+        chunk = default_chunk(h_s.shape[0], w_s.shape[0], h_s.device.type)
+    out = torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
+                                                    ce_weight, ignore_index, reduction, needs, chosen, chunk, True)
+    return out[0], (out[2] if want_ce else None)
+
+
+class _SumOnly(torch.autograd.Function):
+    """(total - part, part) from ``total`` and a detached ``part`` of it; the backward passes the
+    common grad_output to ``total``, so both outputs must be back-propagated together, alike."""
+
+    @staticmethod
+    def forward(ctx, total: Tensor, part: Tensor):
+        ctx.set_materialize_grads(False)
+        return total - part, part.clone()
+
+    @staticmethod
+    def backward(ctx, g_rest, g_part):
+        if g_rest is None or g_part is None or not torch.equal(g_rest, g_part):
+            raise RuntimeError(
+                "linear_kd_loss_terms: its two terms come from one fused pass, which computes the gradient of "
+                "their sum only: back-propagate kd + ce (e.g. sum(losses.values())), not one term alone or the "
+                "terms with different weights (for that, call linear_kd_loss once per term)")
+        return g_rest, None
+
+
+def linear_kd_loss_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
+                         bias_s: Optional[Tensor] = None, bias_t: Optional[Tensor] = None,
+                         reduction: str = "batchmean", ignore_index: Optional[int] = None,
+                         labels: Optional[Tensor] = None, ce_weight: float = 0.0, chunk: Optional[int] = None,
+                         backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    r"""(kd, ce) with kd + ce = :func:`linear_kd_loss` (same arguments), from its one fused pass.
+
+    kd = the T^2 KL term, ce = ``ce_weight`` times the cross-entropy term, each reduced as
+    ``reduction`` says (0-dim, or (N,) for ``"none"``), so that a training loop can report
+    them apart. The pass computes the gradient of the sum only, so the two must be
+    back-propagated together with the same grad_output (``(kd + ce).backward()``, or
+    ``sum(losses.values())`` with both in ``losses``); a backward through one term alone,
+    or through the two with different weights, raises RuntimeError.
+    """
+    total, ce = _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight,
+                     chunk, backend, True)
+    part = (ce * float(ce_weight)).detach().to(total.dtype)
+    if not total.requires_grad:
+        return total - part, part
+    return _SumOnly.apply(total, part)

@@ -104,7 +104,11 @@ class CausalLMKD(Distiller):
         sum(losses.values()).backward()
 
     ``forward(input_ids, labels=None, attention_mask=None)`` returns ``(None, losses)``
-    (the logits are not formed) with one term, ``"kd"`` (it includes the weighted CE).
+    (the logits are not formed): ``"kd"`` = kd_weight T^2 KL and, when ``ce_weight > 0``,
+    ``"ce"`` = ce_weight CE, both token means over the kept positions, so that ``fit``
+    reports the next-token cross-entropy apart. Both come from the same single fused
+    call, which computes the gradient of their sum: back-propagate
+    ``sum(losses.values())`` (as ``fit`` does); a backward through one term alone raises.
     ``labels`` default to ``input_ids``; the teacher's tensors are cast to the student's
     dtype when they differ (a copy of its lm_head weight per step).
     """
@@ -146,9 +150,13 @@ class CausalLMKD(Distiller):
             w_t = w_t.to(h_s.dtype)
             b_t = b_t.to(h_s.dtype) if b_t is not None else None
         head_s = self.student.lm_head
-        loss = op("linear_kd_loss")(
-            h_s.reshape(-1, h_s.shape[-1]), head_s.weight, h_t.reshape(-1, h_t.shape[-1]), w_t,
-            temperature=self.temperature, bias_s=head_s.bias, bias_t=b_t, ignore_index=self.ignore_index,
-            labels=target.reshape(-1), ce_weight=self.ce_weight / self.kd_weight, chunk=self.chunk,
-            backend=self.backend)
-        return None, {"kd": self.kd_weight * loss}
+        args = (h_s.reshape(-1, h_s.shape[-1]), head_s.weight, h_t.reshape(-1, h_t.shape[-1]), w_t)
+        kw = dict(temperature=self.temperature, bias_s=head_s.bias, bias_t=b_t, ignore_index=self.ignore_index,
+                  labels=target.reshape(-1), ce_weight=self.ce_weight / self.kd_weight, chunk=self.chunk,
+                  backend=self.backend)
+        if self.ce_weight == 0.0:
+            return None, {"kd": self.kd_weight * op("linear_kd_loss")(*args, **kw)}
+        from ..ops.linear_kd import linear_kd_loss_terms  # one fused pass, its two terms reported apart
+
+        kd, ce = linear_kd_loss_terms(*args, **kw)
+        return None, {"kd": self.kd_weight * kd, "ce": self.kd_weight * ce}

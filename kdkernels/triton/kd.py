@@ -55,15 +55,23 @@ def _eff(m):
 
 
 @triton.jit
-def _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho):
-    """A finished row: stats (max_s, log sum_s, max_t, log sum_t, E_t[g], rho) and its KL."""
+def store_stats(out, ms, ss, mt, st, w):
+    """Fields 0-4 of a finished row's stats at ``out``: (e(m_s), log S_s, e(m_t), log S_t, W / S_t);
+    returns W / S_t."""
     ec = w / st
-    out = stats_ptr + row * 6
     tl.store(out + 0, _eff(ms))
     tl.store(out + 1, tl.log(ss))
     tl.store(out + 2, _eff(mt))
     tl.store(out + 3, tl.log(st))
     tl.store(out + 4, ec)
+    return ec
+
+
+@triton.jit
+def _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho):
+    """A finished row: stats (max_s, log sum_s, max_t, log sum_t, E_t[g], rho) and its KL."""
+    out = stats_ptr + row * 6
+    ec = store_stats(out, ms, ss, mt, st, w)
     tl.store(out + 5, rho)
     tl.store(kl_ptr + row, (ec + (_eff(ms) - rho)) + tl.log(ss / st))
 
@@ -78,6 +86,34 @@ def _rho(r, ms):
 def _max_keep(a, b):
     """max(a, b) that never picks a NaN b (a NaN element still reaches the sums)."""
     return tl.where(b > a, b, a)
+
+
+@triton.jit
+def load_segments(p, mask, ACC: tl.constexpr):
+    """(m_s, m_t, S_s, S_t, W) of the segment states at pointers p (fields 0-4 of each slot;
+    masked slots read as empty: -inf maxima, zero sums)."""
+    ms_k = tl.load(p + 0, mask=mask, other=float("-inf")).to(ACC)
+    mt_k = tl.load(p + 1, mask=mask, other=float("-inf")).to(ACC)
+    ss_k = tl.load(p + 2, mask=mask, other=0.0).to(ACC)
+    st_k = tl.load(p + 3, mask=mask, other=0.0).to(ACC)
+    w_k = tl.load(p + 4, mask=mask, other=0.0).to(ACC)
+    return ms_k, mt_k, ss_k, st_k, w_k
+
+
+@triton.jit
+def merge_segments(ms_k, mt_k, ss_k, st_k, w_k, ms, mt, ref_k, ref):
+    """A row's (S_s, S_t, W) from its segments' states (vectors over the segments), in index order.
+
+    ms, mt: the row's maxima (the max of ms_k, mt_k); ref, ref_k: the reference of
+    the gaps for the row and each segment (rho here, e(m_s) in kdkernels/triton/linear_kd.py).
+    Each segment's sums are rescaled to the row's maxima and reference
+    (S <- alpha S, W <- alpha_t (W - dc S_t), the module docstring) and summed.
+    """
+    alpha_s = tl.exp(ms_k - _eff(ms))
+    alpha_t = tl.exp(mt_k - _eff(mt))
+    dc = (_eff(mt) - _eff(mt_k)) - (ref - ref_k)
+    w_k = tl.where(st_k == 0.0, 0.0, alpha_t * (w_k - dc * st_k))
+    return tl.sum(alpha_s * ss_k, axis=0), tl.sum(alpha_t * st_k, axis=0), tl.sum(w_k, axis=0)
 
 
 @triton.jit
@@ -154,11 +190,7 @@ def _kd_combine_kernel(part_ptr, stats_ptr, kl_ptr, SPLIT, ACC: tl.constexpr, BL
     k = tl.arange(0, BLOCK_S)
     mask = k < SPLIT
     p = part_ptr + (row * SPLIT + k) * 7
-    ms_k = tl.load(p + 0, mask=mask, other=float("-inf")).to(ACC)
-    mt_k = tl.load(p + 1, mask=mask, other=float("-inf")).to(ACC)
-    ss_k = tl.load(p + 2, mask=mask, other=0.0).to(ACC)
-    st_k = tl.load(p + 3, mask=mask, other=0.0).to(ACC)
-    w_k = tl.load(p + 4, mask=mask, other=0.0).to(ACC)
+    ms_k, mt_k, ss_k, st_k, w_k = load_segments(p, mask, ACC)
     r_k = tl.load(p + 5, mask=mask, other=float("-inf")).to(ACC)
     rho_k = tl.load(p + 6, mask=mask, other=0.0).to(ACC)
     ms = tl.max(ms_k, axis=0)
@@ -166,13 +198,7 @@ def _kd_combine_kernel(part_ptr, stats_ptr, kl_ptr, SPLIT, ACC: tl.constexpr, BL
     # the first segment holding the teacher's maximum holds its first argmax
     r = tl.sum(tl.where(k == tl.argmax(mt_k, axis=0), r_k, 0.0), axis=0)
     rho = _rho(r, ms)
-    alpha_s = tl.exp(ms_k - _eff(ms))
-    alpha_t = tl.exp(mt_k - _eff(mt))
-    dc = (_eff(mt) - _eff(mt_k)) - (rho - rho_k)
-    w_k = tl.where(st_k == 0.0, 0.0, alpha_t * (w_k - dc * st_k))
-    ss = tl.sum(alpha_s * ss_k, axis=0)
-    st = tl.sum(alpha_t * st_k, axis=0)
-    w = tl.sum(w_k, axis=0)
+    ss, st, w = merge_segments(ms_k, mt_k, ss_k, st_k, w_k, ms, mt, rho_k, rho)
     _store_row(stats_ptr, kl_ptr, row, ms, ss, mt, st, w, rho)
 
 

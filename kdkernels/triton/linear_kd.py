@@ -48,6 +48,7 @@ import triton.language as tl
 
 from . import launch_counts
 from ._host import f32_split, interpreted
+from .kd import _eff, _max_keep, load_segments, merge_segments, store_stats  # the online-softmax pieces kd_loss's kernels use
 
 STATS = 7
 PARTS = 8
@@ -59,18 +60,6 @@ _BK = 32
 _TARGET_PROGRAMS = 512  # split the vocabulary until the grid has about this many programs
 _EW_BLOCK = 1024        # vocabulary entries per program of the elementwise gradient kernel
 _NUM_WARPS = 8  # sm_90 compile, BM = BV = 64, BK = 32: fp32 192 registers, no spill; bf16 128, 40 bytes
-
-
-@triton.jit
-def _eff(m):
-    """e(m): 0 for -inf (an empty or all -inf prefix), else m."""
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _max_keep(a, b):
-    """max(a, b) that never picks a NaN b (a NaN element still reaches the sums)."""
-    return tl.where(b > a, b, a)
 
 
 @triton.jit
@@ -181,31 +170,18 @@ def _lkd_combine_kernel(part_ptr, y_ptr, stats_ptr, kl_ptr, ce_ptr, SPLIT, V,
     k = tl.arange(0, BLOCK_S)
     mask = k < SPLIT
     p = part_ptr + (row * SPLIT + k) * 8
-    ms_k = tl.load(p + 0, mask=mask, other=float("-inf")).to(ACC)
-    mt_k = tl.load(p + 1, mask=mask, other=float("-inf")).to(ACC)
-    ss_k = tl.load(p + 2, mask=mask, other=0.0).to(ACC)
-    st_k = tl.load(p + 3, mask=mask, other=0.0).to(ACC)
-    w_k = tl.load(p + 4, mask=mask, other=0.0).to(ACC)
+    ms_k, mt_k, ss_k, st_k, w_k = load_segments(p, mask, ACC)
     m1_k = tl.load(p + 5, mask=mask, other=float("-inf")).to(ACC)
     s1_k = tl.load(p + 6, mask=mask, other=0.0).to(ACC)
     zy = tl.sum(tl.load(p + 7, mask=mask, other=0.0).to(ACC), axis=0)
     ms = tl.max(ms_k, axis=0)
     mt = tl.max(mt_k, axis=0)
     m1 = tl.max(m1_k, axis=0)
-    alpha_t = tl.exp(mt_k - _eff(mt))
-    dc = (_eff(mt) - _eff(mt_k)) - (_eff(ms) - _eff(ms_k))
-    w_k = tl.where(st_k == 0.0, 0.0, alpha_t * (w_k - dc * st_k))
-    ss = tl.sum(tl.exp(ms_k - _eff(ms)) * ss_k, axis=0)
-    st = tl.sum(alpha_t * st_k, axis=0)
+    # the gaps' reference is e(m_s) here (no rho): dc's second term is e(m_s) - e(m_s[k])
+    ss, st, w = merge_segments(ms_k, mt_k, ss_k, st_k, w_k, ms, mt, _eff(ms_k), _eff(ms))
     s1 = tl.sum(tl.exp(m1_k - _eff(m1)) * s1_k, axis=0)
-    w = tl.sum(w_k, axis=0)
-    ec = w / st
     out = stats_ptr + row * 7
-    tl.store(out + 0, _eff(ms))
-    tl.store(out + 1, tl.log(ss))
-    tl.store(out + 2, _eff(mt))
-    tl.store(out + 3, tl.log(st))
-    tl.store(out + 4, ec)
+    ec = store_stats(out, ms, ss, mt, st, w)
     tl.store(out + 5, _eff(m1))
     tl.store(out + 6, tl.log(s1))
     tl.store(kl_ptr + row, ec + tl.log(ss / st))
