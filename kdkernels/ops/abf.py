@@ -26,8 +26,8 @@ from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import abf as reference
 from ..reference.abf import float32_ratio
-from ._common import DTYPE_CODE, acc_dtype, run_reference
-from . import _autocast
+from ._common import DTYPE_CODE, acc_dtype
+from ._dispatch import PublicOp
 
 OP = "abf_fuse"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -108,7 +108,7 @@ def _backward(ctx, grad_out, grad_z):
 abf_fuse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, y, att_weight, att_bias) -> None:
+def _check(x, y, att_weight, att_bias) -> tuple:
     for name, t in (("x", x), ("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,6 +129,11 @@ def _check(x, y, att_weight, att_bias) -> None:
             raise TypeError(f"{OP}: {name} has dtype {t.dtype} but x has {x.dtype}")
         if t.device != x.device:
             raise ValueError(f"{OP}: {name} is on {t.device} but x {tuple(x.shape)} is on {x.device}")
+    return x, y, att_weight, att_bias
+
+
+_PUBLIC = PublicOp(OP, check=_check, reference=reference.abf_fuse, autocast="cast", cast_back=True,
+                   kernel=lambda backend, x, y, w, b: torch.ops.kdkernels.abf_fuse(x, y, w, b, backend)[0])
 
 
 def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -146,11 +151,4 @@ def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend
         (N, C, H, W) tensor in x's dtype (under autocast: every input is cast to
         the autocast dtype first, as a conv does; see ``kdkernels/ops/_autocast.py``); gradients flow to all four inputs.
     """
-    amp = _autocast.autocast_dtype(x.device) if isinstance(x, Tensor) else None
-    if amp is not None:
-        x, y, att_weight, att_bias = _autocast.cast([x, y, att_weight, att_bias], amp)
-    _check(x, y, att_weight, att_bias)
-    chosen = backends.choose_backend(OP, x.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.abf_fuse, (x, y, att_weight, att_bias), x.device, cast_back=x.dtype)
-    return torch.ops.kdkernels.abf_fuse(x, y, att_weight, att_bias, chosen)[0]
+    return _PUBLIC(x, y, att_weight, att_bias, backend=backend)

@@ -22,8 +22,8 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import as_tensor_list, check_feature_pairs
 from ..reference import hcl as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
-from . import _autocast
+from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._dispatch import PublicOp
 
 OP = "hcl_loss"
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
@@ -131,6 +131,17 @@ def _backward(ctx, grad):
 hcl_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check(fstudent, fteacher) -> tuple:
+    fs = as_tensor_list(fstudent, OP, "fstudent")
+    ft = as_tensor_list(fteacher, OP, "fteacher")
+    check_feature_pairs(fs, ft, OP)
+    return fs, ft
+
+
+_PUBLIC = PublicOp(OP, check=_check, reference=reference.hcl_loss, autocast="promote",
+                   kernel=lambda backend, fs, ft: torch.ops.kdkernels.hcl_loss(fs, ft, backend))
+
+
 def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
     """ReviewKD's hierarchical context loss, fused (docs/spec.md §1).
 
@@ -149,14 +160,4 @@ def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
         pools l from (4, 2, 1) kept when l < H, w_j = 2^-(j+1).
         Accumulated in float32 (float64 for float64 inputs).
     """
-    fs = as_tensor_list(fstudent, OP, "fstudent")
-    ft = as_tensor_list(fteacher, OP, "fteacher")
-    amp = _autocast.autocast_dtype(fs[0].device) if fs else None
-    if amp is not None:
-        both = _autocast.promote(fs + ft)
-        fs, ft = both[: len(fs)], both[len(fs):]
-    check_feature_pairs(fs, ft, OP)
-    chosen = backends.choose_backend(OP, fs[0].device, backend)
-    if chosen == "torch":
-        return run_reference(reference.hcl_loss, (fs, ft), fs[0].device)
-    return torch.ops.kdkernels.hcl_loss(fs, ft, chosen)
+    return _PUBLIC(fstudent, fteacher, backend=backend)

@@ -36,8 +36,8 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import check_float_tensor
 from ..reference import hint as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference
-from . import _autocast
+from ._common import DTYPE_CODE, acc_dtype
+from ._dispatch import PublicOp, grad_enabled_for
 
 OP = "hint_loss"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -236,6 +236,25 @@ def torch_allows_tf32() -> bool:
     return False
 
 
+def _checked(fs, ft, weight, bias, allow_tf32) -> tuple:
+    _check(fs, ft, weight, bias, allow_tf32)
+    return fs, ft, weight, bias, torch_allows_tf32() if allow_tf32 is None else allow_tf32
+
+
+def _kernel(backend: str, fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], allow_tf32: bool) -> Tensor:
+    needs = grad_enabled_for(fs, weight, bias, ft)
+    # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring);
+    # not under torch.compile: there the backward cannot skip the multiply anyway, and a float of
+    # the batch size would specialise a dynamic-shape graph to one batch
+    fold = backend == "cpp" and fs.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+    gscale = 2.0 / ft.numel() if fold else 1.0
+    return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, backend, allow_tf32, True, gscale)[0]
+
+
+_PUBLIC = PublicOp(OP, check=_checked, kernel=_kernel, autocast="cast",
+                   reference=lambda fs, ft, weight, bias, allow_tf32: reference.hint_loss(fs, ft, weight, bias))
+
+
 def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
               allow_tf32: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
     """FitNets hint loss through a 1x1 regressor, fused: ``mean((conv1x1(fs; weight, bias) - ft)^2)``.
@@ -269,22 +288,4 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     ``d/d fs = s W^T r``, ``d/d W = s sum r fs^T``, ``d/d b = s sum r``, ``d/d ft = -s r``.
     Double backward is not supported.
     """
-    amp = _autocast.autocast_dtype(fs.device) if isinstance(fs, Tensor) else None
-    if amp is not None:
-        fs, ft, weight, bias = _autocast.cast([fs, ft, weight, bias], amp)
-    _check(fs, ft, weight, bias, allow_tf32)
-    if allow_tf32 is None:
-        allow_tf32 = torch_allows_tf32()
-    chosen = backends.choose_backend(OP, fs.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.hint_loss, (fs, ft, weight, bias), fs.device)
-    else:
-        grad_on = torch.is_grad_enabled()
-        needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
-                 grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
-        # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring);
-        # not under torch.compile: there the backward cannot skip the multiply anyway, and a float of
-        # the batch size would specialise a dynamic-shape graph to one batch
-        fold = chosen == "cpp" and fs.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-        gscale = 2.0 / ft.numel() if fold else 1.0
-        return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]
+    return _PUBLIC(fs, ft, weight, bias, allow_tf32, backend=backend)

@@ -41,8 +41,8 @@ from torch import Tensor
 from .. import _native, backends
 from .._checks import check_choice, check_float_tensor, check_temperature
 from ..reference import kd as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
-from . import _autocast
+from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._dispatch import PublicOp
 
 OP = "kd_loss"
 STATS = 6
@@ -203,7 +203,7 @@ class _EagerKD(torch.autograd.Function):
         return (grads[0] if need_s else None), (grads[1] if need_t else None), None, None, None
 
 
-def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
+def _check_inputs(logits_s, logits_t, temperature, reduction) -> tuple:
     for arg, x in (("logits_s", logits_s), ("logits_t", logits_t)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
@@ -219,7 +219,16 @@ def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
         raise ValueError(f"{OP}: logits_s is on {logits_s.device} but logits_t is on {logits_t.device} ({shapes})")
     temperature = check_temperature(temperature, OP)
     check_choice(reduction, OP, "reduction", REDUCTIONS)
-    return temperature
+    return logits_s, logits_t, temperature, reduction
+
+
+def _kernel(backend: str, logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: str) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, backend)[0]
+    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, backend)
+
+
+_PUBLIC = PublicOp(OP, check=_check_inputs, reference=reference.kd_loss, kernel=_kernel, autocast="promote")
 
 
 def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduction: str = "batchmean",
@@ -246,13 +255,4 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduct
         ``kdkernels/ops/_autocast.py``). Gradient
         w.r.t. logits_s of row n: ``g_n * T * (p_s - p_t)``.
     """
-    amp = _autocast.autocast_dtype(logits_s.device) if isinstance(logits_s, Tensor) else None
-    if amp is not None:
-        logits_s, logits_t = _autocast.promote([logits_s, logits_t])
-    temperature = _check_inputs(logits_s, logits_t, temperature, reduction)
-    chosen = backends.choose_backend(OP, logits_s.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.kd_loss, (logits_s, logits_t, temperature, reduction), logits_s.device)
-    if torch.compiler.is_compiling():
-        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
-    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)
+    return _PUBLIC(logits_s, logits_t, temperature, reduction, backend=backend)

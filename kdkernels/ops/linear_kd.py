@@ -35,6 +35,7 @@ from .. import backends
 from .._checks import check_float_tensor
 from ..reference import linear_kd as reference
 from ._common import acc_dtype
+from ._dispatch import PublicOp, grad_enabled_for
 from . import _linear_kd_pass
 
 OP = "linear_kd_loss"
@@ -261,6 +262,34 @@ def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, i
     return temperature, ce_weight
 
 
+def _checked(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+             chunk) -> tuple:
+    temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
+                                    ignore_index, ce_weight, chunk)
+    return h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight, chunk
+
+
+def _reference(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+               chunk) -> Tensor:
+    return reference.linear_kd_loss(h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
+                                    reduction=reduction, ignore_index=ignore_index, labels=labels,
+                                    ce_weight=ce_weight)
+
+
+def _kernel(backend, h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+            chunk) -> Tensor:
+    needs = grad_enabled_for(h_s, w_s, bias_s, h_t, w_t, bias_t)
+    if chunk is None:
+        chunk = default_chunk(h_s.shape[0], w_s.shape[0])
+    return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
+                                                     ce_weight, ignore_index, reduction, needs, backend, chunk,
+                                                     True)[0]
+
+
+# no autocast rule: linear_kd_loss takes its inputs as they come, and its reference runs as called
+_PUBLIC = PublicOp(OP, check=_checked, reference=_reference, kernel=_kernel, autocast=None, reference_in_acc=False)
+
+
 def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
                    bias_s: Optional[Tensor] = None, bias_t: Optional[Tensor] = None, reduction: str = "batchmean",
                    ignore_index: Optional[int] = None, labels: Optional[Tensor] = None, ce_weight: float = 0.0,
@@ -307,17 +336,5 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
         computed in the forward pass for the scalar reductions (the backward only
         scales them); double backward is not supported.
     """
-    temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
-                                    ignore_index, ce_weight, chunk)
-    chosen = backends.choose_backend(OP, h_s.device, backend)
-    if chosen == "torch":
-        return reference.linear_kd_loss(h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
-                                        reduction=reduction, ignore_index=ignore_index, labels=labels,
-                                        ce_weight=ce_weight)
-    grad_on = torch.is_grad_enabled()
-    needs = [grad_on and x is not None and x.requires_grad for x in (h_s, w_s, bias_s, h_t, w_t, bias_t)]
-    if chunk is None:
-        chunk = default_chunk(h_s.shape[0], w_s.shape[0])
-    return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
-                                                     ce_weight, ignore_index, reduction, needs, chosen, chunk,
-                                                     True)[0]
+    return _PUBLIC(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+                   chunk, backend=backend)
