@@ -22,11 +22,12 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._checks import check_float_tensor
 from ..reference import abf as reference
 from ..reference.abf import float32_ratio
-from ._common import DTYPE_CODE, acc_dtype
+from ._common import acc_dtype
+from . import _native_args
 from ._dispatch import PublicOp
 
 OP = "abf_fuse"
@@ -47,9 +48,8 @@ def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, back
 
         tri.abf_fwd(x, y, wt, b, out, z)
     else:
-        _native.native().abf_fwd_cpu(DTYPE_CODE[x.dtype], x.data_ptr(), y.data_ptr(), wt.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), z.data_ptr(), N, C, H, W, h, w, float32_ratio(h, H),
-                                     float32_ratio(w, W), torch.get_num_threads())
+        _native_args.call("abf_fwd_cpu", x.dtype, x=x, y=y, weight=wt, bias=b, out=out, z=z, N=N, C=C, H=H, W=W, h=h, w=w,
+                          scale_h=float32_ratio(h, H), scale_w=float32_ratio(w, W))
     return out, z
 
 
@@ -76,10 +76,8 @@ def abf_fuse_backward_op(grad: Tensor, x: Tensor, y: Tensor, att_weight: Tensor,
         acc = acc_dtype(x.dtype)
         gw = torch.empty(4 * C, dtype=acc, device=x.device)
         gb = torch.empty(2, dtype=acc, device=x.device)
-        _native.native().abf_bwd_cpu(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), wt.data_ptr(),
-                                     z.data_ptr(), gx.data_ptr(), gy.data_ptr(), gw.data_ptr(), gb.data_ptr(),
-                                     N, C, H, W, h, w, float32_ratio(h, H), float32_ratio(w, W),
-                                     torch.get_num_threads())
+        _native_args.call("abf_bwd_cpu", x.dtype, g=grad, x=x, y=y, weight=wt, z=z, gx=gx, gy=gy, gw=gw, gb=gb, N=N, C=C,
+                          H=H, W=W, h=h, w=w, scale_h=float32_ratio(h, H), scale_w=float32_ratio(w, W))
     return [gx, gy, gw.to(att_weight.dtype).reshape(att_weight.shape), gb.to(att_weight.dtype)]
 
 

@@ -19,10 +19,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._checks import as_tensor_list, check_feature_pairs
 from ..reference import hcl as reference
-from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._common import acc_dtype
+from . import _native_args
 from ._dispatch import PublicOp
 
 OP = "hcl_loss"
@@ -39,26 +40,14 @@ def level_plan(shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[float, ...]
 
 def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    C = _native.native()
-    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), partial.data_ptr(),
-            n * c, h, w, 1.0, list(pools), list(ratios))
-    if backend == "cpp":
-        C.hcl_fwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(fs.device):
-            C.hcl_fwd_cuda(*args, stream_of(fs))
+    _native_args.call("hcl_fwd_cpu" if backend == "cpp" else "hcl_fwd_cuda", fs.dtype, fs=fs, ft=ft,
+                      partial=partial, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
 def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    C = _native.native()
-    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), g.data_ptr(), grad.data_ptr(),
-            n * c, h, w, 1.0, list(pools), list(ratios))
-    if backend == "cpp":
-        C.hcl_bwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(fs.device):
-            C.hcl_bwd_cuda(*args, stream_of(fs))
+    _native_args.call("hcl_bwd_cpu" if backend == "cpp" else "hcl_bwd_cuda", fs.dtype, fs=fs, ft=ft, gout=g,
+                      grad=grad, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())

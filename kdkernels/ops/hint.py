@@ -33,10 +33,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._checks import check_float_tensor
 from ..reference import hint as reference
-from ._common import DTYPE_CODE, acc_dtype
+from ._common import acc_dtype
+from . import _native_args
 from ._dispatch import PublicOp, grad_enabled_for
 
 OP = "hint_loss"
@@ -98,11 +99,9 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
                     g.mul_(gscale)
     elif backend == "cpp":
         loss_sum = torch.empty(1, dtype=acc)
-        _native.native().hint_fwd_cpu(
-            DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0,
-            loss_sum.data_ptr(), gfs.data_ptr() if need_fs else 0, gw.data_ptr() if need_w else 0,
-            gb.data_ptr() if need_b else 0, gft.data_ptr() if need_ft else 0, n, cs, ct, h * wd,
-            float(gscale), torch.get_num_threads())
+        _native_args.call("hint_fwd_cpu", fs.dtype, fs=fs, ft=ft, w=w, b=b, loss=loss_sum,
+                          gfs=gfs if need_fs else None, gw=gw if need_w else None, gb=gb if need_b else None,
+                          gft=gft if need_ft else None, N=n, Cs=cs, Ct=ct, P=h * wd, gscale=float(gscale))
     else:
         raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
     loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))

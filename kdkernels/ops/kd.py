@@ -38,14 +38,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._checks import check_choice, check_float_tensor, check_temperature
 from ..reference import kd as reference
-from ._common import DTYPE_CODE, acc_dtype, stream_of
+from ._common import acc_dtype
+from . import _native_args
 from ._dispatch import PublicOp
 
 OP = "kd_loss"
-STATS = 6
+STATS = _native_args.KD_STATS
 REDUCTIONS = reference.REDUCTIONS
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 
@@ -58,9 +59,7 @@ def _fwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, kl: Tensor, inv_t: f
         tri.kd_fwd(s, t, stats, kl, inv_t)
         return
     rows, cols = s.shape
-    with torch.cuda.device(s.device):
-        _native.native().kd_fwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                     kl.data_ptr(), rows, cols, inv_t, stream_of(s))
+    _native_args.call("kd_fwd_cuda", s.dtype, s=s, t=t, stats=stats, kl=kl, rows=rows, cols=cols, inv_t=inv_t)
 
 
 def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad_s: Tensor,
@@ -72,10 +71,8 @@ def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad
         tri.kd_bwd(s, t, stats, gscale, grad_s, grad_t, inv_t)
         return
     rows, cols = s.shape
-    with torch.cuda.device(s.device):
-        _native.native().kd_bwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                     gscale.data_ptr(), grad_s.data_ptr(),
-                                     grad_t.data_ptr() if grad_t is not None else 0, rows, cols, inv_t, stream_of(s))
+    _native_args.call("kd_bwd_cuda", s.dtype, s=s, t=t, stats=stats, gscale=gscale, grad_s=grad_s, grad_t=grad_t,
+                      rows=rows, cols=cols, inv_t=inv_t)
 
 
 def _scale(reduction: str, rows: int, cols: int) -> float:
@@ -93,10 +90,9 @@ def _forward(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: 
     t2 = temperature * temperature
     if backend == "cpp":  # the kernel also reduces and scales the rows (csrc/common/kd.h)
         loss = torch.empty((rows,) if reduction == "none" else (), dtype=acc)
-        _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                    loss.data_ptr(), rows, cols, 1.0 / temperature,
-                                    t2 * _scale(reduction, rows, cols), reduction != "none",
-                                    torch.get_num_threads())
+        _native_args.call("kd_fwd_cpu", s.dtype, s=s, t=t, stats=stats, out=loss, rows=rows, cols=cols,
+                          inv_t=1.0 / temperature, out_scale=t2 * _scale(reduction, rows, cols),
+                          reduce=reduction != "none")
         return loss, stats
     kl = torch.empty(rows, dtype=stats.dtype, device=s.device)
     _fwd(backend, s, t, stats, kl, 1.0 / temperature)
@@ -119,10 +115,8 @@ def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, t
     mult = temperature * _scale(reduction, rows, cols)
     if backend == "cpp":  # the kernel reads grad_output as it is: 0-dim, or (N,) with any stride
         gout = grad if grad.dtype == stats.dtype else grad.to(stats.dtype)
-        _native.native().kd_bwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                    gout.data_ptr(), gout.stride(0) if gout.dim() else 0, mult,
-                                    grad_s.data_ptr(), grad_t.data_ptr() if teacher_grad else 0, rows, cols,
-                                    1.0 / temperature, torch.get_num_threads())
+        _native_args.call("kd_bwd_cpu", s.dtype, s=s, t=t, stats=stats, gout=gout, gout_scale=mult, grad_s=grad_s,
+                          grad_t=grad_t, rows=rows, cols=cols, inv_t=1.0 / temperature)
     else:
         gscale = (grad.to(stats.dtype) * mult).expand(rows).contiguous()
         _bwd(backend, s, t, stats, gscale, grad_s, grad_t, 1.0 / temperature)
