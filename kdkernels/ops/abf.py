@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float_tensor
+from .._checks import check_float_tensor, check_same_dtype_device, check_tensor
 from ..reference import abf as reference
 from ..reference.abf import float32_ratio
 from ._common import acc_dtype
@@ -108,8 +108,7 @@ abf_fuse_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check(x, y, att_weight, att_bias) -> tuple:
     for name, t in (("x", x), ("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, OP, name)
     check_float_tensor(x, OP, "x", 4)
     check_float_tensor(y, OP, "y", 4)
     N, C, H, W = x.shape
@@ -122,11 +121,7 @@ def _check(x, y, att_weight, att_bias) -> tuple:
                          f"got {tuple(att_weight.shape)}")
     if tuple(att_bias.shape) != (2,):
         raise ValueError(f"{OP}: att_bias must have shape (2,), got {tuple(att_bias.shape)}")
-    for name, t in (("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but x has {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x {tuple(x.shape)} is on {x.device}")
+    check_same_dtype_device("x", x, [("y", y), ("att_weight", att_weight), ("att_bias", att_bias)], OP)
     return x, y, att_weight, att_bias
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float_tensor
+from .._checks import check_float_tensor, check_same_dtype_device, check_tensor
 from ..reference import hint as reference
 from ._common import acc_dtype
 from . import _native_args
@@ -188,10 +188,8 @@ hint_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check(fs, ft, weight, bias, allow_tf32) -> None:
     for arg, t in (("fs", fs), ("ft", ft), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_tensor(t, OP, arg)
+    check_tensor(bias, OP, "bias", optional=True)
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"{OP}: allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     check_float_tensor(fs, OP, "fs", 4)
@@ -213,12 +211,7 @@ def _check(fs, ft, weight, bias, allow_tf32) -> None:
         check_float_tensor(bias, OP, "bias", 1)
         if tuple(bias.shape) != (ct,):
             raise ValueError(f"{OP}: bias has shape {tuple(bias.shape)} but ft {ft_shape} needs ({ct},)")
-    named = [("ft", ft), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    for arg, t in named:
-        if t.dtype != fs.dtype:
-            raise TypeError(f"{OP}: {arg} has dtype {t.dtype} (shape {tuple(t.shape)}) but fs has {fs.dtype}")
-        if t.device != fs.device:
-            raise ValueError(f"{OP}: {arg} is on {t.device} (shape {tuple(t.shape)}) but fs is on {fs.device}")
+    check_same_dtype_device("fs", fs, [("ft", ft), ("weight", weight), ("bias", bias)], OP)
 
 
 @torch.compiler.assume_constant_result  # torch.compile reads the flag once, when it traces

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_choice, check_float_tensor, check_temperature
+from .._checks import check_choice, check_float_tensor, check_same_dtype_device, check_temperature, check_tensor
 from ..reference import kd as reference
 from ._common import acc_dtype
 from . import _native_args
@@ -198,21 +198,16 @@ class _EagerKD(torch.autograd.Function):
 
 
 def _check_inputs(logits_s, logits_t, temperature, reduction) -> tuple:
-    for arg, x in (("logits_s", logits_s), ("logits_t", logits_t)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+    check_tensor(logits_s, OP, "logits_s")
+    check_tensor(logits_t, OP, "logits_t")
     check_float_tensor(logits_s, OP, "logits_s", 2)
     check_float_tensor(logits_t, OP, "logits_t", 2)
     shapes = f"logits_s {tuple(logits_s.shape)}, logits_t {tuple(logits_t.shape)}"
     if logits_s.shape != logits_t.shape:
         raise ValueError(f"{OP}: logits_s and logits_t must have the same (N, C) shape, got {shapes}")
-    if logits_s.dtype != logits_t.dtype:
-        raise TypeError(f"{OP}: logits_s is {logits_s.dtype} but logits_t is {logits_t.dtype} ({shapes}); "
-                        "cast one of them")
-    if logits_s.device != logits_t.device:
-        raise ValueError(f"{OP}: logits_s is on {logits_s.device} but logits_t is on {logits_t.device} ({shapes})")
+    check_same_dtype_device("logits_s", logits_s, [("logits_t", logits_t)], OP)
     temperature = check_temperature(temperature, OP)
-    check_choice(reduction, OP, "reduction", REDUCTIONS)
+    check_choice(reduction, "reduction", REDUCTIONS, OP)
     return logits_s, logits_t, temperature, reduction
 
 

@@ -24,15 +24,14 @@ and ``linear_kd_loss_backward`` runs the chunked pass again with them.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float_tensor
+from .._checks import (check_choice, check_float_tensor, check_real, check_same_dtype_device, check_temperature,
+                       check_tensor)
 from ..reference import linear_kd as reference
 from ._common import acc_dtype
 from ._dispatch import PublicOp, grad_enabled_for
@@ -196,24 +195,13 @@ def _backward(ctx, grad, *_unused):
 linear_kd_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _real(value, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{OP}: {arg} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{OP}: {arg} must be finite, got {value}")
-    return value
-
-
 def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight, chunk):
     """Validate everything; returns (temperature, ce_weight) as floats."""
     named = (("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
     for arg, x in named:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor(x, OP, arg)
     for arg, x in (("bias_s", bias_s), ("bias_t", bias_t), ("labels", labels)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor or None, got {type(x).__name__}")
+        check_tensor(x, OP, arg, optional=True)
     for arg, x in named:
         check_float_tensor(x, OP, arg, 2)
     shapes = (f"h_s {tuple(h_s.shape)}, w_s {tuple(w_s.shape)}, h_t {tuple(h_t.shape)}, "
@@ -232,20 +220,11 @@ def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, i
             check_float_tensor(b, OP, arg, 1)
             if b.shape[0] != v:
                 raise ValueError(f"{OP}: {arg} has shape {tuple(b.shape)} but the vocabulary needs ({v},) ({shapes})")
-    tensors = [("w_s", w_s), ("h_t", h_t), ("w_t", w_t), ("bias_s", bias_s), ("bias_t", bias_t)]
-    for arg, x in tensors:
-        if x is None:
-            continue
-        if x.dtype != h_s.dtype:
-            raise TypeError(f"{OP}: {arg} has dtype {x.dtype} (shape {tuple(x.shape)}) but h_s has {h_s.dtype}")
-        if x.device != h_s.device:
-            raise ValueError(f"{OP}: {arg} is on {x.device} (shape {tuple(x.shape)}) but h_s is on {h_s.device}")
-    temperature = _real(temperature, "temperature")
-    if temperature <= 0.0:
-        raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
-    ce_weight = _real(ce_weight, "ce_weight")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_same_dtype_device("h_s", h_s, [("w_s", w_s), ("h_t", h_t), ("w_t", w_t), ("bias_s", bias_s),
+                                         ("bias_t", bias_t)], OP)
+    temperature = check_temperature(temperature, OP)
+    ce_weight = check_real(ce_weight, "ce_weight", OP)
+    check_choice(reduction, "reduction", REDUCTIONS, OP)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"{OP}: ignore_index must be an int or None, got {type(ignore_index).__name__}")
     if labels is not None:
@@ -254,7 +233,8 @@ def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, i
         if labels.shape != (n,):
             raise ValueError(f"{OP}: labels has shape {tuple(labels.shape)} but h_s {tuple(h_s.shape)} needs ({n},)")
         if labels.device != h_s.device:
-            raise ValueError(f"{OP}: labels is on {labels.device} but h_s is on {h_s.device}")
+            raise ValueError(f"{OP}: labels is on {labels.device} (shape {tuple(labels.shape)}) "
+                             f"but h_s is on {h_s.device}")
     elif ce_weight != 0.0:
         raise ValueError(f"{OP}: ce_weight={ce_weight} needs labels (N,)")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
