@@ -90,3 +90,14 @@ def grad_enabled_for(*tensors) -> list:
     """Per tensor: whether autograd will want its gradient (grad mode on, and it requires grad; None: False)."""
     on = torch.is_grad_enabled()
     return [on and t is not None and t.requires_grad for t in tensors]
+
+
+def scale_grad(g: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
+    """The backward of an op whose forward already computed its gradients (hint, linear KD):
+    the saved gradient ``g`` times ``s`` (grad_output's factor, accumulation dtype), in a fresh
+    tensor of ``dtype``.
+
+    Out of place on purpose: scaling ``g`` in place (or handing it to autograd as it is) is
+    only safe when the graph is not retained, and no public torch API tells a backward that.
+    """
+    return (g if g.dtype == s.dtype else g.to(s.dtype)).mul(s).to(dtype)

@@ -27,9 +27,7 @@ backward is a single elementwise pass (g_n: grad_output of row n's T^2 KL)::
     d loss / d logits_t[n] = g_n T p_t (log p_t - log p_s - KL_n)   (only when the teacher requires grad)
                            = g_n T p_t (g - E)
 
-In eager mode :func:`kd_loss` runs the same two bodies through a plain
-``torch.autograd.Function`` (the custom-op dispatch costs about as much as the
-kernels on small logits); under ``torch.compile`` it calls the custom op.
+:func:`kd_loss` calls the custom op in eager mode and under ``torch.compile`` alike.
 """
 from __future__ import annotations
 
@@ -172,31 +170,6 @@ def _op_backward(ctx, grad, _grad_stats):
 kd_loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-class _EagerKD(torch.autograd.Function):
-    """The same forward and backward as the custom op, without the custom-op dispatch.
-
-    In eager mode the torch.library machinery costs ~0.1 ms per step, as much
-    as the kernels at 256 x 1000; :func:`kd_loss` uses this path unless it is
-    being traced by torch.compile, where the custom op (fake + autograd) is used.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_s, logits_t, temperature, reduction, backend):
-        loss, stats = _forward(logits_s, logits_t, temperature, reduction, backend)
-        ctx.args = (temperature, reduction, backend)
-        ctx.save_for_backward(logits_s, logits_t, stats)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits_s, logits_t, stats = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_s or need_t):
-            return None, None, None, None, None
-        grads = _backward(grad, logits_s, logits_t, stats, *ctx.args, need_t)
-        return (grads[0] if need_s else None), (grads[1] if need_t else None), None, None, None
-
-
 def _check_inputs(logits_s, logits_t, temperature, reduction) -> tuple:
     check_tensor(logits_s, OP, "logits_s")
     check_tensor(logits_t, OP, "logits_t")
@@ -212,9 +185,7 @@ def _check_inputs(logits_s, logits_t, temperature, reduction) -> tuple:
 
 
 def _kernel(backend: str, logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: str) -> Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, backend)[0]
-    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, backend)
+    return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, backend)[0]
 
 
 _PUBLIC = PublicOp(OP, check=_check_inputs, reference=reference.kd_loss, kernel=_kernel, autocast="promote")

@@ -16,9 +16,7 @@ logits, and multiplied back into dh, dw, db): the private op
 ``torch.ops.kdkernels.linear_kd_loss_fused`` returns the loss, the number of
 kept rows K and the gradients of sum_n L_n in the accumulation dtype (each only
 when the matching input requires grad; an empty tensor otherwise), and its
-backward multiplies them by grad_output (/ K for "batchmean"). When the graph
-is not retained the saved gradients are scaled in place and handed over, so
-the backward allocates nothing of the weights' size. With ``reduction="none"``
+backward multiplies them by grad_output (/ K for "batchmean"). With ``reduction="none"``
 the row weights are known only in the backward: the forward saves the inputs
 and ``linear_kd_loss_backward`` runs the chunked pass again with them.
 """
@@ -34,7 +32,7 @@ from .._checks import (check_choice, check_float_tensor, check_real, check_same_
                        check_tensor)
 from ..reference import linear_kd as reference
 from ._common import acc_dtype
-from ._dispatch import PublicOp, grad_enabled_for
+from ._dispatch import PublicOp, grad_enabled_for, scale_grad
 from . import _linear_kd_pass
 
 OP = "linear_kd_loss"
@@ -83,8 +81,8 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
     loss: 0-dim ((N,) for "none") in h_s's dtype; K: 0-dim, the kept rows, in the
     accumulation dtype; the gradients of sum_n L_n (unscaled) in the accumulation
     dtype, an empty (0,) tensor where not needed (always with "none").
-    ``consume_grads=True`` promises that the caller never reads the returned
-    gradients, so a backward that does not retain the graph may scale them in place.
+    ``consume_grads`` has no effect: the backward always scales the saved gradients
+    into fresh tensors (docs/design.md "One eager path").
     """
     if len(needs) != 6:
         raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
@@ -143,28 +141,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.needs = [bool(x) for x in needs]
     ctx.reduction = reduction
-    ctx.consume_grads = consume_grads
     ctx.dtypes = [None if x is None else x.dtype for x in (h_s, w_s, b_s, h_t, w_t, b_t)]
     if reduction == "none":
         ctx.args = (temperature, ce_weight, ignore_index, backend, chunk)
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels)
     else:
         ctx.save_for_backward(kept, *grads)
-
-
-def _keep_graph() -> bool:
-    """True when the running backward retains the graph (the saved gradients are used again)."""
-    try:
-        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
-    except Exception:  # not inside the autograd engine: be safe
-        return True
-
-
-def _scaled(g: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
-    """g * s (s in g's accumulation dtype) cast to ``dtype``; in place on plain eager tensors when allowed."""
-    if in_place and g.dtype == dtype and type(g) is Tensor and not torch._is_functional_tensor(g):
-        return g.mul_(s)
-    return (g * s).to(dtype)
 
 
 def _backward(ctx, grad, *_unused):
@@ -187,8 +169,7 @@ def _backward(ctx, grad, *_unused):
     s = grad.to(kept.dtype)
     if ctx.reduction == "batchmean":
         s = s / kept
-    in_place = ctx.consume_grads and not _keep_graph()
-    out = [_scaled(g, s, dt, in_place) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
+    out = [scale_grad(g, s, dt) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
     return (*out,) + (None,) * 9
 
 
@@ -263,7 +244,7 @@ def _kernel(backend, h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, re
         chunk = default_chunk(h_s.shape[0], w_s.shape[0])
     return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
                                                      ce_weight, ignore_index, reduction, needs, backend, chunk,
-                                                     True)[0]
+                                                     False)[0]
 
 
 # no autocast rule: linear_kd_loss takes its inputs as they come, and its reference runs as called
