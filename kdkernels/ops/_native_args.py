@@ -163,9 +163,13 @@ def _pointer(entry: str, name: str, spec: Ptr, t, dtype: torch.dtype, device: Op
         raise ValueError(f"{entry}: {name} {_shape(t)} with strides {t.stride()} is not contiguous; "
                          "the kernel reads it as a dense array")
     if t.numel() < need:
+        shown = {k: v for k, v in sizes.items() if not isinstance(v, (list, float))}
         raise ValueError(f"{entry}: {name} {_shape(t)} holds {t.numel()} elements, but the kernel touches {need} "
-                         f"(sizes {dict(sizes)})")
+                         f"(sizes {shown})")
     return t.data_ptr(), stride
+
+
+_NAMES = {name: frozenset(e.ptrs) | frozenset(e.sizes) | frozenset(e.scalars) for name, e in ENTRIES.items()}
 
 
 def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, **named) -> None:
@@ -178,27 +182,32 @@ def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, *
     spec = ENTRIES[entry]
     if dtype not in DTYPE_CODE:
         raise TypeError(f"{entry}: the native kernels take float32/float64/float16/bfloat16, got {dtype}")
-    expected = set(spec.ptrs) | set(spec.sizes) | set(spec.scalars)
-    missing, extra = sorted(expected - set(named)), sorted(set(named) - expected)
-    if missing or extra:
+    if named.keys() != _NAMES[entry]:
+        missing, extra = sorted(_NAMES[entry] - named.keys()), sorted(named.keys() - _NAMES[entry])
         raise TypeError(f"{entry}: missing arguments {missing}, unexpected arguments {extra}")
-    sizes = {name: _check_size(entry, name, named[name]) for name in spec.sizes}
-    sizes.update((name, named[name]) for name in spec.scalars)  # extents may read a flag (kd's reduce)
-    tensors = [t for t in (named[name] for name in spec.ptrs) if isinstance(t, Tensor)]
-    device = tensors[0].device if tensors else None
+    for name in spec.sizes:
+        _check_size(entry, name, named[name])
+    device = None
+    for name in spec.ptrs:
+        t = named[name]
+        if isinstance(t, Tensor):
+            device = t.device
+            break
     if device is not None and device.type != spec.device:
         raise ValueError(f"{entry}: serves {spec.device} tensors, got tensors on {device}")
-    kwargs = {"dtype": DTYPE_CODE[dtype]}
+    kwargs = {name: named[name] for name in spec.sizes}
+    kwargs.update((name, named[name]) for name in spec.scalars)
+    sizes = kwargs  # extents read the sizes (and kd's reduce flag) from here
+    ptr_args = {"dtype": DTYPE_CODE[dtype]}
     for name, ptr in spec.ptrs.items():
         address, stride = _pointer(entry, name, ptr, named[name], dtype, device, sizes)
-        kwargs[ptr.arg or name + "_ptr"] = address
+        ptr_args[ptr.arg or name + "_ptr"] = address
         if ptr.strided:
-            kwargs[ptr.strided] = stride
-    for name in spec.sizes + spec.scalars:
-        kwargs[name] = named[name]
+            ptr_args[ptr.strided] = stride
+    kwargs.update(ptr_args)
     fn = getattr(_native.native(), entry)
     if spec.device == "cpu":
         fn(**kwargs, num_threads=torch.get_num_threads() if num_threads is None else num_threads)
         return
     with torch.cuda.device(device):
-        fn(**kwargs, stream=stream_of(tensors[0]))
+        fn(**kwargs, stream=stream_of(named[next(n for n in spec.ptrs if isinstance(named[n], Tensor))]))
