@@ -340,7 +340,7 @@ def test_bad_arguments():
     x = data(1)
     with pytest.raises(ValueError, match=r"schedule must be one of 'greedy', 'joint', got 'paper'"):
         fskd.distill(teacher, teacher, blocks, x, schedule="paper")
-    with pytest.raises(ValueError, match=r"alpha must be a finite float >= 0"):
+    with pytest.raises(ValueError, match=r"alpha must be finite and >= 0"):
         fskd.distill(teacher, teacher, blocks, x, alpha=-1e-4)
     with pytest.raises(ValueError, match=r"num_samples must be an int >= 1"):
         fskd.distill(teacher, teacher, blocks, x, num_samples=0)

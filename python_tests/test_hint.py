@@ -205,11 +205,6 @@ def test_saves_nothing_of_the_regressed_map_size(backend):
     assert n * ct * h * w_ not in sizes, sizes
     assert sum(sizes) <= fs.numel() + w.numel() + b.numel(), sizes  # W^T r, sum r fs^T, sum r, an empty
     assert all(t.data_ptr() not in (fs.data_ptr(), ft.data_ptr()) for t in saved if t.numel())
-    # the backward hands the saved fs-sized buffer to autograd instead of allocating another
-    gfs_ptrs = {t.data_ptr() for t in saved if t.numel() == fs.numel()}
-    saved.clear()  # our references would keep autograd from taking the buffer over
-    loss.backward()
-    assert fs.grad.data_ptr() in gfs_ptrs
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -322,7 +322,7 @@ def test_bad_inputs(backend):
         call(h_s, w_s, h_t, w_t, labels=torch.zeros(4))
     with pytest.raises(ValueError, match="ce_weight=0.5 needs labels"):
         call(h_s, w_s, h_t, w_t, ce_weight=0.5)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
         call(h_s, w_s, h_t, w_t, temperature=0.0)
     with pytest.raises(ValueError, match="reduction must be one of"):
         call(h_s, w_s, h_t, w_t, reduction="mean")

@@ -111,13 +111,11 @@ def test_concurrent_calls_match_single_threaded(op):
 
 def _kd_forward_two_threads(s, t):
     """The native KD forward on two threads (the shared pool), without torch's intra-op threads."""
-    from kdkernels import _native
-    from kdkernels.ops._common import DTYPE_CODE
-    from kdkernels.ops.kd import STATS
+    from kdkernels.ops._native_args import KD_STATS, call
 
-    stats, kl = torch.empty(s.shape[0], STATS), torch.empty(s.shape[0])
-    _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(), kl.data_ptr(),
-                                s.shape[0], s.shape[1], 0.25, 1.0, False, 2)
+    stats, kl = torch.empty(s.shape[0], KD_STATS), torch.empty(s.shape[0])
+    call("kd_fwd_cpu", s.dtype, s=s, t=t, stats=stats, out=kl, rows=s.shape[0], cols=s.shape[1], inv_t=0.25,
+         out_scale=1.0, reduce=False, num_threads=2)
     return stats, kl
 
 

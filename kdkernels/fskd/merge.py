@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._checks import check_float_tensor, shape_str
+from .._checks import check_float_dtype, shape_str
 
 _PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -144,7 +144,7 @@ def absorb_into(conv: nn.Module, q: torch.Tensor, bn: Optional[nn.Module] = None
 
 def _merged(conv: nn.Module, q: torch.Tensor, bn: Optional[nn.Module]):
     """(W', b') of ``q o bn o conv`` in fp64, after checking shapes, finiteness and groups."""
-    check_float_tensor(q, "q")
+    check_float_dtype(q, "q")
     w = conv.weight
     out_ch = w.shape[0]
     if q.dim() != 2 or q.shape[1] != out_ch:

@@ -48,7 +48,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
-from ._checks import check_alpha, check_choice, shape_str
+from .._checks import check_choice, check_real, shape_str
 from ._hooks import Hooks, StopForward, find_module, first_tensor, replace_module
 from ._progress import progress as progress_bar
 from .merge import absorb, absorb_into, check_bn, plain_conv_class
@@ -137,7 +137,7 @@ def distill(student: nn.Module, teacher: nn.Module, blocks: Sequence[tuple], bat
     check_schedule(schedule)
     if isinstance(joint_steps, bool) or not isinstance(joint_steps, int) or joint_steps < 0:
         raise ValueError(f"joint_steps must be an int >= 0, got {joint_steps!r}")
-    alpha = None if alpha is None else check_alpha(alpha)
+    alpha = None if alpha is None else check_real(alpha, "alpha", bound=">= 0")
     if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")

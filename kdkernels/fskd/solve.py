@@ -50,7 +50,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from ._checks import check_alpha, check_choice
+from .._checks import check_choice, check_real
 from .stats import GramStats
 
 PRIORS = ("identity", "zero")
@@ -92,7 +92,7 @@ def solve(stats: Union[GramStats, Sequence[GramStats]], alpha: Optional[float] =
     if not blocks:
         raise ValueError("stats is empty: nothing to solve")
     if alpha is not None:
-        alpha = check_alpha(alpha)
+        alpha = check_real(alpha, "alpha", bound=">= 0")
     check_choice(prior, "prior", PRIORS)
     if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
         raise ValueError(f"max_retries must be an int >= 0, got {max_retries!r}")

@@ -56,7 +56,7 @@ from typing import Optional, Union
 
 import torch
 
-from ._checks import check_channels, check_float_tensor, shape_str
+from .._checks import check_count, check_float_dtype, shape_str
 
 #: pixels per fp32 tile product; tile sums are added in fp64
 TILE_PIXELS = 4096
@@ -136,8 +136,8 @@ class GramStats:
         if compute_dtype not in (None, torch.float32, torch.float64):
             raise ValueError(f"compute_dtype must be None, torch.float32 or torch.float64, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
-        self.c_in = check_channels(c_in, "c_in")
-        self.c_out = check_channels(c_in if c_out is None else c_out, "c_out")
+        self.c_in = check_count(c_in, "c_in")
+        self.c_out = check_count(c_in if c_out is None else c_out, "c_out")
         self._device = None if device is None else torch.device(device)
         self._acc: Optional[torch.Tensor] = None  # (K, Cs + 1) fp64, uncentred sums
         self._shift64: Optional[torch.Tensor] = None  # (K,) row shift [c_s; 0; c_t]
@@ -187,8 +187,8 @@ class GramStats:
 
     # --------------------------------------------------------------- update
     def _check(self, s, t):
-        check_float_tensor(s, "s")
-        check_float_tensor(t, "t")
+        check_float_dtype(s, "s")
+        check_float_dtype(t, "t")
         if s.dim() not in (2, 4):
             raise ValueError(f"s must be (N, C, H, W) or (N, C), got shape {shape_str(s)}")
         if t.dim() != s.dim() or t.shape[0] != s.shape[0] or t.shape[2:] != s.shape[2:]:

@@ -242,10 +242,10 @@ def least_squares_init_(regressor: nn.Conv2d, batches: Batches, alpha: Optional[
         ``regressor``, with its weight and bias overwritten (in their dtype).
     """
     from .. import fskd
-    from ..fskd._checks import check_alpha
+    from .._checks import check_real
     from ..fskd.solve import UNDERDETERMINED_RIDGE, ridge_solve
 
-    alpha = None if alpha is None else check_alpha(alpha)
+    alpha = None if alpha is None else check_real(alpha, "alpha", bound=">= 0")
 
     if not is_plain_1x1(regressor):
         raise TypeError(f"least_squares_init_: regressor must be a plain 1x1 nn.Conv2d (stride 1, no padding, "

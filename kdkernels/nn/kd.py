@@ -28,7 +28,7 @@ class DistillKL(nn.Module):
     def __init__(self, T: float, reduction: str = "batchmean", backend: Optional[str] = None):
         super().__init__()
         check_temperature(T, "DistillKL", "T (the temperature)")
-        check_choice(reduction, "DistillKL", "reduction", REDUCTIONS)
+        check_choice(reduction, "reduction", REDUCTIONS, "DistillKL")
         self.T = T
         self.reduction = reduction
         self.backend = backend

@@ -56,22 +56,32 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(kind)
 
 
-def _floats(tensors: Sequence) -> List[Tensor]:
-    return [t for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+def _nested_floats(args) -> List[Tensor]:
+    out: List[Tensor] = []
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            out.extend(_nested_floats(a))
+        elif isinstance(a, Tensor) and a.is_floating_point():
+            out.append(a)
+    return out
 
 
-def promote(tensors: Sequence) -> list:
-    """Cast the float tensors of ``tensors`` to their widest dtype; anything else passes through."""
-    floats = _floats(tensors)
-    if not floats:
-        return list(tensors)
-    widest = floats[0].dtype
-    for t in floats[1:]:
-        widest = torch.promote_types(widest, t.dtype)
-    return [t.to(widest) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors]
+def _map_floats(args, fn) -> list:
+    return [_map_floats(a, fn) if isinstance(a, (list, tuple))
+            else fn(a) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
 
 
-def cast(tensors: Sequence, dtype: torch.dtype) -> list:
-    """Cast the float tensors of ``tensors`` (not float64, as autocast) to ``dtype``."""
-    return [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-            else t for t in tensors]
+def apply(args: Sequence, rule: str, amp: torch.dtype) -> tuple:
+    """A public op's arguments under autocast ``amp``: ``rule`` "promote" (losses: every float
+    tensor, also inside lists, to the widest of them) or "cast" (the conv rule: to ``amp``)."""
+    if rule == "promote":
+        floats = _nested_floats(args)
+        if not floats:
+            return tuple(args)
+        widest = floats[0].dtype
+        for t in floats[1:]:
+            widest = torch.promote_types(widest, t.dtype)
+        return tuple(_map_floats(args, lambda t: t.to(widest)))
+    if rule == "cast":
+        return tuple(_map_floats(args, lambda t: t if t.dtype == torch.float64 else t.to(amp)))
+    raise ValueError(f"unknown autocast rule {rule!r}; expected 'promote' or 'cast'")

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _native
-from ._common import DTYPE_CODE, acc_dtype
-from .kd import STATS
+from ._common import acc_dtype
+from . import _native_args
+from ._native_args import KD_STATS as STATS
 
 
 def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
@@ -51,8 +51,8 @@ def _cpp_chunk(hs: Tensor, w_s: Tensor, b_s: Optional[Tensor], ht: Tensor, w_t: 
     m, v = zs.shape
     stats = torch.empty(m, STATS, dtype=acc)  # the C++ kernel's per-row layout (kdkernels/ops/kd.py)
     kl = torch.empty(m, dtype=acc)
-    _native.native().kd_fwd_cpu(DTYPE_CODE[acc], zs.data_ptr(), zt.data_ptr(), stats.data_ptr(), kl.data_ptr(),
-                                m, v, inv_t, 1.0, False, torch.get_num_threads())
+    _native_args.call("kd_fwd_cpu", acc, s=zs, t=zt, stats=stats, out=kl, rows=m, cols=v, inv_t=inv_t, out_scale=1.0,
+                      reduce=False)
     ce = None
     if ce_on:
         ce = torch.logsumexp(zs, 1) - zs.gather(1, y[:, None])[:, 0]
@@ -66,9 +66,8 @@ def _cpp_dlogits(zs: Tensor, zt: Tensor, stats: Tensor, y: Optional[Tensor], r_k
     dzs = torch.empty_like(zs)
     dzt = torch.empty_like(zt) if teacher else None
     r_kd = r_kd.contiguous()
-    _native.native().kd_bwd_cpu(DTYPE_CODE[zs.dtype], zs.data_ptr(), zt.data_ptr(), stats.data_ptr(),
-                                r_kd.data_ptr(), 1, 1.0, dzs.data_ptr(), dzt.data_ptr() if teacher else 0,
-                                m, v, inv_t, torch.get_num_threads())
+    _native_args.call("kd_bwd_cpu", zs.dtype, s=zs, t=zt, stats=stats, gout=r_kd, gout_scale=1.0, grad_s=dzs,
+                      grad_t=dzt, rows=m, cols=v, inv_t=inv_t)
     if r_ce is not None:
         p1 = torch.softmax(zs, 1)
         dzs.add_(p1.mul_(r_ce[:, None]))

@@ -22,12 +22,13 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
-from .._checks import check_float_tensor
+from .. import backends
+from .._checks import check_float_tensor, check_same_dtype_device, check_tensor
 from ..reference import abf as reference
 from ..reference.abf import float32_ratio
-from ._common import DTYPE_CODE, acc_dtype, run_reference
-from . import _autocast
+from ._common import acc_dtype
+from . import _native_args
+from ._dispatch import PublicOp
 
 OP = "abf_fuse"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -47,9 +48,8 @@ def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, back
 
         tri.abf_fwd(x, y, wt, b, out, z)
     else:
-        _native.native().abf_fwd_cpu(DTYPE_CODE[x.dtype], x.data_ptr(), y.data_ptr(), wt.data_ptr(), b.data_ptr(),
-                                     out.data_ptr(), z.data_ptr(), N, C, H, W, h, w, float32_ratio(h, H),
-                                     float32_ratio(w, W), torch.get_num_threads())
+        _native_args.call("abf_fwd_cpu", x.dtype, x=x, y=y, weight=wt, bias=b, out=out, z=z, N=N, C=C, H=H, W=W, h=h, w=w,
+                          scale_h=float32_ratio(h, H), scale_w=float32_ratio(w, W))
     return out, z
 
 
@@ -76,10 +76,8 @@ def abf_fuse_backward_op(grad: Tensor, x: Tensor, y: Tensor, att_weight: Tensor,
         acc = acc_dtype(x.dtype)
         gw = torch.empty(4 * C, dtype=acc, device=x.device)
         gb = torch.empty(2, dtype=acc, device=x.device)
-        _native.native().abf_bwd_cpu(DTYPE_CODE[x.dtype], grad.data_ptr(), x.data_ptr(), y.data_ptr(), wt.data_ptr(),
-                                     z.data_ptr(), gx.data_ptr(), gy.data_ptr(), gw.data_ptr(), gb.data_ptr(),
-                                     N, C, H, W, h, w, float32_ratio(h, H), float32_ratio(w, W),
-                                     torch.get_num_threads())
+        _native_args.call("abf_bwd_cpu", x.dtype, g=grad, x=x, y=y, weight=wt, z=z, gx=gx, gy=gy, gw=gw, gb=gb, N=N, C=C,
+                          H=H, W=W, h=h, w=w, scale_h=float32_ratio(h, H), scale_w=float32_ratio(w, W))
     return [gx, gy, gw.to(att_weight.dtype).reshape(att_weight.shape), gb.to(att_weight.dtype)]
 
 
@@ -108,10 +106,9 @@ def _backward(ctx, grad_out, grad_z):
 abf_fuse_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(x, y, att_weight, att_bias) -> None:
+def _check(x, y, att_weight, att_bias) -> tuple:
     for name, t in (("x", x), ("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        check_tensor(t, OP, name)
     check_float_tensor(x, OP, "x", 4)
     check_float_tensor(y, OP, "y", 4)
     N, C, H, W = x.shape
@@ -124,11 +121,12 @@ def _check(x, y, att_weight, att_bias) -> None:
                          f"got {tuple(att_weight.shape)}")
     if tuple(att_bias.shape) != (2,):
         raise ValueError(f"{OP}: att_bias must have shape (2,), got {tuple(att_bias.shape)}")
-    for name, t in (("y", y), ("att_weight", att_weight), ("att_bias", att_bias)):
-        if t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name} has dtype {t.dtype} but x has {x.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{OP}: {name} is on {t.device} but x {tuple(x.shape)} is on {x.device}")
+    check_same_dtype_device("x", x, [("y", y), ("att_weight", att_weight), ("att_bias", att_bias)], OP)
+    return x, y, att_weight, att_bias
+
+
+_PUBLIC = PublicOp(OP, check=_check, reference=reference.abf_fuse, autocast="cast", cast_back=True,
+                   kernel=lambda backend, x, y, w, b: torch.ops.kdkernels.abf_fuse(x, y, w, b, backend)[0])
 
 
 def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -146,11 +144,4 @@ def abf_fuse(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend
         (N, C, H, W) tensor in x's dtype (under autocast: every input is cast to
         the autocast dtype first, as a conv does; see ``kdkernels/ops/_autocast.py``); gradients flow to all four inputs.
     """
-    amp = _autocast.autocast_dtype(x.device) if isinstance(x, Tensor) else None
-    if amp is not None:
-        x, y, att_weight, att_bias = _autocast.cast([x, y, att_weight, att_bias], amp)
-    _check(x, y, att_weight, att_bias)
-    chosen = backends.choose_backend(OP, x.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.abf_fuse, (x, y, att_weight, att_bias), x.device, cast_back=x.dtype)
-    return torch.ops.kdkernels.abf_fuse(x, y, att_weight, att_bias, chosen)[0]
+    return _PUBLIC(x, y, att_weight, att_bias, backend=backend)

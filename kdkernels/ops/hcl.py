@@ -19,11 +19,12 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._checks import as_tensor_list, check_feature_pairs
 from ..reference import hcl as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
-from . import _autocast
+from ._common import acc_dtype
+from . import _native_args
+from ._dispatch import PublicOp
 
 OP = "hcl_loss"
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
@@ -39,26 +40,14 @@ def level_plan(shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[float, ...]
 
 def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    C = _native.native()
-    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), partial.data_ptr(),
-            n * c, h, w, 1.0, list(pools), list(ratios))
-    if backend == "cpp":
-        C.hcl_fwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(fs.device):
-            C.hcl_fwd_cuda(*args, stream_of(fs))
+    _native_args.call("hcl_fwd_cpu" if backend == "cpp" else "hcl_fwd_cuda", fs.dtype, fs=fs, ft=ft,
+                      partial=partial, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
 def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    C = _native.native()
-    args = (DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), g.data_ptr(), grad.data_ptr(),
-            n * c, h, w, 1.0, list(pools), list(ratios))
-    if backend == "cpp":
-        C.hcl_bwd_cpu(*args, torch.get_num_threads())
-    else:
-        with torch.cuda.device(fs.device):
-            C.hcl_bwd_cuda(*args, stream_of(fs))
+    _native_args.call("hcl_bwd_cpu" if backend == "cpp" else "hcl_bwd_cuda", fs.dtype, fs=fs, ft=ft, gout=g,
+                      grad=grad, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
@@ -131,6 +120,17 @@ def _backward(ctx, grad):
 hcl_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check(fstudent, fteacher) -> tuple:
+    fs = as_tensor_list(fstudent, OP, "fstudent")
+    ft = as_tensor_list(fteacher, OP, "fteacher")
+    check_feature_pairs(fs, ft, OP)
+    return fs, ft
+
+
+_PUBLIC = PublicOp(OP, check=_check, reference=reference.hcl_loss, autocast="promote",
+                   kernel=lambda backend, fs, ft: torch.ops.kdkernels.hcl_loss(fs, ft, backend))
+
+
 def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
     """ReviewKD's hierarchical context loss, fused (docs/spec.md §1).
 
@@ -149,14 +149,4 @@ def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
         pools l from (4, 2, 1) kept when l < H, w_j = 2^-(j+1).
         Accumulated in float32 (float64 for float64 inputs).
     """
-    fs = as_tensor_list(fstudent, OP, "fstudent")
-    ft = as_tensor_list(fteacher, OP, "fteacher")
-    amp = _autocast.autocast_dtype(fs[0].device) if fs else None
-    if amp is not None:
-        both = _autocast.promote(fs + ft)
-        fs, ft = both[: len(fs)], both[len(fs):]
-    check_feature_pairs(fs, ft, OP)
-    chosen = backends.choose_backend(OP, fs[0].device, backend)
-    if chosen == "torch":
-        return run_reference(reference.hcl_loss, (fs, ft), fs[0].device)
-    return torch.ops.kdkernels.hcl_loss(fs, ft, chosen)
+    return _PUBLIC(fstudent, fteacher, backend=backend)

@@ -15,16 +15,10 @@ gradients times a factor ``gscale`` of the caller's choice
 (each only when the matching input requires grad; an empty tensor otherwise),
 and its backward multiplies them by 2 * grad_output / (numel * gscale), in the
 accumulation dtype. Nothing of the regressed map's size is saved for backward
-(the residual r only when the *teacher* requires grad, as its gradient). When
-the graph is not retained, the saved fs-sized gradient is scaled in place and
-handed to autograd, so the backward allocates nothing that large.
-
-In eager mode :func:`hint_loss` asks the C++ kernel for ``gscale = 2 / numel`` in float32 and
-float64 (folded into W^T once per call: free), so with the usual grad_output of
-1 the backward has nothing to multiply and hands the saved gradients over as
-they are. fp16/bf16 and the Triton kernel keep ``gscale = 1``: 2 / numel times
-a gradient can underflow fp16 before grad_output (a loss scale) multiplies it,
-and a GPU cannot compare grad_output with 1 without a host sync.
+(the residual r only when the *teacher* requires grad, as its gradient).
+:func:`hint_loss` asks for ``gscale = 1``; the backward scales the saved
+gradients into fresh tensors (kdkernels/ops/_dispatch.py ``scale_grad``, the
+same backward as linear_kd_loss's).
 """
 from __future__ import annotations
 
@@ -33,11 +27,12 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
-from .._checks import check_float_tensor
+from .. import backends
+from .._checks import check_float_tensor, check_same_dtype_device, check_tensor
 from ..reference import hint as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference
-from . import _autocast
+from ._common import acc_dtype
+from . import _native_args
+from ._dispatch import PublicOp, grad_enabled_for, scale_grad
 
 OP = "hint_loss"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -69,9 +64,9 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
     weight in the accumulation dtype, gscale sum r (Ct,) in the accumulation dtype,
     gscale r like ft); a gradient that is not needed is an empty (0,) tensor.
 
-    ``consume_grads=True`` is a promise that the caller never reads the returned
-    gradients (:func:`hint_loss` drops them): a backward that does not retain the
-    graph may then scale them in place and hand their memory to autograd.
+    ``consume_grads`` has no effect: the backward always scales the saved gradients
+    into fresh tensors (scaling them in place needs to know whether the graph is
+    retained, which no public torch API tells; docs/design.md "One eager path").
     """
     if len(needs) != 4:
         raise ValueError(f"hint_loss_fused: needs must hold 4 flags (fs, weight, bias, ft), got {list(needs)}")
@@ -95,11 +90,9 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
                     g.mul_(gscale)
     elif backend == "cpp":
         loss_sum = torch.empty(1, dtype=acc)
-        _native.native().hint_fwd_cpu(
-            DTYPE_CODE[fs.dtype], fs.data_ptr(), ft.data_ptr(), w.data_ptr(), b.data_ptr() if b is not None else 0,
-            loss_sum.data_ptr(), gfs.data_ptr() if need_fs else 0, gw.data_ptr() if need_w else 0,
-            gb.data_ptr() if need_b else 0, gft.data_ptr() if need_ft else 0, n, cs, ct, h * wd,
-            float(gscale), torch.get_num_threads())
+        _native_args.call("hint_fwd_cpu", fs.dtype, fs=fs, ft=ft, w=w, b=b, loss=loss_sum,
+                          gfs=gfs if need_fs else None, gw=gw if need_w else None, gb=gb if need_b else None,
+                          gft=gft if need_ft else None, N=n, Cs=cs, Ct=ct, P=h * wd, gscale=float(gscale))
         loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
     else:
         raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
@@ -118,39 +111,11 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled fs-sized "gradients" for those outputs
     ctx.needs = list(needs)
     ctx.has_bias = bias is not None
-    ctx.consume_grads = consume_grads
     ctx.numel = ft.numel()
     ctx.gscale = gscale
     ctx.backend = backend
     ctx.dtypes = (fs.dtype, ft.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(gfs, gw, gb, gft)
-
-
-def _keep_graph() -> bool:
-    """True when the running backward retains the graph (the saved gradients are used again)."""
-    try:
-        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
-    except Exception:  # not inside the autograd engine: be safe
-        return True
-
-
-def _scaled(t: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
-    """t * s in s's dtype (the accumulation dtype), cast to ``dtype``; in place where allowed.
-
-    In place only on plain eager tensors: while AOTAutograd traces (FakeTensor,
-    FunctionalTensor) a mutation of a forward output cannot be expressed."""
-    if t.dtype == s.dtype == dtype:
-        if in_place and type(t) is Tensor and not torch._is_functional_tensor(t):
-            return t.mul_(s)
-        return t * s
-    return (t.to(s.dtype) * s).to(dtype)
-
-
-def _is_one(grad: Tensor) -> bool:
-    """grad_output == 1, read only where that costs nothing: a plain CPU tensor (no
-    device sync; not while torch.compile traces, where the value is unknown)."""
-    return (type(grad) is Tensor and grad.device.type == "cpu" and grad.numel() == 1
-            and not torch._is_functional_tensor(grad) and grad.item() == 1.0)
 
 
 def _backward(ctx, grad, *_unused):
@@ -165,30 +130,22 @@ def _backward(ctx, grad, *_unused):
         raise RuntimeError(f"hint_loss_fused: gradients for {missing} were not computed in the forward "
                            "(call kdkernels.hint_loss, which sets `needs` from requires_grad)")
     fs_dtype, ft_dtype, w_dtype, b_dtype = ctx.dtypes
-    factor = (2.0 / ctx.numel) / ctx.gscale
-    in_place = ctx.consume_grads and not _keep_graph()
-    if in_place and factor == 1.0 and _is_one(grad):
-        # the forward already computed the gradients: hand them over (only the teacher's sign flips)
-        grad_fs = gfs.to(fs_dtype) if want_fs else None
-        grad_ft = gft.neg_().to(ft_dtype) if want_ft else None
-        grad_w = gw.to(w_dtype) if want_w else None
-        grad_b = gb.to(b_dtype) if (want_b and ctx.has_bias) else None
-        return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
-    if ctx.backend == "triton" and ctx.gscale == 1.0 and all(
-            t is not None and type(t) is Tensor and not torch._is_functional_tensor(t) for t in (grad, gfs)):
-        # eager Triton: all four in one launch (traced graphs keep the torch ops below)
+    if ctx.backend == "triton" and ctx.gscale == 1.0 and not torch.compiler.is_compiling() and all(
+            t is not None and type(t) is Tensor for t in (grad, gfs if want_fs else grad)):
+        # eager Triton on plain tensors: all four gradients scaled in one launch, out of place
+        # (traced graphs, whose tensors are fake or functional subclasses, keep the torch ops below)
         from ..triton import hint as tri
 
         grad_fs, grad_w, grad_b, grad_ft = tri.scale_grads(
             grad, ctx.numel, [gfs if want_fs else None, gw if want_w else None,
                               gb if (want_b and ctx.has_bias) else None, gft if want_ft else None],
-            [fs_dtype, w_dtype, b_dtype, ft_dtype], in_place)
+            [fs_dtype, w_dtype, b_dtype, ft_dtype], False)
         return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
-    s = grad.to(acc_dtype(fs_dtype)) * factor
-    grad_fs = _scaled(gfs, s, fs_dtype, in_place) if want_fs else None
-    grad_ft = _scaled(gft, -s, ft_dtype, in_place) if want_ft else None
-    grad_w = (gw * s).to(w_dtype) if want_w else None
-    grad_b = (gb * s).to(b_dtype) if (want_b and ctx.has_bias) else None
+    s = grad.to(acc_dtype(fs_dtype)) * ((2.0 / ctx.numel) / ctx.gscale)
+    grad_fs = scale_grad(gfs, s, fs_dtype) if want_fs else None
+    grad_ft = scale_grad(gft, -s, ft_dtype) if want_ft else None
+    grad_w = scale_grad(gw, s, w_dtype) if want_w else None
+    grad_b = scale_grad(gb, s, b_dtype) if (want_b and ctx.has_bias) else None
     return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
 
 
@@ -197,10 +154,8 @@ hint_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check(fs, ft, weight, bias, allow_tf32) -> None:
     for arg, t in (("fs", fs), ("ft", ft), ("weight", weight)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"{OP}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_tensor(t, OP, arg)
+    check_tensor(bias, OP, "bias", optional=True)
     if allow_tf32 is not None and not isinstance(allow_tf32, bool):
         raise TypeError(f"{OP}: allow_tf32 must be a bool or None, got {type(allow_tf32).__name__}")
     check_float_tensor(fs, OP, "fs", 4)
@@ -222,12 +177,7 @@ def _check(fs, ft, weight, bias, allow_tf32) -> None:
         check_float_tensor(bias, OP, "bias", 1)
         if tuple(bias.shape) != (ct,):
             raise ValueError(f"{OP}: bias has shape {tuple(bias.shape)} but ft {ft_shape} needs ({ct},)")
-    named = [("ft", ft), ("weight", weight)] + ([("bias", bias)] if bias is not None else [])
-    for arg, t in named:
-        if t.dtype != fs.dtype:
-            raise TypeError(f"{OP}: {arg} has dtype {t.dtype} (shape {tuple(t.shape)}) but fs has {fs.dtype}")
-        if t.device != fs.device:
-            raise ValueError(f"{OP}: {arg} is on {t.device} (shape {tuple(t.shape)}) but fs is on {fs.device}")
+    check_same_dtype_device("fs", fs, [("ft", ft), ("weight", weight), ("bias", bias)], OP)
 
 
 @torch.compiler.assume_constant_result  # torch.compile reads the flag once, when it traces
@@ -242,6 +192,20 @@ def torch_allows_tf32() -> bool:
         if prec != "none":
             return prec == "tf32"
     return False
+
+
+def _checked(fs, ft, weight, bias, allow_tf32) -> tuple:
+    _check(fs, ft, weight, bias, allow_tf32)
+    return fs, ft, weight, bias, torch_allows_tf32() if allow_tf32 is None else allow_tf32
+
+
+def _kernel(backend: str, fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], allow_tf32: bool) -> Tensor:
+    needs = grad_enabled_for(fs, weight, bias, ft)
+    return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, backend, allow_tf32, False, 1.0)[0]
+
+
+_PUBLIC = PublicOp(OP, check=_checked, kernel=_kernel, autocast="cast",
+                   reference=lambda fs, ft, weight, bias, allow_tf32: reference.hint_loss(fs, ft, weight, bias))
 
 
 def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
@@ -277,22 +241,4 @@ def hint_loss(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor] = N
     ``d/d fs = s W^T r``, ``d/d W = s sum r fs^T``, ``d/d b = s sum r``, ``d/d ft = -s r``.
     Double backward is not supported.
     """
-    amp = _autocast.autocast_dtype(fs.device) if isinstance(fs, Tensor) else None
-    if amp is not None:
-        fs, ft, weight, bias = _autocast.cast([fs, ft, weight, bias], amp)
-    _check(fs, ft, weight, bias, allow_tf32)
-    if allow_tf32 is None:
-        allow_tf32 = torch_allows_tf32()
-    chosen = backends.choose_backend(OP, fs.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.hint_loss, (fs, ft, weight, bias), fs.device)
-    else:
-        grad_on = torch.is_grad_enabled()
-        needs = [grad_on and fs.requires_grad, grad_on and weight.requires_grad,
-                 grad_on and bias is not None and bias.requires_grad, grad_on and ft.requires_grad]
-        # the C++ kernel folds 2 / numel into the gradients in float32/float64 (see the module docstring);
-        # not under torch.compile: there the backward cannot skip the multiply anyway, and a float of
-        # the batch size would specialise a dynamic-shape graph to one batch
-        fold = chosen == "cpp" and fs.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
-        gscale = 2.0 / ft.numel() if fold else 1.0
-        return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, chosen, allow_tf32, True, gscale)[0]
+    return _PUBLIC(fs, ft, weight, bias, allow_tf32, backend=backend)

@@ -27,9 +27,7 @@ backward is a single elementwise pass (g_n: grad_output of row n's T^2 KL)::
     d loss / d logits_t[n] = g_n T p_t (log p_t - log p_s - KL_n)   (only when the teacher requires grad)
                            = g_n T p_t (g - E)
 
-In eager mode :func:`kd_loss` runs the same two bodies through a plain
-``torch.autograd.Function`` (the custom-op dispatch costs about as much as the
-kernels on small logits); under ``torch.compile`` it calls the custom op.
+:func:`kd_loss` calls the custom op in eager mode and under ``torch.compile`` alike.
 """
 from __future__ import annotations
 
@@ -38,14 +36,15 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _native, backends
-from .._checks import check_choice, check_float_tensor, check_temperature
+from .. import backends
+from .._checks import check_choice, check_float_tensor, check_same_dtype_device, check_temperature, check_tensor
 from ..reference import kd as reference
-from ._common import DTYPE_CODE, acc_dtype, run_reference, stream_of
-from . import _autocast
+from ._common import acc_dtype
+from . import _native_args
+from ._dispatch import PublicOp
 
 OP = "kd_loss"
-STATS = 6
+STATS = _native_args.KD_STATS
 REDUCTIONS = reference.REDUCTIONS
 backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 
@@ -56,7 +55,7 @@ backends.register_op(OP, ("triton", "cuda", "cpp", "torch"))
 # each, and merges their states in a second small kernel (deterministic).
 _CUDA_TARGET_BLOCKS = 1024
 _CUDA_MIN_SEGMENT = 2048
-CUDA_PART = 5  # a segment's state in the CUDA forward's scratch: m_s, m_t, S_s, S_t, W
+CUDA_PART = _native_args.KD_CUDA_PART  # a segment's state in the CUDA forward's scratch: m_s, m_t, S_s, S_t, W
 
 
 def _cuda_split(rows: int, cols: int) -> int:
@@ -76,10 +75,8 @@ def _fwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, kl: Tensor, inv_t: f
     rows, cols = s.shape
     split = _cuda_split(rows, cols)
     part = torch.empty(rows * split * CUDA_PART, dtype=stats.dtype, device=s.device) if split > 1 else None
-    with torch.cuda.device(s.device):
-        _native.native().kd_fwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                     kl.data_ptr(), part.data_ptr() if part is not None else 0, rows, cols, split,
-                                     inv_t, stream_of(s))
+    _native_args.call("kd_fwd_cuda", s.dtype, s=s, t=t, stats=stats, kl=kl, part=part, rows=rows, cols=cols,
+                      split=split, inv_t=inv_t)
 
 
 def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad_s: Tensor,
@@ -91,10 +88,8 @@ def _bwd(backend: str, s: Tensor, t: Tensor, stats: Tensor, gscale: Tensor, grad
         tri.kd_bwd(s, t, stats, gscale, grad_s, grad_t, inv_t)
         return
     rows, cols = s.shape
-    with torch.cuda.device(s.device):
-        _native.native().kd_bwd_cuda(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                     gscale.data_ptr(), grad_s.data_ptr(),
-                                     grad_t.data_ptr() if grad_t is not None else 0, rows, cols, inv_t, stream_of(s))
+    _native_args.call("kd_bwd_cuda", s.dtype, s=s, t=t, stats=stats, gscale=gscale, grad_s=grad_s, grad_t=grad_t,
+                      rows=rows, cols=cols, inv_t=inv_t)
 
 
 def _scale(reduction: str, rows: int, cols: int) -> float:
@@ -112,10 +107,9 @@ def _forward(logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: 
     t2 = temperature * temperature
     if backend == "cpp":  # the kernel also reduces and scales the rows (csrc/common/kd.h)
         loss = torch.empty((rows,) if reduction == "none" else (), dtype=acc)
-        _native.native().kd_fwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                    loss.data_ptr(), rows, cols, 1.0 / temperature,
-                                    t2 * _scale(reduction, rows, cols), reduction != "none",
-                                    torch.get_num_threads())
+        _native_args.call("kd_fwd_cpu", s.dtype, s=s, t=t, stats=stats, out=loss, rows=rows, cols=cols,
+                          inv_t=1.0 / temperature, out_scale=t2 * _scale(reduction, rows, cols),
+                          reduce=reduction != "none")
         return loss, stats
     kl = torch.empty(rows, dtype=stats.dtype, device=s.device)
     _fwd(backend, s, t, stats, kl, 1.0 / temperature)
@@ -138,10 +132,8 @@ def _backward(grad: Tensor, logits_s: Tensor, logits_t: Tensor, stats: Tensor, t
     mult = temperature * _scale(reduction, rows, cols)
     if backend == "cpp":  # the kernel reads grad_output as it is: 0-dim, or (N,) with any stride
         gout = grad if grad.dtype == stats.dtype else grad.to(stats.dtype)
-        _native.native().kd_bwd_cpu(DTYPE_CODE[s.dtype], s.data_ptr(), t.data_ptr(), stats.data_ptr(),
-                                    gout.data_ptr(), gout.stride(0) if gout.dim() else 0, mult,
-                                    grad_s.data_ptr(), grad_t.data_ptr() if teacher_grad else 0, rows, cols,
-                                    1.0 / temperature, torch.get_num_threads())
+        _native_args.call("kd_bwd_cpu", s.dtype, s=s, t=t, stats=stats, gout=gout, gout_scale=mult, grad_s=grad_s,
+                          grad_t=grad_t, rows=rows, cols=cols, inv_t=1.0 / temperature)
     else:
         gscale = (grad.to(stats.dtype) * mult).expand(rows).contiguous()
         _bwd(backend, s, t, stats, gscale, grad_s, grad_t, 1.0 / temperature)
@@ -197,48 +189,25 @@ def _op_backward(ctx, grad, _grad_stats):
 kd_loss_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-class _EagerKD(torch.autograd.Function):
-    """The same forward and backward as the custom op, without the custom-op dispatch.
-
-    In eager mode the torch.library machinery costs ~0.1 ms per step, as much
-    as the kernels at 256 x 1000; :func:`kd_loss` uses this path unless it is
-    being traced by torch.compile, where the custom op (fake + autograd) is used.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_s, logits_t, temperature, reduction, backend):
-        loss, stats = _forward(logits_s, logits_t, temperature, reduction, backend)
-        ctx.args = (temperature, reduction, backend)
-        ctx.save_for_backward(logits_s, logits_t, stats)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits_s, logits_t, stats = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_s or need_t):
-            return None, None, None, None, None
-        grads = _backward(grad, logits_s, logits_t, stats, *ctx.args, need_t)
-        return (grads[0] if need_s else None), (grads[1] if need_t else None), None, None, None
-
-
-def _check_inputs(logits_s, logits_t, temperature, reduction) -> float:
-    for arg, x in (("logits_s", logits_s), ("logits_t", logits_t)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+def _check_inputs(logits_s, logits_t, temperature, reduction) -> tuple:
+    check_tensor(logits_s, OP, "logits_s")
+    check_tensor(logits_t, OP, "logits_t")
     check_float_tensor(logits_s, OP, "logits_s", 2)
     check_float_tensor(logits_t, OP, "logits_t", 2)
     shapes = f"logits_s {tuple(logits_s.shape)}, logits_t {tuple(logits_t.shape)}"
     if logits_s.shape != logits_t.shape:
         raise ValueError(f"{OP}: logits_s and logits_t must have the same (N, C) shape, got {shapes}")
-    if logits_s.dtype != logits_t.dtype:
-        raise TypeError(f"{OP}: logits_s is {logits_s.dtype} but logits_t is {logits_t.dtype} ({shapes}); "
-                        "cast one of them")
-    if logits_s.device != logits_t.device:
-        raise ValueError(f"{OP}: logits_s is on {logits_s.device} but logits_t is on {logits_t.device} ({shapes})")
+    check_same_dtype_device("logits_s", logits_s, [("logits_t", logits_t)], OP)
     temperature = check_temperature(temperature, OP)
-    check_choice(reduction, OP, "reduction", REDUCTIONS)
-    return temperature
+    check_choice(reduction, "reduction", REDUCTIONS, OP)
+    return logits_s, logits_t, temperature, reduction
+
+
+def _kernel(backend: str, logits_s: Tensor, logits_t: Tensor, temperature: float, reduction: str) -> Tensor:
+    return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, backend)[0]
+
+
+_PUBLIC = PublicOp(OP, check=_check_inputs, reference=reference.kd_loss, kernel=_kernel, autocast="promote")
 
 
 def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduction: str = "batchmean",
@@ -265,13 +234,4 @@ def kd_loss(logits_s: Tensor, logits_t: Tensor, temperature: float = 4.0, reduct
         ``kdkernels/ops/_autocast.py``). Gradient
         w.r.t. logits_s of row n: ``g_n * T * (p_s - p_t)``.
     """
-    amp = _autocast.autocast_dtype(logits_s.device) if isinstance(logits_s, Tensor) else None
-    if amp is not None:
-        logits_s, logits_t = _autocast.promote([logits_s, logits_t])
-    temperature = _check_inputs(logits_s, logits_t, temperature, reduction)
-    chosen = backends.choose_backend(OP, logits_s.device, backend)
-    if chosen == "torch":
-        return run_reference(reference.kd_loss, (logits_s, logits_t, temperature, reduction), logits_s.device)
-    if torch.compiler.is_compiling():
-        return torch.ops.kdkernels.kd_loss(logits_s, logits_t, temperature, reduction, chosen)[0]
-    return _EagerKD.apply(logits_s, logits_t, temperature, reduction, chosen)
+    return _PUBLIC(logits_s, logits_t, temperature, reduction, backend=backend)

@@ -16,25 +16,23 @@ logits, and multiplied back into dh, dw, db): the private op
 ``torch.ops.kdkernels.linear_kd_loss_fused`` returns the loss, the number of
 kept rows K and the gradients of sum_n L_n in the accumulation dtype (each only
 when the matching input requires grad; an empty tensor otherwise), and its
-backward multiplies them by grad_output (/ K for "batchmean"). When the graph
-is not retained the saved gradients are scaled in place and handed over, so
-the backward allocates nothing of the weights' size. With ``reduction="none"``
+backward multiplies them by grad_output (/ K for "batchmean"). With ``reduction="none"``
 the row weights are known only in the backward: the forward saves the inputs
 and ``linear_kd_loss_backward`` runs the chunked pass again with them.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from .._checks import check_float_tensor
+from .._checks import (check_choice, check_float_tensor, check_real, check_same_dtype_device, check_temperature,
+                       check_tensor)
 from ..reference import linear_kd as reference
 from ._common import acc_dtype
+from ._dispatch import PublicOp, grad_enabled_for, scale_grad
 from . import _linear_kd_pass
 
 OP = "linear_kd_loss"
@@ -94,8 +92,8 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
     (sum_n k_n CE_n, / K for "batchmean"), shaped and typed like loss, zeros when
     ce_weight = 0 (not differentiable: it reports the CE inside ``loss``); the gradients of sum_n L_n (unscaled) in the accumulation
     dtype, an empty (0,) tensor where not needed (always with "none").
-    ``consume_grads=True`` promises that the caller never reads the returned
-    gradients, so a backward that does not retain the graph may scale them in place.
+    ``consume_grads`` has no effect: the backward always scales the saved gradients
+    into fresh tensors (docs/design.md "One eager path").
     """
     if len(needs) != 6:
         raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
@@ -157,28 +155,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.needs = [bool(x) for x in needs]
     ctx.reduction = reduction
-    ctx.consume_grads = consume_grads
     ctx.dtypes = [None if x is None else x.dtype for x in (h_s, w_s, b_s, h_t, w_t, b_t)]
     if reduction == "none":
         ctx.args = (temperature, ce_weight, ignore_index, backend, chunk)
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, labels)
     else:
         ctx.save_for_backward(kept, *grads)
-
-
-def _keep_graph() -> bool:
-    """True when the running backward retains the graph (the saved gradients are used again)."""
-    try:
-        return bool(torch._C._autograd._get_current_graph_task_keep_graph())
-    except Exception:  # not inside the autograd engine: be safe
-        return True
-
-
-def _scaled(g: Tensor, s: Tensor, dtype: torch.dtype, in_place: bool) -> Tensor:
-    """g * s (s in g's accumulation dtype) cast to ``dtype``; in place on plain eager tensors when allowed."""
-    if in_place and g.dtype == dtype and type(g) is Tensor and not torch._is_functional_tensor(g):
-        return g.mul_(s)
-    return (g * s).to(dtype)
 
 
 def _backward(ctx, grad, *_unused):
@@ -201,32 +183,20 @@ def _backward(ctx, grad, *_unused):
     s = grad.to(kept.dtype)
     if ctx.reduction == "batchmean":
         s = s / kept
-    in_place = ctx.consume_grads and not _keep_graph()
-    out = [_scaled(g, s, dt, in_place) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
+    out = [scale_grad(g, s, dt) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
     return (*out,) + (None,) * 9
 
 
 linear_kd_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _real(value, arg: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{OP}: {arg} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{OP}: {arg} must be finite, got {value}")
-    return value
-
-
 def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight, chunk):
     """Validate everything; returns (temperature, ce_weight) as floats."""
     named = (("h_s", h_s), ("w_s", w_s), ("h_t", h_t), ("w_t", w_t))
     for arg, x in named:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor, got {type(x).__name__}")
+        check_tensor(x, OP, arg)
     for arg, x in (("bias_s", bias_s), ("bias_t", bias_t), ("labels", labels)):
-        if x is not None and not isinstance(x, Tensor):
-            raise TypeError(f"{OP}: {arg} must be a torch.Tensor or None, got {type(x).__name__}")
+        check_tensor(x, OP, arg, optional=True)
     for arg, x in named:
         check_float_tensor(x, OP, arg, 2)
     shapes = (f"h_s {tuple(h_s.shape)}, w_s {tuple(w_s.shape)}, h_t {tuple(h_t.shape)}, "
@@ -245,20 +215,11 @@ def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, i
             check_float_tensor(b, OP, arg, 1)
             if b.shape[0] != v:
                 raise ValueError(f"{OP}: {arg} has shape {tuple(b.shape)} but the vocabulary needs ({v},) ({shapes})")
-    tensors = [("w_s", w_s), ("h_t", h_t), ("w_t", w_t), ("bias_s", bias_s), ("bias_t", bias_t)]
-    for arg, x in tensors:
-        if x is None:
-            continue
-        if x.dtype != h_s.dtype:
-            raise TypeError(f"{OP}: {arg} has dtype {x.dtype} (shape {tuple(x.shape)}) but h_s has {h_s.dtype}")
-        if x.device != h_s.device:
-            raise ValueError(f"{OP}: {arg} is on {x.device} (shape {tuple(x.shape)}) but h_s is on {h_s.device}")
-    temperature = _real(temperature, "temperature")
-    if temperature <= 0.0:
-        raise ValueError(f"{OP}: temperature must be > 0, got {temperature}")
-    ce_weight = _real(ce_weight, "ce_weight")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{OP}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_same_dtype_device("h_s", h_s, [("w_s", w_s), ("h_t", h_t), ("w_t", w_t), ("bias_s", bias_s),
+                                         ("bias_t", bias_t)], OP)
+    temperature = check_temperature(temperature, OP)
+    ce_weight = check_real(ce_weight, "ce_weight", OP)
+    check_choice(reduction, "reduction", REDUCTIONS, OP)
     if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, int)):
         raise TypeError(f"{OP}: ignore_index must be an int or None, got {type(ignore_index).__name__}")
     if labels is not None:
@@ -267,12 +228,67 @@ def _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, i
         if labels.shape != (n,):
             raise ValueError(f"{OP}: labels has shape {tuple(labels.shape)} but h_s {tuple(h_s.shape)} needs ({n},)")
         if labels.device != h_s.device:
-            raise ValueError(f"{OP}: labels is on {labels.device} but h_s is on {h_s.device}")
+            raise ValueError(f"{OP}: labels is on {labels.device} (shape {tuple(labels.shape)}) "
+                             f"but h_s is on {h_s.device}")
     elif ce_weight != 0.0:
         raise ValueError(f"{OP}: ce_weight={ce_weight} needs labels (N,)")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"{OP}: chunk must be a positive int (tokens per chunk) or None, got {chunk!r}")
     return temperature, ce_weight
+
+
+def _checked(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+             chunk) -> tuple:
+    temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
+                                    ignore_index, ce_weight, chunk)
+    return h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight, chunk
+
+
+def _reference(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+               chunk) -> Tensor:
+    return reference.linear_kd_loss(h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
+                                    reduction=reduction, ignore_index=ignore_index, labels=labels,
+                                    ce_weight=ce_weight)
+
+
+def _fused(backend, h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+           chunk) -> Tuple[Tensor, ...]:
+    needs = grad_enabled_for(h_s, w_s, bias_s, h_t, w_t, bias_t)
+    if chunk is None:
+        chunk = default_chunk(h_s.shape[0], w_s.shape[0], h_s.device.type)
+    return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
+                                                     ce_weight, ignore_index, reduction, needs, backend, chunk,
+                                                     False)
+
+
+def _kernel(backend, *args) -> Tensor:
+    return _fused(backend, *args)[0]
+
+
+def _kernel_terms(backend, *args) -> Tuple[Tensor, Tensor]:
+    """(loss, the unweighted CE term reduced like it, not differentiable) from one fused pass."""
+    out = _fused(backend, *args)
+    return out[0], out[2]
+
+
+def _reference_terms(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+                     chunk) -> Tuple[Tensor, Tensor]:
+    loss = _reference(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+                      chunk)
+    if ce_weight == 0.0:
+        return loss, torch.zeros_like(loss.detach())
+    with torch.no_grad():
+        with_ce = _reference(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, 1.0,
+                             chunk)
+        without = _reference(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, 0.0,
+                             chunk)
+    return loss, with_ce - without
+
+
+# no autocast rule: linear_kd_loss takes its inputs as they come, and its reference runs as called
+_PUBLIC = PublicOp(OP, check=_checked, reference=_reference, kernel=_kernel, autocast=None, reference_in_acc=False)
+_TERMS = PublicOp(OP, check=_checked, reference=_reference_terms, kernel=_kernel_terms, autocast=None,
+                  reference_in_acc=False)
 
 
 def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
@@ -322,35 +338,8 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
         computed in the forward pass for the scalar reductions (the backward only
         scales them); double backward is not supported.
     """
-    return _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight, chunk,
-                backend, False)[0]
-
-
-def _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight, chunk,
-         backend, want_ce: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """(loss, the unweighted CE term reduced like it, detached; None unless ``want_ce``)."""
-    temperature, ce_weight = _check(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction,
-                                    ignore_index, ce_weight, chunk)
-    kw = dict(temperature=temperature, bias_s=bias_s, bias_t=bias_t, reduction=reduction,
-              ignore_index=ignore_index, labels=labels)
-    chosen = backends.choose_backend(OP, h_s.device, backend)
-    if chosen == "torch":
-        loss = reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=ce_weight, **kw)
-        ce = None
-        if want_ce and ce_weight == 0.0:
-            ce = torch.zeros_like(loss.detach())
-        elif want_ce:
-            with torch.no_grad():
-                ce = reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=1.0, **kw) - \
-                    reference.linear_kd_loss(h_s, w_s, h_t, w_t, ce_weight=0.0, **kw)
-        return loss, ce
-    grad_on = torch.is_grad_enabled()
-    needs = [grad_on and x is not None and x.requires_grad for x in (h_s, w_s, bias_s, h_t, w_t, bias_t)]
-    if chunk is None:
-        chunk = default_chunk(h_s.shape[0], w_s.shape[0], h_s.device.type)
-    out = torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
-                                                    ce_weight, ignore_index, reduction, needs, chosen, chunk, True)
-    return out[0], (out[2] if want_ce else None)
+    return _PUBLIC(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+                   chunk, backend=backend)
 
 
 class _SumOnly(torch.autograd.Function):
@@ -386,8 +375,8 @@ def linear_kd_loss_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, 
     ``sum(losses.values())`` with both in ``losses``); a backward through one term alone,
     or through the two with different weights, raises RuntimeError.
     """
-    total, ce = _run(h_s, w_s, h_t, w_t, temperature, bias_s, bias_t, reduction, ignore_index, labels, ce_weight,
-                     chunk, backend, True)
+    total, ce = _TERMS(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
+                       chunk, backend=backend)
     part = (ce * float(ce_weight)).detach().to(total.dtype)
     if not total.requires_grad:
         return total - part, part

@@ -24,14 +24,13 @@ modules are restored after every call.
 from __future__ import annotations
 
 import importlib
-import math
-import numbers
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks as checks
 from .taps import FeatureTaps, Output, eval_mode, first_input
 
 Losses = Dict[str, torch.Tensor]
@@ -39,12 +38,7 @@ Losses = Dict[str, torch.Tensor]
 
 def check_real(value, name: str, *, positive: bool = False) -> float:
     """A constructor argument that must be a finite real number ``>= 0`` (``> 0`` when ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (value <= 0.0 if positive else value < 0.0):
-        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value}")
-    return value
+    return checks.check_real(value, name, bound="> 0" if positive else ">= 0")
 
 
 def _lazy(module: str, name: str):

@@ -59,13 +59,13 @@ class FSKD(Distiller):
     def __init__(self, student: nn.Module, teacher: nn.Module, blocks: Sequence[Tuple], *,
                  schedule: str = "greedy", alpha: Optional[float] = None, num_samples: Optional[int] = None,
                  inplace: bool = False, keep_structure: bool = True, student_logits=None):
-        from ..fskd._checks import check_alpha
+        from .._checks import check_real
         from ..fskd.pipeline import check_schedule
 
         super().__init__(student, teacher, student_logits=student_logits)
         self.blocks = [tuple(b) for b in blocks]
         self.schedule = check_schedule(schedule)
-        self.alpha = None if alpha is None else check_alpha(alpha)
+        self.alpha = None if alpha is None else check_real(alpha, "alpha", bound=">= 0")
         if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
                                         or num_samples < 1):
             raise ValueError(f"num_samples must be an int >= 1 or None, got {num_samples!r}")
