@@ -35,7 +35,8 @@ backends.register_op(OP, ("triton", "cpp", "torch"))
 
 @torch.library.custom_op("kdkernels::abf_fuse", mutates_args=())
 def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (out (N, C, H, W), z (N, 2, H, W) in the accumulation dtype)."""
+    """Returns (out (N, C, H, W), z (N, 2, H, W) in the accumulation dtype; z is saved for the
+    backward and not differentiable)."""
     x, y = x.contiguous(), y.contiguous()
     wt, b = att_weight.contiguous().reshape(-1), att_bias.contiguous()
     N, C, H, W = x.shape
