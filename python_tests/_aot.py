@@ -488,7 +488,7 @@ def table_rows(rows: List[dict]) -> List[dict]:
         row["grid"] = "x".join(str(g) for g in r.get("grid", []))
         row["constexprs"] = " ".join(f"{k}={v}" for k, v in sorted(r.get("constexprs", {}).items())
                                      if k.startswith(("BLOCK", "NPOOL", "ACC", "PREC", "SINGLE", "NEED", "TEACHER",
-                                                      "FINAL", "HAS", "DOT")))
+                                                      "FINAL", "HAS", "DOT", "ONE_PASS", "MODE")))
         if "error" in r:
             row["kernel"] = "ERROR " + r["error"][:200].replace("\n", " ")
         for c in ("compile_s", "compile_cpu_s"):
@@ -515,18 +515,23 @@ def summary(rows: List[dict]) -> str:
     """Markdown: per kernel x arch x Triton version, the worst case over its compiled
     configurations; and per op the compile seconds of its first training step."""
     kern: Dict[tuple, List[dict]] = {}
+    launches: Dict[tuple, List[dict]] = {}  # every launch, cached compiles too: the grids
     for r in rows:
-        if not r["kernel"].startswith(("(", "?")) and r.get("first_compile"):
-            kern.setdefault((r["kernel"], r["arch"], r["triton"]), []).append(r)
+        if not r["kernel"].startswith(("(", "?")) and "error" not in r:
+            launches.setdefault((r["kernel"], r["arch"], r["triton"]), []).append(r)
+            if r.get("first_compile"):
+                kern.setdefault((r["kernel"], r["arch"], r["triton"]), []).append(r)
     out = ["| kernel | arch | Triton | configs | registers | spills (B) | shared mem (B) | blocks/SM | "
-           "grids at the benchmark shapes |", "|---|---|---|---|---|---|---|---|---|"]
+           "programs at the benchmark shapes | grids |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, a, t), rs in sorted(kern.items()):
-        grids = sorted({"x".join(str(g) for g in r["grid"] if g > 1) or "1" for r in rs
-                        if r["group"] in ("hcl", "abf", "kd", "hint")})
+        bench = [r for r in launches[(k, a, t)] if r["group"] in ("hcl", "abf", "kd", "hint")]
+        grids = sorted({"x".join(str(g) for g in r["grid"] if g > 1) or "1" for r in bench})
+        progs = sorted(math.prod(r["grid"]) for r in bench)
+        progs_s = f"{progs[0]}-{progs[-1]}" if progs else "-"
         regs = sorted(r["regs"] for r in rs)
         out.append(f"| {k} | sm_{a} | {t} | {len(rs)} | {regs[0]}-{regs[-1]} | "
                    f"{max(max(r['spill_st'], r['spill_ld']) for r in rs)} | {max(r['smem'] for r in rs)} | "
-                   f"{min(r['blocks_per_sm'] for r in rs)}-{max(r['blocks_per_sm'] for r in rs)} | "
+                   f"{min(r['blocks_per_sm'] for r in rs)}-{max(r['blocks_per_sm'] for r in rs)} | {progs_s} | "
                    f"{', '.join(grids[:6])}{' ...' if len(grids) > 6 else ''} |")
     out += ["", "| op | arch | Triton | first training step: kernels compiled | compile wall s (sum) | "
             "compile CPU s (sum) | case |", "|---|---|---|---|---|---|---|"]

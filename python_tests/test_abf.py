@@ -220,3 +220,64 @@ def test_triton_channels_past_one_tile():
     assert_rel_close(out, ref_out, REL_TOL[torch.float32], "out")
     for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
         assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_attention_maps_get_no_zero_filled_gradient(backend):
+    """The op's second output z (N, 2, H, W) is saved for the backward, not differentiated:
+    autograd must not zero-fill a gradient for it (a launch per backward), and using it in
+    a loss changes no gradient."""
+    from _launches import recording
+
+    inputs = _inputs((2, 3, 8, 8, 4, 4), torch.float32, seed=13)
+    gout = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(14)).to(DEVICE) * 1.7
+    out, z = torch.ops.kdkernels.abf_fuse(*inputs, backend)
+    assert not z.requires_grad
+    with recording() as rec:
+        grads = torch.autograd.grad(out, inputs, gout, retain_graph=True)
+    fills = [name for name in rec.launches if any(k in name for k in ("zero", "fill", "full"))]
+    assert not fills, rec.launches
+    with_z = torch.autograd.grad((out * gout).sum() + (3 * z).sum(), inputs)
+    for a, b in zip(grads, with_z):
+        assert torch.equal(a, b)
+
+
+def test_exact_factor_agrees_with_the_nearest_rule():
+    """The grad_y kernel's direct path is taken exactly when the float32 nearest rule maps
+    output index i to i // k (k = out / in), for every size pair up to 130 x 40."""
+    from kdkernels.triton import abf as tri
+
+    for n_in in range(1, 41):
+        for n_out in range(n_in, 131):
+            src = ref.nearest_source_index(n_out, n_in).cpu()
+            k = n_out // n_in
+            exact = n_out % n_in == 0 and torch.equal(src, torch.arange(n_out) // k)
+            assert tri._exact_factor(n_out, n_in) == (k if exact else 0), (n_out, n_in)
+
+
+def test_triton_grad_y_plans():
+    """grad_y reads only contributing pixels where the factor is exact (2x at the benchmark
+    levels: 4 loads per source pixel, not 16 candidates), sums a 1 x 1 y over contiguous
+    tiles, and keeps the masked candidate walk for other ratios."""
+    from kdkernels.triton import abf as tri
+
+    assert tri._y_plan(16, 16, 8, 8)[:3] == (1, 2, 2)
+    assert tri._y_plan(56, 56, 28, 28)[:3] == (1, 2, 2)
+    assert tri._y_plan(14, 28, 7, 7)[:3] == (1, 2, 4)
+    assert tri._y_plan(8, 8, 1, 1)[0] == 2 and tri._y_plan(7, 7, 1, 1)[0] == 2
+    assert tri._y_plan(7, 7, 3, 3)[0] == 0 and tri._y_plan(12, 10, 6, 4)[0] == 0
+
+
+# each grad_y path: exact factors 3 and 1 x 3, a 1 x 1 y, exact on one axis only, a 1 x w y
+Y_PATHS = [(1, 4, 9, 12, 3, 4), (2, 3, 6, 9, 6, 3), (2, 5, 9, 7, 1, 1), (1, 3, 6, 10, 3, 4), (1, 2, 5, 8, 1, 3)]
+
+
+@pytest.mark.parametrize("shape", Y_PATHS, ids=lambda s: "x".join(map(str, s)))
+def test_triton_grad_y_paths(shape):
+    inputs = _inputs(shape, torch.float32, seed=15)
+    gout = torch.randn(shape[:4], generator=torch.Generator().manual_seed(16)).to(DEVICE) * 1.7
+    _, grads = _grads(lambda *a: kdkernels.abf_fuse(*a, backend="triton"), inputs, gout)
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    _, ref_grads = _grads(ref.abf_fuse, inputs64, gout.double())
+    for name, g, r in zip(("x", "y", "att_weight", "att_bias"), grads, ref_grads):
+        assert_rel_close(g, r, REL_TOL[torch.float32], f"grad {name}")

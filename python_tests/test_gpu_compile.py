@@ -31,7 +31,7 @@ test extra) except the HCL variants on sm_80 (35 kernels, a quarter of the
 tier's CPU time; the HCL kernels use no tensor cores and at most 10 KB of
 shared memory, so sm_90 shows what sm_80 would), and on Triton 3.6 (the
 oldest supported, the GPU image's) the groups where the two versions differed:
-the hint kernel (every dtype, allow_tf32, fp64) and KD's benchmark shapes.
+the hint kernel (every dtype, allow_tf32, fp64), KD's and ABF's benchmark shapes.
 Measured CPU seconds per (group, arch) job are 8-30 (hcl-variants: ~110);
 two at a time on the 2-core CI machine that is about 3.5 minutes for the
 newest Triton plus ~1 minute of nvcc, and ~2 minutes for Triton 3.6 with its
@@ -39,6 +39,7 @@ venv (estimates from CPU seconds measured on a shared machine).
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -225,6 +226,33 @@ def test_hint_tensor_cores(aot_rows, arch):
         pytest.skip(f"no hint group selected (KDKERNELS_AOT_GROUPS={_groups})")
     assert not [r["case"] for r in tc if not r.get("mma")], [(r["case"], r.get("mma")) for r in tc]
     assert not [r["case"] for r in ieee if r.get("mma")], [(r["case"], r.get("mma")) for r in ieee]
+
+
+@pytest.mark.parametrize("group", ["abf", "abf-variants"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_abf_does_not_spill(aot_rows, arch, group):
+    """Every ABF kernel at its default configurations (every dtype, with and without
+    gradients): no register spills at all (the one-pass backward on a 4096-element tile
+    spilled 40-68 B on sm_80 and sm_90)."""
+    _need(group)
+    rows = [r for r in _rows_of(aot_rows, group, arch) if r["kernel"].startswith("_abf") and r["first_compile"]]
+    assert rows
+    spilled = [(r["case"], r["kernel"], r["regs"], r["spill_st"], r["spill_ld"]) for r in rows
+               if r["spill_st"] or r["spill_ld"]]
+    assert not spilled, spilled
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_abf_grids_fill_the_gpu(aot_rows, arch):
+    """At every benchmark level each ABF kernel launches at least 2 x 132 programs (two per
+    SM of an H100). The weight-gradient sum has only 4C + 2 columns: it reaches that or
+    runs its narrowest column blocks (4)."""
+    _need("abf")
+    rows = [r for r in _rows_of(aot_rows, "abf", arch) if r["kernel"].startswith("_abf")]
+    assert rows
+    small = [(r["case"], r["kernel"], r["grid"]) for r in rows if math.prod(r["grid"]) < 2 * 132
+             and not (r["kernel"] == "_abf_reduce_kernel" and r["constexprs"].get("BLOCK") == "4")]
+    assert not small, small
 
 
 # ------------------------------------------------------------- csrc/cuda

@@ -321,22 +321,30 @@ def test_triton_abf_samples_past_int32():
     acc, block_p, block_c, one_pass = ta._config(N, C, H * W, x.dtype)
     blocks_p = -(-H * W // block_p)
     assert blocks_p == 1 and ta._tiles_per_program(N, blocks_p, one_pass) == 1
+    big_ = ta._big(C, H * W)  # False: one sample is small, only n * C * H * W passes 2^31
     wflat = weight.reshape(-1).contiguous()
     _run_programs(ta._abf_fwd_kernel, (blocks_p, N), [(0, n) for n in picked],
                   x, y, wflat, bias, out, z, C, H, W, h, w, sh, sw, ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c,
-                  ONE_PASS=one_pass)
+                  ONE_PASS=one_pass, BIG=big_)
     pw = sparse(N * blocks_p * 4 * C, torch.float32)
     pb = sparse(N * blocks_p * 2, torch.float32)
     _run_programs(ta._abf_bwd_pixel_kernel, (blocks_p, N), [(0, n) for n in picked],
                   go, x, y, wflat, z, gx, da, pw, pb, C, H, W, h, w, sh, sw, 1,
-                  ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c, ONE_PASS=one_pass)
-    block_q = min(64, h * w)
+                  ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c, ONE_PASS=one_pass, BIG=big_)
     inv_h, inv_w = float(H / h), float(W / w)
-    span_h, span_w = -(-H // h) + 2, -(-W // w) + 2
-    grid = (-(-h * w // block_q), N, -(-C // block_c))
-    _run_programs(ta._abf_bwd_y_kernel, grid, [(0, n, 0) for n in picked],
-                  go, wflat, z, da, gy, C, H, W, h, w, sh, sw, inv_h, inv_w, span_h, span_w,
-                  ACC=acc, BLOCK_Q=block_q, BLOCK_C=block_c)
+    # both grad_y paths: the direct one (factor 2 here) and the masked candidate walk
+    for mode, span_h, span_w, block_q in (ta._y_plan(H, W, h, w), (0, -(-H // h) + 2, -(-W // w) + 2, h * w)):
+        for n in picked:
+            gy[n].zero_()
+        grid = (-(-h * w // block_q), N, -(-C // block_c))
+        _run_programs(ta._abf_bwd_y_kernel, grid, [(0, n, 0) for n in picked],
+                      go, wflat, z, da, gy, C, H, W, h, w, sh, sw, inv_h, inv_w, span_h, span_w,
+                      ACC=acc, BLOCK_Q=block_q, BLOCK_C=block_c, MODE=mode, BIG=big_)
+        for n in picked:
+            xa, ya = x[n:n + 1].double().requires_grad_(True), y[n:n + 1].double().requires_grad_(True)
+            ref = abf_ref.abf_fuse(xa, ya, weight.double(), bias.double())
+            (rgy,) = torch.autograd.grad(ref, (ya,), go[n:n + 1].double())
+            _close(gy[n], rgy[0], 1e-5, f"abf bwd: grad_y (mode {mode}) of sample {n}")
     for n in picked:
         xa = x[n:n + 1].double().requires_grad_(True)
         ya = y[n:n + 1].double().requires_grad_(True)

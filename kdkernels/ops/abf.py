@@ -36,7 +36,8 @@ backends.register_op(OP, ("triton", "cpp", "torch"))
 
 @torch.library.custom_op("kdkernels::abf_fuse", mutates_args=())
 def abf_fuse_op(x: Tensor, y: Tensor, att_weight: Tensor, att_bias: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    """Returns (out (N, C, H, W), z (N, 2, H, W) in the accumulation dtype)."""
+    """Returns (out (N, C, H, W), z (N, 2, H, W) in the accumulation dtype; z is saved for the
+    backward and not differentiable)."""
     x, y = x.contiguous(), y.contiguous()
     wt, b = att_weight.contiguous().reshape(-1), att_bias.contiguous()
     N, C, H, W = x.shape
@@ -93,9 +94,15 @@ def _setup_context(ctx, inputs, output):
     x, y, att_weight, att_bias, backend = inputs
     ctx.backend = backend
     ctx.save_for_backward(x, y, att_weight, output[1])
+    # z is saved for the backward, not a differentiable result; and autograd must not
+    # zero-fill (N, 2, H, W) for its gradient (one launch per backward)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_z):
+    if grad_out is None:  # unmaterialised: the output was not used
+        return None, None, None, None, None
     x, y, att_weight, z = ctx.saved_tensors
     gx, gy, gw, gb = torch.ops.kdkernels.abf_fuse_backward(grad_out, x, y, att_weight, z, ctx.backend)
     need = ctx.needs_input_grad
