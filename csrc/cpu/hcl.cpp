@@ -32,6 +32,7 @@
 #include "../common/dtype.h"
 #include "../common/hcl.h"
 #include "../common/parallel.h"
+#include "hcl_nested.h"
 
 namespace kdk {
 namespace {
@@ -128,24 +129,6 @@ inline void row_sums(const T* __restrict a, const T* __restrict b, int64_t W, ac
     colsum[c] = ADD ? colsum[c] + d : d;
     if (SQ) colsq[c] = SQ_ADD ? colsq[c] + d * d : d * d;
   }
-}
-
-// sum (a - b)^2 over n elements in 8 interleaved lanes (a fixed order).
-template <typename T>
-acc_t<T> sum_squares(const T* __restrict a, const T* __restrict b, int64_t n) {
-  using A = acc_t<T>;
-  A lane[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const A d = Scalar<T>::load(a[i + k]) - Scalar<T>::load(b[i + k]);
-      lane[k] += d * d;
-    }
-  for (int k = 0; i < n; ++i, ++k) {
-    const A d = Scalar<T>::load(a[i]) - Scalar<T>::load(b[i]);
-    lane[k] += d * d;
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
 }
 
 // One plane at a time (per-thread scratch): rows of 32 or more, and rows of
@@ -458,6 +441,21 @@ void with_plane_kernel(const Plan& plan, const HclCoefs& coefs, F&& f) {
   f(PlaneKernel<T>(plan, coefs));
 }
 
+// f(kernel) with the TileKernel for rows of W (L = tile_pool(H, W, coefs) > 0).
+template <typename T, typename F>
+void with_tile_kernel(int64_t H, int64_t W, int64_t L, const HclCoefs& coefs, F&& f) {
+  using hcl_nested::TileKernel;
+  if (L == 4 && H == W && (W == 8 || W == 16 || W == 32)) {  // CIFAR levels: everything unrolled
+    if (W == 8) return f(TileKernel<T, 8, 8, 4>(H, W, L, coefs));
+    if (W == 16) return f(TileKernel<T, 16, 16, 4>(H, W, L, coefs));
+    return f(TileKernel<T, 32, 32, 4>(H, W, L, coefs));
+  }
+  if (W == 8) return f(TileKernel<T, 8>(H, W, L, coefs));
+  if (W == 16) return f(TileKernel<T, 16>(H, W, L, coefs));
+  if (W == 32) return f(TileKernel<T, 32>(H, W, L, coefs));
+  f(TileKernel<T>(H, W, L, coefs));
+}
+
 }  // namespace
 
 void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partial_ptr, int64_t planes, int64_t H,
@@ -489,7 +487,13 @@ void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partia
           }
           return;
         }
-        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * sum_squares(fs + p * HW, ft + p * HW, HW);
+        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * hcl_nested::sum_squares(fs + p * HW, ft + p * HW, HW);
+        return;
+      }
+      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+          for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+        });
         return;
       }
       if (use_batches(H, W)) {
@@ -528,6 +532,12 @@ void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_p
         T* __restrict out = grad + p0 * HW;
         const int64_t n = (p1 - p0) * HW;
         for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
+        return;
+      }
+      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+          for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+        });
         return;
       }
       if (use_batches(H, W)) {
