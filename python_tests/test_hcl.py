@@ -84,6 +84,38 @@ def test_cpp_plane_kernel_on_planes_over_16384_elements(shape, dtype):
     assert_rel_close(fs[0].grad, ref_gs[0], REL_TOL[dtype], "grad fstudent")
 
 
+# The C++ tile path (csrc/cpu/hcl_nested.h) serves planes whose largest pool divides H and W:
+# 8 x 8 float has its own vector code, 8 / 16 / 32 square their compiled sizes, the rest the
+# generic loops (L = 4, 2 and 1); the "miss" shapes are one row or column off and take the
+# overlapping-bin kernels instead.
+TILE_HIT = [(3, 5, 8, 8), (2, 3, 16, 16), (1, 2, 32, 32), (2, 3, 8, 12), (2, 3, 12, 8), (1, 3, 28, 28),
+            (2, 3, 4, 6), (2, 3, 2, 5), (1, 2, 8, 32)]
+TILE_MISS = [(2, 3, 8, 10), (2, 3, 10, 8), (2, 3, 9, 8), (2, 3, 3, 4), (2, 3, 6, 6), (2, 3, 8, 7)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", TILE_HIT + TILE_MISS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pattern", ["random", "tiles"])
+def test_cpp_tile_path_and_its_neighbours(shape, dtype, pattern):
+    """Random data, and data whose bin means dominate the loss (a large value per row and
+    per column, little noise), so that a sum landing in the wrong tile or bin shows."""
+    fs, ft = _features([shape], dtype, seed=7)
+    if pattern == "tiles":
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(8)
+        rows = torch.randn(n, c, h, 1, generator=g) * 3
+        cols = torch.randn(n, c, 1, w, generator=g) * 3
+        base = rows + cols + 0.1 * torch.randn(shape, generator=g)
+        fs = [base.to(DEVICE, dtype).requires_grad_()]
+        ft = [torch.zeros(shape, device=DEVICE, dtype=dtype)]
+    loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
+    (loss * GRAD_OUT).backward()
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, REL_TOL[dtype], "loss")
+    assert_rel_close(fs[0].grad, ref_gs[0], REL_TOL[dtype], "grad fstudent")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_multilevel_with_teacher_grad(backend):
     shapes = [(2, 4, 14, 14), (2, 8, 7, 7), (2, 8, 4, 4), (2, 8, 1, 1)]
