@@ -14,7 +14,7 @@ from _util import DEVICE, DTYPES, REL_TOL, assert_bitwise_repeatable, assert_rel
 
 BACKENDS = backends_for("hcl_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
-# rows of 16 and 32 have their own compiled C++ loops (csrc/cpu/hcl.cpp): square, with
+# rows of 16 and 32 have their own compiled C++ loops (csrc/cpu/hcl.cpp, hcl_nested.h): square, with
 # overlapping row bins (7, 5 rows), and with a single row
 SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 16, 32)] + [
     (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6),

@@ -1,19 +1,27 @@
 // HCL on CPU (docs/spec.md §1; formulas in common/hcl.h).
 //
-// Every bin edge of every pool splits each axis of a plane into "segments"; a
-// bin is then a rectangle of segment cells (bins overlap, so one pool's sums
-// cannot be built from another's, but cell sums serve them all). Per plane:
-// cell sums of d and sum d^2, then the bins' sums from the cells, then
-//   forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
-//   backward  one gradient term per cell (the bins covering it), then
-//             grad = g (2 coef_mse d + term) over the plane again (from cache).
-// Two ways to get there, chosen by shape only:
-//   * PlaneKernel (rows of 32 or more): one plane at a time; each row adds d
-//     into a per-column array (and d^2 into another: elementwise, so it
-//     vectorises without reassociation), folded into cells at the end of each
-//     row segment.
-//   * BatchKernel (short rows): 8 planes at a time, one per vector lane, so the
-//     per-plane bookkeeping runs 8-wide instead of in short scalar chains.
+// Three kernels, chosen by the plane's shape only:
+//   * TileKernel (hcl_nested.h): the largest pool L divides H and W, so every
+//     bin is a union of L x L equal tiles; one pass builds the tile sums and
+//     every pool's sums follow from them. Every CIFAR level (8, 16, 32) and
+//     ImageNet's 56 and 28 take it.
+//   * Otherwise bins overlap (H or W not a multiple of L: 7, 14, ...). Every
+//     bin edge of every pool splits each axis into "segments"; a bin is a
+//     rectangle of segment cells (one pool's sums cannot be built from
+//     another's, but cell sums serve them all). Per plane: cell sums of d and
+//     sum d^2, then the bins' sums from the cells, then
+//       forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
+//       backward  one gradient term per cell (the bins covering it), then
+//                 grad = g (2 coef_mse d + term) over the plane again (from cache).
+//     - BatchKernel: rows shorter than 32 except rows of exactly 16, while the
+//       plane has at most 16,384 elements: 8 planes at a time, one per vector
+//       lane, so the per-plane bookkeeping runs 8-wide instead of in short
+//       scalar chains.
+//     - PlaneKernel: everything else (rows of 16, rows of 32 or more, and
+//       planes over 16,384 elements whatever their rows): one plane at a time;
+//       each row adds d into a per-column array (and d^2 into another:
+//       elementwise, so it vectorises without reassociation), folded into cells
+//       at the end of each row segment.
 // Threads own whole planes (a fixed split); a plane's result never depends on
 // the thread count or on which batch or lane it fell in.
 #include <algorithm>
@@ -131,10 +139,11 @@ inline void row_sums(const T* __restrict a, const T* __restrict b, int64_t W, ac
   }
 }
 
-// One plane at a time (per-thread scratch): rows of 32 or more, and rows of
-// exactly 16. WC > 0 is the row length known at compile time (16, 32): the
-// per-row loops then unroll completely, which at 16 x 16 and 32 x 32 is the
-// difference between per-row loop overhead and streaming at memory speed.
+// One plane at a time (per-thread scratch), for planes whose bins overlap:
+// rows of 32 or more, rows of exactly 16, and planes past BatchKernel's limit.
+// WC > 0 is the row length known at compile time (16, 32: rows of CIFAR
+// widths under a height that is not a multiple of the largest pool): the
+// per-row loops then unroll completely instead of paying loop overhead per row.
 template <typename T, int WC = 0>
 class PlaneKernel {
  public:
