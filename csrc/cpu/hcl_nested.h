@@ -1,9 +1,10 @@
 // HCL on CPU for planes whose bins tile exactly (docs/spec.md §1; formulas in
 // common/hcl.h): the largest pool L (4, 2 or 1) divides both H and W, so every
-// bin of every pool is a rectangle of whole L x L bins, the "tiles"
-// (BH = H / L rows by BW = W / L columns each): a 2 x 2 bin is four tiles, the
-// 1 x 1 bin all of them. One streaming pass per plane builds the tile sums S
-// (and sum d^2 in the forward); the pools' sums are then sums of tile sums.
+// bin of every pool is a union of bins of pool L, the L x L "tiles" (BH = H / L
+// rows by BW = W / L columns each, no overlap): a bin of pool 2 is four tiles
+// when L = 4, the 1 x 1 bin all of them. One streaming pass per plane builds
+// the tile sums S (and, for rows of 32 or more, sum d^2 in the forward); the
+// pools' sums are then sums of tile sums.
 //   forward   partial = coef_mse sum d^2 + sum_l coef_l / area_l^2 sum_bins S_l^2
 //   backward  term[tile] = g sum_l 2 coef_l / area_l^2 S_l(bin covering the tile),
 //             then grad = g 2 coef_mse d + term[tile of the pixel] in a second
@@ -132,10 +133,17 @@ class TileKernel {
       return mse_ * sq + ((loss_[0] * v8x8::hsum(p4) + loss_[1] * v8x8::hsum(S2 * S2)) + loss_[2] * (S1 * S1));
     }
     A S[16] = {};
-    // sum d^2 over the plane as one flat run (8 lanes), apart from the tile sums: fused
-    // into them, the squares' per-column sums cost more shuffles than the second read from L1
-    const A sq = sum_squares(fs, ft, H_ * width());
-    tile_sums<false>(fs, ft, S);
+    // Rows of 32 or more: sum d^2 per column in the same pass as the tile sums. Shorter
+    // rows: as one flat run (8 lanes) after it, from L1: fused into such short rows, the
+    // per-column squares cost the compiler's vectorised code more lane shuffles than the
+    // second read costs.
+    A sq;
+    if (width() >= 32) {
+      sq = tile_sums<true>(fs, ft, S);
+    } else {
+      tile_sums<false>(fs, ft, S);
+      sq = sum_squares(fs, ft, H_ * width());
+    }
     A pooled = A(0);
     int j = 0;
     for (int64_t l = pool(); l >= 1; l /= 2, ++j) {
