@@ -243,7 +243,7 @@ ext_modules = [
         ["csrc/bindings.cpp", *sorted(glob.glob("csrc/cpu/*.cpp")),
          *([GLIBC_COMPAT_SRC] if _glibc_compat() else [])],
         include_dirs=["csrc"],
-        depends=sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cuda/*.cu")),
+        depends=sorted(glob.glob("csrc/common/*.h") + glob.glob("csrc/cpu/*.h") + glob.glob("csrc/cuda/*.cu")),
         extra_compile_args=CXX_FLAGS,
         extra_link_args=_glibc_compat_link_args() if _glibc_compat() else [],
         # dlsym (csrc/common/parallel.h finds torch's OpenMP team at run time): libdl before glibc 2.34

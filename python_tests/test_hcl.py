@@ -14,7 +14,7 @@ from _util import DEVICE, DTYPES, REL_TOL, assert_bitwise_repeatable, assert_rel
 
 BACKENDS = backends_for("hcl_loss")
 FAST = [b for b in BACKENDS if b != "torch"]
-# rows of 16 and 32 have their own compiled C++ loops (csrc/cpu/hcl.cpp): square, with
+# rows of 16 and 32 have their own compiled C++ loops (csrc/cpu/hcl.cpp, hcl_nested.h): square, with
 # overlapping row bins (7, 5 rows), and with a single row
 SHAPES = [(2, 3, h, h) for h in (1, 2, 3, 4, 5, 7, 8, 14, 16, 32)] + [
     (1, 3, 56, 56), (2, 5, 7, 9), (2, 5, 9, 7), (1, 1, 14, 3), (3, 1, 1, 6),
@@ -77,6 +77,38 @@ WIDE_PLANES = [(1, 2, 1093, 15), (1, 1, 530, 31), (1, 1, 130, 130)]
 def test_cpp_plane_kernel_on_planes_over_16384_elements(shape, dtype):
     assert shape[2] * shape[3] > 16384
     fs, ft = _features([shape], dtype, seed=5)
+    loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
+    (loss * GRAD_OUT).backward()
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, REL_TOL[dtype], "loss")
+    assert_rel_close(fs[0].grad, ref_gs[0], REL_TOL[dtype], "grad fstudent")
+
+
+# The C++ tile path (csrc/cpu/hcl_nested.h) serves planes whose largest pool divides H and W:
+# 8 x 8 float has its own vector code, 8 / 16 / 32 square their compiled sizes, the rest the
+# generic loops (L = 4, 2 and 1); the "miss" shapes are one row or column off and take the
+# overlapping-bin kernels instead.
+TILE_HIT = [(3, 5, 8, 8), (2, 3, 16, 16), (1, 2, 32, 32), (2, 3, 8, 12), (2, 3, 12, 8), (1, 3, 28, 28),
+            (2, 3, 4, 6), (2, 3, 2, 5), (1, 2, 8, 32)]
+TILE_MISS = [(2, 3, 8, 10), (2, 3, 10, 8), (2, 3, 9, 8), (2, 3, 3, 4), (2, 3, 6, 6), (2, 3, 8, 7)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("shape", TILE_HIT + TILE_MISS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("pattern", ["random", "tiles"])
+def test_cpp_tile_path_and_its_neighbours(shape, dtype, pattern):
+    """Random data, and data whose bin means dominate the loss (a large value per row and
+    per column, little noise), so that a sum landing in the wrong tile or bin shows."""
+    fs, ft = _features([shape], dtype, seed=7)
+    if pattern == "tiles":
+        n, c, h, w = shape
+        g = torch.Generator().manual_seed(8)
+        rows = torch.randn(n, c, h, 1, generator=g) * 3
+        cols = torch.randn(n, c, 1, w, generator=g) * 3
+        base = rows + cols + 0.1 * torch.randn(shape, generator=g)
+        fs = [base.to(DEVICE, dtype).requires_grad_()]
+        ft = [torch.zeros(shape, device=DEVICE, dtype=dtype)]
     loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
     (loss * GRAD_OUT).backward()
     ref_loss, ref_gs, _ = _reference(fs, ft)

@@ -1,19 +1,27 @@
 // HCL on CPU (docs/spec.md §1; formulas in common/hcl.h).
 //
-// Every bin edge of every pool splits each axis of a plane into "segments"; a
-// bin is then a rectangle of segment cells (bins overlap, so one pool's sums
-// cannot be built from another's, but cell sums serve them all). Per plane:
-// cell sums of d and sum d^2, then the bins' sums from the cells, then
-//   forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
-//   backward  one gradient term per cell (the bins covering it), then
-//             grad = g (2 coef_mse d + term) over the plane again (from cache).
-// Two ways to get there, chosen by shape only:
-//   * PlaneKernel (rows of 32 or more): one plane at a time; each row adds d
-//     into a per-column array (and d^2 into another: elementwise, so it
-//     vectorises without reassociation), folded into cells at the end of each
-//     row segment.
-//   * BatchKernel (short rows): 8 planes at a time, one per vector lane, so the
-//     per-plane bookkeeping runs 8-wide instead of in short scalar chains.
+// Three kernels, chosen by the plane's shape only:
+//   * TileKernel (hcl_nested.h): the largest pool L divides H and W, so every
+//     bin is a union of L x L equal tiles; one pass builds the tile sums and
+//     every pool's sums follow from them. Every CIFAR level (8, 16, 32) and
+//     ImageNet's 56 and 28 take it.
+//   * Otherwise bins overlap (H or W not a multiple of L: 7, 14, ...). Every
+//     bin edge of every pool splits each axis into "segments"; a bin is a
+//     rectangle of segment cells (one pool's sums cannot be built from
+//     another's, but cell sums serve them all). Per plane: cell sums of d and
+//     sum d^2, then the bins' sums from the cells, then
+//       forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
+//       backward  one gradient term per cell (the bins covering it), then
+//                 grad = g (2 coef_mse d + term) over the plane again (from cache).
+//     - BatchKernel: rows shorter than 32 except rows of exactly 16, while the
+//       plane has at most 16,384 elements: 8 planes at a time, one per vector
+//       lane, so the per-plane bookkeeping runs 8-wide instead of in short
+//       scalar chains.
+//     - PlaneKernel: everything else (rows of 16, rows of 32 or more, and
+//       planes over 16,384 elements whatever their rows): one plane at a time;
+//       each row adds d into a per-column array (and d^2 into another:
+//       elementwise, so it vectorises without reassociation), folded into cells
+//       at the end of each row segment.
 // Threads own whole planes (a fixed split); a plane's result never depends on
 // the thread count or on which batch or lane it fell in.
 #include <algorithm>
@@ -32,6 +40,7 @@
 #include "../common/dtype.h"
 #include "../common/hcl.h"
 #include "../common/parallel.h"
+#include "hcl_nested.h"
 
 namespace kdk {
 namespace {
@@ -130,28 +139,11 @@ inline void row_sums(const T* __restrict a, const T* __restrict b, int64_t W, ac
   }
 }
 
-// sum (a - b)^2 over n elements in 8 interleaved lanes (a fixed order).
-template <typename T>
-acc_t<T> sum_squares(const T* __restrict a, const T* __restrict b, int64_t n) {
-  using A = acc_t<T>;
-  A lane[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const A d = Scalar<T>::load(a[i + k]) - Scalar<T>::load(b[i + k]);
-      lane[k] += d * d;
-    }
-  for (int k = 0; i < n; ++i, ++k) {
-    const A d = Scalar<T>::load(a[i]) - Scalar<T>::load(b[i]);
-    lane[k] += d * d;
-  }
-  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-}
-
-// One plane at a time (per-thread scratch): rows of 32 or more, and rows of
-// exactly 16. WC > 0 is the row length known at compile time (16, 32): the
-// per-row loops then unroll completely, which at 16 x 16 and 32 x 32 is the
-// difference between per-row loop overhead and streaming at memory speed.
+// One plane at a time (per-thread scratch), for planes whose bins overlap:
+// rows of 32 or more, rows of exactly 16, and planes past BatchKernel's limit.
+// WC > 0 is the row length known at compile time (16, 32: rows of CIFAR
+// widths under a height that is not a multiple of the largest pool): the
+// per-row loops then unroll completely instead of paying loop overhead per row.
 template <typename T, int WC = 0>
 class PlaneKernel {
  public:
@@ -458,6 +450,21 @@ void with_plane_kernel(const Plan& plan, const HclCoefs& coefs, F&& f) {
   f(PlaneKernel<T>(plan, coefs));
 }
 
+// f(kernel) with the TileKernel for rows of W (L = tile_pool(H, W, coefs) > 0).
+template <typename T, typename F>
+void with_tile_kernel(int64_t H, int64_t W, int64_t L, const HclCoefs& coefs, F&& f) {
+  using hcl_nested::TileKernel;
+  if (L == 4 && H == W && (W == 8 || W == 16 || W == 32)) {  // CIFAR levels: everything unrolled
+    if (W == 8) return f(TileKernel<T, 8, 8, 4>(H, W, L, coefs));
+    if (W == 16) return f(TileKernel<T, 16, 16, 4>(H, W, L, coefs));
+    return f(TileKernel<T, 32, 32, 4>(H, W, L, coefs));
+  }
+  if (W == 8) return f(TileKernel<T, 8>(H, W, L, coefs));
+  if (W == 16) return f(TileKernel<T, 16>(H, W, L, coefs));
+  if (W == 32) return f(TileKernel<T, 32>(H, W, L, coefs));
+  f(TileKernel<T>(H, W, L, coefs));
+}
+
 }  // namespace
 
 void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partial_ptr, int64_t planes, int64_t H,
@@ -489,7 +496,13 @@ void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partia
           }
           return;
         }
-        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * sum_squares(fs + p * HW, ft + p * HW, HW);
+        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * hcl_nested::sum_squares(fs + p * HW, ft + p * HW, HW);
+        return;
+      }
+      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+          for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+        });
         return;
       }
       if (use_batches(H, W)) {
@@ -528,6 +541,12 @@ void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_p
         T* __restrict out = grad + p0 * HW;
         const int64_t n = (p1 - p0) * HW;
         for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
+        return;
+      }
+      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+          for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+        });
         return;
       }
       if (use_batches(H, W)) {
