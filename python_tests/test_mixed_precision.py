@@ -46,7 +46,7 @@ def _leaves(specs, seed):
             for shape, dtype, scale in specs]
 
 
-def _assert_grad(grad: torch.Tensor, want: torch.Tensor, low: torch.dtype, what: str) -> None:
+def _assert_grad(grad: torch.Tensor, want: torch.Tensor, low: torch.dtype, what: str, eps_units: float = 1.0) -> None:
     """``grad`` finite (where ``want`` is) and equal to ``want`` (already rounded to ``low``)
     within ``low``'s resolution: a relative error (2-norm) below ``low``'s eps.
 
@@ -61,10 +61,11 @@ def _assert_grad(grad: torch.Tensor, want: torch.Tensor, low: torch.dtype, what:
     assert not bad.any(), f"{what}: {int(bad.sum())} elements are non-finite where the reference is not (or not where it is)"
     assert torch.equal(grad[~finite], want[~finite]), f"{what}: overflows of the wrong sign"
     err = rel_error(grad[finite], want[finite])
-    assert err <= torch.finfo(low).eps, f"{what}: relative error {err:.2e} > {low}'s eps {torch.finfo(low).eps:.1e}"
+    tol = eps_units * torch.finfo(low).eps
+    assert err <= tol, f"{what}: relative error {err:.2e} > {eps_units} x {low}'s eps {torch.finfo(low).eps:.1e}"
 
 
-def _check(fn, ref_fn, inputs, low, scale, autocast=True, expect=torch.float32):
+def _check(fn, ref_fn, inputs, low, scale, autocast=True, expect=torch.float32, eps_units=1.0):
     """``fn(*inputs)`` (under autocast ``low`` when ``autocast``) against ``ref_fn`` in float32.
 
     The reference sees each input rounded to ``low`` (what the op reads under
@@ -82,7 +83,7 @@ def _check(fn, ref_fn, inputs, low, scale, autocast=True, expect=torch.float32):
     assert_rel_close(loss, ref_loss, LOSS_TOL, "loss vs the float32 reference on the rounded inputs")
     for k, (x, r) in enumerate(zip(inputs, ref_in)):
         assert x.grad is not None and x.grad.dtype == x.dtype, f"input {k}: gradient dtype"
-        _assert_grad(x.grad, r.grad.to(low), low, f"input {k} ({tuple(x.shape)}, {x.dtype})")
+        _assert_grad(x.grad, r.grad.to(low), low, f"input {k} ({tuple(x.shape)}, {x.dtype})", eps_units)
     return loss
 
 
@@ -110,13 +111,21 @@ def test_kd_loss(backend, low, scale, autocast, reduction):
            lambda a, b: ref_kd.kd_loss(a, b, 2.0, reduction), [s, t], low, scale, autocast)
 
 
+def _hint_eps_units(backend: str, low: torch.dtype) -> float:
+    """The Triton hint backward stores the forward's bf16 gradient, scaled, into a new bf16
+    tensor: two bf16 stores, and the Triton interpreter truncates each (a compiled kernel
+    rounds to nearest), so through the interpreter the bound is two eps, not one."""
+    return 2.0 if backend == "triton" and low == torch.bfloat16 and DEVICE.type == "cpu" else 1.0
+
+
 @pytest.mark.parametrize("low, scale", AMP, ids=AMP_IDS)
 @pytest.mark.parametrize("backend", backends_for("hint_loss"))
 def test_hint_loss_under_autocast(backend, low, scale):
     # fp32 parameters, as a model holds them: the regressor casts them (the conv rule)
     fs, ft = _leaves([((2, 5, 4, 6), low, 1.0), ((2, 7, 4, 6), low, 1.0)], seed=3)
     w, b = _leaves([((7, 5, 1, 1), torch.float32, 0.5), ((7,), torch.float32, 0.5)], seed=4)
-    _check(lambda *a: kdkernels.hint_loss(*a, backend=backend), ref_hint.hint_loss, [fs, ft, w, b], low, scale)
+    _check(lambda *a: kdkernels.hint_loss(*a, backend=backend), ref_hint.hint_loss, [fs, ft, w, b], low, scale,
+           eps_units=_hint_eps_units(backend, low))
 
 
 @pytest.mark.parametrize("low, scale", AMP, ids=AMP_IDS)
@@ -125,7 +134,7 @@ def test_hint_loss_low_precision_outside_autocast(backend, low, scale):
     fs, ft, w, b = _leaves([((2, 5, 4, 6), low, 1.0), ((2, 7, 4, 6), low, 1.0), ((7, 5, 1, 1), low, 0.5),
                             ((7,), low, 0.5)], seed=3)
     _check(lambda *a: kdkernels.hint_loss(*a, backend=backend), ref_hint.hint_loss, [fs, ft, w, b], low, scale,
-           autocast=False)
+           autocast=False, eps_units=_hint_eps_units(backend, low))
 
 
 @pytest.mark.parametrize("low, scale", AMP, ids=AMP_IDS)
