@@ -56,19 +56,22 @@ echo "== checks"
 missing=()
 $PY -c "import pytest" 2>/dev/null || missing+=("pytest (python -m pip install pytest)")
 $PY -c "import torch, triton" 2>/dev/null || missing+=("torch and triton importable by $PY")
-$PY -c "import pybind11" 2>/dev/null || missing+=("pybind11")
-setuptools_ok=$($PY -c "import setuptools; print(int(int(setuptools.__version__.split('.')[0]) >= 77))" 2>/dev/null)
-[ "$setuptools_ok" = 1 ] || missing+=("setuptools >= 77 (have: $($PY -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || echo none))")
 nvcc=$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")
-if [ -x "$nvcc" ]; then
-  # nvcc on PATH may be a wrapper script: ask it where it really lives (as setup.py does)
-  here=$("$nvcc" --dryrun -E -x cu /dev/null 2>&1 | grep -o '_HERE_=[^ ]*' | head -1 | cut -d= -f2)
-  cuda_home=${CUDA_HOME:-$(dirname "${here:-$(dirname "$(readlink -f "$nvcc")")}")}
-  ls "$cuda_home"/lib64/libcudart_static.a "$cuda_home"/lib/libcudart_static.a \
-     "$cuda_home"/targets/*/lib/libcudart_static.a >/dev/null 2>&1 \
-    || missing+=("the CUDA static runtime libcudart_static.a under $cuda_home")
-else
-  missing+=("nvcc (PATH or \$CUDA_HOME/bin)")
+# the build tools only when this run builds (a rerun with GPU_CHECK_SKIP_BUILD=1 needs none)
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" != 1 ]; then
+  $PY -c "import pybind11" 2>/dev/null || missing+=("pybind11")
+  setuptools_ok=$($PY -c "import setuptools; print(int(int(setuptools.__version__.split('.')[0]) >= 77))" 2>/dev/null)
+  [ "$setuptools_ok" = 1 ] || missing+=("setuptools >= 77 (have: $($PY -c 'import setuptools; print(setuptools.__version__)' 2>/dev/null || echo none))")
+  if [ -x "$nvcc" ]; then
+    # nvcc on PATH may be a wrapper script: ask it where it really lives (as setup.py does)
+    here=$("$nvcc" --dryrun -E -x cu /dev/null 2>&1 | grep -o '_HERE_=[^ ]*' | head -1 | cut -d= -f2)
+    cuda_home=${CUDA_HOME:-$(dirname "${here:-$(dirname "$(readlink -f "$nvcc")")}")}
+    ls "$cuda_home"/lib64/libcudart_static.a "$cuda_home"/lib/libcudart_static.a \
+       "$cuda_home"/targets/*/lib/libcudart_static.a >/dev/null 2>&1 \
+      || missing+=("the CUDA static runtime libcudart_static.a under $cuda_home")
+  else
+    missing+=("nvcc (PATH or \$CUDA_HOME/bin)")
+  fi
 fi
 command -v nvidia-smi >/dev/null 2>&1 || echo "note: no nvidia-smi; the card's arch is not known, building for 80;90"
 if [ ${#missing[@]} -gt 0 ]; then

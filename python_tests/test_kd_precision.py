@@ -13,6 +13,8 @@ teacher is very peaked and is then the less accurate of the two.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,6 +56,7 @@ def _teacher_grad(fn, s, t):
 @example(n=1, log2_classes=2.33, temperature=0.5, scale=5.0, seed=3)  # C = 5
 @example(n=1, log2_classes=9.97, temperature=0.5, scale=5.0, seed=67)  # C = 1000, peaked
 @example(n=1, log2_classes=14.29, temperature=2.0, scale=20.0, seed=50)  # C = 20000, peaked
+@example(n=2, log2_classes=7.3494803346443245, temperature=0.5, scale=20.0, seed=470232521)  # eager's is NaN
 def test_teacher_gradient_within_twice_eager_error(n, log2_classes, temperature, scale, seed):
     """C from 2 to 100k, T from 0.5 to 20, flat (scale 0.1) to peaked (scale 20) logits."""
     classes = max(2, round(2 ** log2_classes))
@@ -63,7 +66,10 @@ def test_teacher_gradient_within_twice_eager_error(n, log2_classes, temperature,
     t = (torch.randn(n, classes, generator=g, dtype=torch.float64) * scale).float().double()
     truth = _teacher_truth(s, t, temperature)
     eager = rel_error(_teacher_grad(lambda a, b: ref.kd_loss(a, b, temperature), s, t), truth)
-    bound = 2 * max(eager, FLOOR)
+    # eager's teacher gradient is NaN where a teacher probability underflows to 0 in
+    # float32 (0 * log 0 in the chain rule through softmax); the kernels must still be
+    # within twice float32's eps of the truth there
+    bound = 2 * max(eager, FLOOR) if math.isfinite(eager) else 2 * FLOOR
     for backend in [b for b in backends_for("kd_loss") if b != "torch"]:
         got = _teacher_grad(lambda a, b: kdkernels.kd_loss(a, b, temperature, backend=backend), s, t)
         err = rel_error(got, truth)
