@@ -83,17 +83,16 @@ def _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index):
 def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
                             b_t: Optional[Tensor], labels: Optional[Tensor], temperature: float, ce_weight: float,
                             ignore_index: Optional[int], reduction: str, needs: Sequence[bool], backend: str,
-                            chunk: int, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                      Tensor, Tensor, Tensor, Tensor]:
+                            chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                 Tensor]:
     """(loss, K, ce, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t); ``needs`` = 6 flags (h_s, w_s, b_s, h_t, w_t, b_t).
 
     loss: 0-dim ((N,) for "none") in h_s's dtype; K: 0-dim, the kept rows, in the
     accumulation dtype; ce: the unweighted cross-entropy term reduced like the loss
     (sum_n k_n CE_n, / K for "batchmean"), shaped and typed like loss, zeros when
     ce_weight = 0 (not differentiable: it reports the CE inside ``loss``); the gradients of sum_n L_n (unscaled) in the accumulation
-    dtype, an empty (0,) tensor where not needed (always with "none").
-    ``consume_grads`` has no effect: the backward always scales the saved gradients
-    into fresh tensors (docs/design.md "One eager path").
+    dtype, an empty (0,) tensor where not needed (always with "none"). The backward
+    scales them into fresh tensors (never in place: a retained graph reads them again).
     """
     if len(needs) != 6:
         raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
@@ -117,7 +116,7 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
 
 @linear_kd_loss_fused_op.register_fake
 def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
-      chunk, consume_grads):
+      chunk):
     n = h_s.shape[0]
     loss = h_s.new_empty((n,) if reduction == "none" else ())
     kept = h_s.new_empty((), dtype=acc_dtype(h_s.dtype))
@@ -149,7 +148,7 @@ _NAMES = ("h_s", "w_s", "bias_s", "h_t", "w_t", "bias_t")
 
 def _setup_context(ctx, inputs, output):
     (h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
-     chunk, consume_grads) = inputs
+     chunk) = inputs
     _, kept, ce, *grads = output
     ctx.mark_non_differentiable(kept, ce, *grads)
     ctx.set_materialize_grads(False)
@@ -164,7 +163,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
-    none = (None,) * 15
+    none = (None,) * 14
     if grad is None:
         return none
     wanted = ctx.needs_input_grad[:6]
@@ -178,13 +177,13 @@ def _backward(ctx, grad, *_unused):
         grads = torch.ops.kdkernels.linear_kd_loss_backward(grad, h_s, w_s, b_s, h_t, w_t, b_t, labels, *ctx.args[:3],
                                                             needs, *ctx.args[3:])
         out = [g.to(dt) if w else None for g, dt, w in zip(grads, ctx.dtypes, wanted)]
-        return (*out,) + (None,) * 9
+        return (*out,) + (None,) * 8
     kept, *saved = ctx.saved_tensors
     s = grad.to(kept.dtype)
     if ctx.reduction == "batchmean":
         s = s / kept
     out = [scale_grad(g, s, dt) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
-    return (*out,) + (None,) * 9
+    return (*out,) + (None,) * 8
 
 
 linear_kd_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -257,8 +256,7 @@ def _fused(backend, h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, red
     if chunk is None:
         chunk = default_chunk(h_s.shape[0], w_s.shape[0], h_s.device.type)
     return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
-                                                     ce_weight, ignore_index, reduction, needs, backend, chunk,
-                                                     False)
+                                                     ce_weight, ignore_index, reduction, needs, backend, chunk)
 
 
 def _kernel(backend, *args) -> Tensor:
