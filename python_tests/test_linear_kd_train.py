@@ -189,6 +189,37 @@ def test_causal_lm_terms_are_reported_apart_and_only_their_sum_back_propagates(b
     assert_rel_close(torch.tensor(row["loss"]), (plain["kd"] + plain["ce"]).detach().double(), 1e-5, "fit's loss")
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_linear_kd_loss_terms_back_propagate_their_sum_only(reduction):
+    """Both terms with one grad_output give linear_kd_loss's gradients, however the sum is formed
+    (one tensor handed to both, views of one tensor, or two equal tensors); one term alone, or the
+    two with different weights, raises."""
+    from kdkernels.ops.linear_kd import linear_kd_loss_terms
+
+    g = torch.Generator().manual_seed(4)
+    h_s, w_s = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    h_t, w_t = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 9, (6,), generator=g)
+    y[3] = -100
+    kw = dict(temperature=1.5, labels=y, ignore_index=-100, ce_weight=0.4, reduction=reduction, chunk=4, backend="cpp")
+    leaves = [x.requires_grad_() for x in (h_s, w_s)]
+    whole = kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, **kw)
+    ref = torch.autograd.grad(whole.sum() * 1.3, leaves)
+    sums = {"kd + ce": lambda kd, ce: (kd + ce).sum() * 1.3,
+            "kd.sum() + ce.sum()": lambda kd, ce: (kd.sum() + ce.sum()) * 1.3,
+            "1.3 kd + 1.3 ce": lambda kd, ce: (1.3 * kd).sum() + (1.3 * ce).sum()}
+    for name, total in sums.items():
+        kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, **kw)
+        for a, b in zip(torch.autograd.grad(total(kd, ce), leaves), ref):
+            assert_rel_close(a, b, 1e-12, name)
+    wrong = {"kd alone": lambda kd, ce: kd.sum(), "ce alone": lambda kd, ce: ce.sum(),
+             "kd + 2 ce": lambda kd, ce: (kd + 2 * ce).sum(), "2 kd + ce": lambda kd, ce: (2 * kd + ce).sum()}
+    for name, total in wrong.items():
+        kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, **kw)
+        with pytest.raises(RuntimeError, match="gradient of their sum only"):
+            torch.autograd.grad(total(kd, ce), leaves)
+
+
 def test_linear_kd_loss_terms_sum_to_the_loss():
     from kdkernels.ops.linear_kd import linear_kd_loss_terms
 
@@ -203,3 +234,4 @@ def test_linear_kd_loss_terms_sum_to_the_loss():
         assert_rel_close(kd + ce, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **kw), 1e-12, "sum")
         only_kd = dict(kw, ce_weight=0.0)
         assert_rel_close(kd, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **only_kd), 1e-12, "kd")
+

@@ -340,9 +340,30 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
                    chunk, backend=backend)
 
 
+def _one_grad(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are one tensor, or the same view of one memory (an expand of a 0-dim
+    grad_output by two ``sum`` backwards): equal without reading them. (Traced tensors, fake or
+    functional subclasses, and torch.compile's traces have no memory to compare: only identity
+    counts for them.)"""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return (type(a) is Tensor and type(b) is Tensor and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+            and a.device == b.device and a.shape == b.shape and a.stride() == b.stride())
+
+
 class _SumOnly(torch.autograd.Function):
     """(total - part, part) from ``total`` and a detached ``part`` of it; the backward passes the
-    common grad_output to ``total``, so both outputs must be back-propagated together, alike."""
+    common grad_output to ``total``, so both outputs must be back-propagated together, alike.
+
+    What the backward checks: one output without a gradient (one term alone) raises at once.
+    When autograd hands both outputs one tensor (``kd + ce``, ``sum(losses.values())``, any
+    function of that sum) or two identical views of one memory (``kd.sum() + ce.sum()``), they
+    are equal and nothing is read. Otherwise (the terms weighted apart, ``2 * kd + ce``, or
+    equal weights applied to each, ``2 * kd + 2 * ce``) the two are compared on the host
+    (``torch.equal``: one device synchronisation in that backward) and differing ones raise.
+    """
 
     @staticmethod
     def forward(ctx, total: Tensor, part: Tensor):
@@ -351,7 +372,7 @@ class _SumOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rest, g_part):
-        if g_rest is None or g_part is None or not torch.equal(g_rest, g_part):
+        if g_rest is None or g_part is None or not (_one_grad(g_rest, g_part) or torch.equal(g_rest, g_part)):
             raise RuntimeError(
                 "linear_kd_loss_terms: its two terms come from one fused pass, which computes the gradient of "
                 "their sum only: back-propagate kd + ce (e.g. sum(losses.values())), not one term alone or the "
@@ -371,11 +392,29 @@ def linear_kd_loss_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, 
     them apart. The pass computes the gradient of the sum only, so the two must be
     back-propagated together with the same grad_output (``(kd + ce).backward()``, or
     ``sum(losses.values())`` with both in ``losses``); a backward through one term alone,
-    or through the two with different weights, raises RuntimeError.
+    or through the two with different weights, raises RuntimeError. Back-propagated as
+    ``kd + ce`` (or any function of that sum) the check reads nothing on the host; weighting
+    the terms apart, even alike (``2 * kd + 2 * ce``), costs a device synchronisation per
+    backward to compare the two grad_outputs.
     """
+    return scaled_terms(1.0, h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
+                        reduction=reduction, ignore_index=ignore_index, labels=labels, ce_weight=ce_weight,
+                        chunk=chunk, backend=backend)
+
+
+def scaled_terms(scale: float, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
+                 bias_s: Optional[Tensor] = None, bias_t: Optional[Tensor] = None, reduction: str = "batchmean",
+                 ignore_index: Optional[int] = None, labels: Optional[Tensor] = None, ce_weight: float = 0.0,
+                 chunk: Optional[int] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """(scale kd, scale ce) of :func:`linear_kd_loss_terms`, the factor applied to the fused loss
+    before it is split, so that ``kd + ce`` hands the split one grad_output (weighting the
+    two terms after the split would give it two tensors to compare on the host)."""
     total, ce = _TERMS(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
                        chunk, backend=backend)
-    part = (ce * float(ce_weight)).detach().to(total.dtype)
+    scale = check_real(scale, "scale", OP)
+    if scale != 1.0:
+        total = total * scale
+    part = (ce * (float(ce_weight) * scale)).detach().to(total.dtype)
     if not total.requires_grad:
         return total - part, part
     return _SumOnly.apply(total, part)
