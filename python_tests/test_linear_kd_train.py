@@ -235,3 +235,45 @@ def test_linear_kd_loss_terms_sum_to_the_loss():
         only_kd = dict(kw, ce_weight=0.0)
         assert_rel_close(kd, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **only_kd), 1e-12, "kd")
 
+
+def _next_token_lm(vocab: int) -> CausalLM:
+    """A causal LM that predicts token i + 1 (mod V) after token i: one-hot hidden states and a
+    cyclic-shift lm_head."""
+    embed = nn.Embedding(vocab, vocab)
+    head = nn.Linear(vocab, vocab, bias=False)
+    with torch.no_grad():
+        embed.weight.copy_(torch.eye(vocab))
+        head.weight.copy_(torch.roll(torch.eye(vocab), 1, 0))  # row j has its 1 at column j - 1
+    return CausalLM(embed, head)
+
+
+def _lm_eval_batch(ignore_index: int):
+    ids = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 0]])
+    labels = ids.clone()
+    labels[0, 2] = ignore_index  # the target of position 1: left out
+    labels[1, 3] = 2  # the target of position 2 (predicted 6): wrong
+    return ids, labels  # shifted: 6 of 7 kept targets right; unshifted: none
+
+
+def test_evaluate_causal_lm_is_next_token_accuracy():
+    """A CausalLM's (B, L, V) logits are scored as CausalLMKD's loss scores them: position i
+    against label i + 1, ignore_index left out; labels default to the input ids."""
+    lm = _next_token_lm(7)
+    ids, labels = _lm_eval_batch(-100)
+    assert kdkernels.train.evaluate(lm, [(ids, labels)]) == pytest.approx(100.0 * 6 / 7)
+    assert kdkernels.train.evaluate(lm, [(ids[:1], labels[:1]), (ids[1:], labels[1:])]) == pytest.approx(100.0 * 6 / 7)
+    assert kdkernels.train.evaluate(lm, [ids]) == pytest.approx(100.0)  # the ids themselves are the labels
+    assert kdkernels.train.evaluate(lm, [(ids, labels)], ignore_index=2) == pytest.approx(100.0 * 6 / 7)
+    # any model with (B, L, V) logits, told it is a causal LM
+    plain = nn.Sequential(lm.model, lm.lm_head)
+    assert kdkernels.train.evaluate(plain, [(ids, labels)], causal_lm=True) == pytest.approx(100.0 * 6 / 7)
+
+
+def test_fit_evaluates_causal_lm_kd_by_next_token_accuracy():
+    """fit's val_acc for CausalLMKD: the student's next-token accuracy with the distiller's ignore_index."""
+    student, teacher = _next_token_lm(7), _next_token_lm(7)
+    distiller = CausalLMKD(student, teacher, temperature=2.0, ignore_index=-1, backend="cpp")
+    ids, labels = _lm_eval_batch(-1)
+    history = kdkernels.train.fit(distiller, [(ids, labels)], epochs=1, progress=False, eval_loader=[(ids, labels)],
+                                  optimizer=torch.optim.SGD(distiller.parameters(), lr=0.0))
+    assert history[0]["val_acc"] == pytest.approx(100.0 * 6 / 7)
