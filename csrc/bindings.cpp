@@ -32,7 +32,7 @@ namespace py = pybind11;
 namespace kdk {  // FitNets hint (docs/spec.md §3, csrc/cpu/hint.cpp)
 void hint_fwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t w, uintptr_t b, uintptr_t loss, uintptr_t gfs,
                   uintptr_t gw, uintptr_t gb, uintptr_t gft, int64_t N, int64_t Cs, int64_t Ct, int64_t P,
-                  double gscale, int64_t num_threads);
+                  int64_t num_threads);
 const char* hint_cpu_isa();
 }  // namespace kdk
 
@@ -221,8 +221,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("hint_fwd_cpu", &kdk::hint_fwd_cpu, py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"),
         py::arg("w_ptr"), py::arg("b_ptr"), py::arg("loss_ptr"), py::arg("gfs_ptr"), py::arg("gw_ptr"),
         py::arg("gb_ptr"), py::arg("gft_ptr"), py::arg("N"), py::arg("Cs"), py::arg("Ct"), py::arg("P"),
-        py::arg("gscale"), py::arg("num_threads"), release(),
-        "loss = sum r^2 (acc dtype) with r = W fs + b - ft, and, where the pointer is not 0, gscale times "
+        py::arg("num_threads"), release(),
+        "loss = sum r^2 (acc dtype) with r = W fs + b - ft, and, where the pointer is not 0, "
         "W^T r (gfs), sum r fs^T (gw, acc dtype), sum r (gb, acc dtype), r (gft); b_ptr 0 = no bias");
   m.def("hint_cpu_isa", &kdk::hint_cpu_isa,
         "variant hint_fwd_cpu runs here: avx512, avx2 or baseline (the widest the CPU has, or $KDKERNELS_CPU_ISA)");

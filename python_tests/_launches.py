@@ -13,12 +13,14 @@ end of its backward:
   conversions, copies. Not counted: allocations without contents (empty,
   empty_like, ...), ops whose result aliases an input (views, reshapes of
   contiguous tensors, ``.to`` of the same dtype, which return the input), and
-  reads of a Python scalar (``_local_scalar_dense``, which is host work).
+  reads of a Python scalar (``_local_scalar_dense``, which is host work). An
+  ``out=`` op is a launch (its result lands in a tensor it was given).
   On a GPU each counted op is one kernel launch (a copy is one cudaMemcpy).
 * Host work: ``.item()``/``float(t)`` (ATen ``_local_scalar_dense``: a device
   synchronisation on CUDA), tensors made from Python data (``torch.tensor``,
   ``torch.as_tensor``: ATen ``lift_fresh``; a CPU tensor, or a host-to-device
-  copy, per call), and copies between devices. Factories with an explicit
+  copy, per call), comparisons answered on the host (``torch.equal``: a Python
+  bool, so a device synchronisation on CUDA), and copies between devices. Factories with an explicit
   device are fine; a factory left on the default (CPU) device would make the
   kernel launch fail on a GPU, which the GPU suite catches, so it is not
   checked here.
@@ -39,7 +41,8 @@ _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_
 # ATen ops that are host work on a GPU path
 _HOST = {"_local_scalar_dense": "reads a tensor element on the host (.item()/float(): a device sync)",
          "lift_fresh": "builds a tensor from Python data (torch.tensor/as_tensor)",
-         "lift_fresh_copy": "builds a tensor from Python data (torch.tensor/as_tensor)"}
+         "lift_fresh_copy": "builds a tensor from Python data (torch.tensor/as_tensor)",
+         "equal": "compares two tensors into a Python bool (torch.equal: a device sync)"}
 
 
 def _tensors(tree) -> List[torch.Tensor]:
@@ -74,7 +77,8 @@ class Recorder(TorchDispatchMode):
             with self:
                 return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
         name = func._schema.name.split("::")[-1]
-        inputs = _tensors((args, kwargs))
+        given = _tensors(kwargs.get("out"))  # an out= op writes its result there: still a launch
+        inputs = [t for t in _tensors((args, kwargs)) if not any(t is o for o in given)]
         out = func(*args, **kwargs)
         if name in _HOST:
             self.host.append(f"{func}: {_HOST[name]}")

@@ -154,6 +154,64 @@ def test_hint_launches_and_no_host_work(fs_shape, ft_shape, dtype, grads, bias):
     assert not fwd.host and not bwd.host, _report("forward", fwd) + "\n" + _report("backward", bwd)
 
 
+# ---------------------------------------------------------------- linear_kd_loss_terms
+def _lm_inputs(dtype):
+    n, v, d_s, d_t = 6, 37, 5, 4
+    h_s, w_s = _rand((n, d_s), dtype, grad=True), _rand((v, d_s), dtype, grad=True, seed=1)
+    h_t, w_t = _rand((n, d_t), dtype, seed=2), _rand((v, d_t), dtype, seed=3)
+    labels = torch.arange(n, device=DEVICE) % v
+    labels[1] = -100
+    return h_s, w_s, h_t, w_t, labels
+
+
+# how a training loop back-propagates the two terms together: kd + ce, sum(dict.values()),
+# a scaled sum (a GradScaler), and per-term sums of the "none" rows
+TERMS_SUMS = {"kd + ce": lambda kd, ce: kd + ce,
+              "sum(values)": lambda kd, ce: sum({"kd": kd, "ce": ce}.values()),
+              "(kd + ce) * s": lambda kd, ce: (kd + ce) * 1.7,
+              "kd.sum() + ce.sum()": lambda kd, ce: kd.sum() + ce.sum()}
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("how", list(TERMS_SUMS))
+def test_linear_kd_terms_backward_has_no_host_work(how, reduction):
+    """The backward of linear_kd_loss_terms checks that both terms got the same grad_output
+    without reading it on the host (no torch.equal / .item() sync per step)."""
+    from kdkernels.ops.linear_kd import linear_kd_loss_terms
+
+    h_s, w_s, h_t, w_t, labels = _lm_inputs(torch.float32)
+    kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, temperature=2.0, labels=labels, ignore_index=-100,
+                                  ce_weight=0.5, reduction=reduction, backend="triton")
+    out = TERMS_SUMS[how](kd, ce)
+    if out.dim():
+        out = out.sum()
+    with recording() as bwd:
+        torch.autograd.grad(out, [h_s, w_s])
+    assert not bwd.host, _report("backward", bwd)
+
+
+def test_causal_lm_kd_backward_has_no_host_work():
+    """CausalLMKD's two weighted terms, back-propagated as fit does (sum of the dict's values),
+    reach the fused op's backward without a host comparison (kd_weight != 1 too)."""
+    from torch import nn
+    from kdkernels.train import CausalLMKD
+
+    def lm(d, seed):
+        torch.manual_seed(seed)
+        return nn.Embedding(29, d).to(DEVICE), nn.Linear(d, 29).to(DEVICE)
+
+    ids = torch.randint(0, 29, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    for kd_weight in (1.0, 0.7):
+        distiller = CausalLMKD(lm(6, 0), lm(4, 1), temperature=2.0, kd_weight=kd_weight, ce_weight=0.3,
+                               backend="triton")
+        _, losses = distiller(ids)
+        assert set(losses) == {"kd", "ce"}
+        loss = sum(losses.values())
+        with recording() as bwd:
+            loss.backward()
+        assert not bwd.host, f"kd_weight={kd_weight}: " + _report("backward", bwd)
+
+
 # ---------------------------------------------------------------- the recorder itself
 def test_recorder_sees_launches_and_host_work():
     """The counting rules: what is a launch, what is host work (so the bounds above mean something)."""
@@ -164,8 +222,11 @@ def test_recorder_sees_launches_and_host_work():
         same = x.to(x.dtype)            # returns x: not a launch
         s = (x * 2).sum()               # two launches
         torch.zeros(3, device=DEVICE)   # a fill: a launch
+        torch.mul(x, 3, out=y)          # out=: a launch, though its output was an argument
         float(s)                        # host read
         torch.tensor(1.5)               # tensor from Python data
-    assert rec.launches == ["torch:mul", "torch:sum", "torch:zeros"], rec.launches
-    assert len(rec.host) == 2 and "_local_scalar_dense" in rec.host[0] and "lift_fresh" in rec.host[1], rec.host
+        torch.equal(x, y)               # a comparison answered on the host
+    assert rec.launches == ["torch:mul", "torch:sum", "torch:zeros", "torch:mul"], rec.launches
+    assert len(rec.host) == 3 and "_local_scalar_dense" in rec.host[0] and "lift_fresh" in rec.host[1], rec.host
+    assert "equal" in rec.host[2], rec.host
     del y, v, same

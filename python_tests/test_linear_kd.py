@@ -216,12 +216,19 @@ def test_opcheck(backend):
     args = (inp["h_s"], inp["w_s"], inp["bias_s"], inp["h_t"], inp["w_t"], inp["bias_t"], inp["labels"])
     op = torch.ops.kdkernels.linear_kd_loss_fused.default
     for reduction in ("batchmean", "none"):
-        torch.library.opcheck(op, (*args, 2.0, 0.5, -100, reduction, [True] * 6, backend, 2, False))
+        torch.library.opcheck(op, (*args, 2.0, 0.5, -100, reduction, [True] * 6, backend, 2))
     torch.library.opcheck(op, (inp["h_s"], inp["w_s"], None, inp["h_t"].detach(), inp["w_t"].detach(), None, None,
-                               2.0, 0.0, None, "sum", [True, True, False, False, False, False], backend, 3, False))
+                               2.0, 0.0, None, "sum", [True, True, False, False, False, False], backend, 3))
     plain = [x.detach() if x is not None and x.is_floating_point() else x for x in args]
     torch.library.opcheck(torch.ops.kdkernels.linear_kd_loss_backward.default,
                           (torch.linspace(0.5, 2.0, 5, device=DEVICE), *plain, 2.0, 0.5, -100, [True] * 6, backend, 2))
+
+
+def test_op_schema_has_no_dead_arguments():
+    """The fused op takes what its pass uses (no flag without effect)."""
+    names = [a.name for a in torch.ops.kdkernels.linear_kd_loss_fused.default._schema.arguments]
+    assert names == ["h_s", "w_s", "b_s", "h_t", "w_t", "b_t", "labels", "temperature", "ce_weight", "ignore_index",
+                     "reduction", "needs", "backend", "chunk"], names
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])

@@ -189,6 +189,37 @@ def test_causal_lm_terms_are_reported_apart_and_only_their_sum_back_propagates(b
     assert_rel_close(torch.tensor(row["loss"]), (plain["kd"] + plain["ce"]).detach().double(), 1e-5, "fit's loss")
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_linear_kd_loss_terms_back_propagate_their_sum_only(reduction):
+    """Both terms with one grad_output give linear_kd_loss's gradients, however the sum is formed
+    (one tensor handed to both, views of one tensor, or two equal tensors); one term alone, or the
+    two with different weights, raises."""
+    from kdkernels.ops.linear_kd import linear_kd_loss_terms
+
+    g = torch.Generator().manual_seed(4)
+    h_s, w_s = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    h_t, w_t = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 9, (6,), generator=g)
+    y[3] = -100
+    kw = dict(temperature=1.5, labels=y, ignore_index=-100, ce_weight=0.4, reduction=reduction, chunk=4, backend="cpp")
+    leaves = [x.requires_grad_() for x in (h_s, w_s)]
+    whole = kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, **kw)
+    ref = torch.autograd.grad(whole.sum() * 1.3, leaves)
+    sums = {"kd + ce": lambda kd, ce: (kd + ce).sum() * 1.3,
+            "kd.sum() + ce.sum()": lambda kd, ce: (kd.sum() + ce.sum()) * 1.3,
+            "1.3 kd + 1.3 ce": lambda kd, ce: (1.3 * kd).sum() + (1.3 * ce).sum()}
+    for name, total in sums.items():
+        kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, **kw)
+        for a, b in zip(torch.autograd.grad(total(kd, ce), leaves), ref):
+            assert_rel_close(a, b, 1e-12, name)
+    wrong = {"kd alone": lambda kd, ce: kd.sum(), "ce alone": lambda kd, ce: ce.sum(),
+             "kd + 2 ce": lambda kd, ce: (kd + 2 * ce).sum(), "2 kd + ce": lambda kd, ce: (2 * kd + ce).sum()}
+    for name, total in wrong.items():
+        kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, **kw)
+        with pytest.raises(RuntimeError, match="gradient of their sum only"):
+            torch.autograd.grad(total(kd, ce), leaves)
+
+
 def test_linear_kd_loss_terms_sum_to_the_loss():
     from kdkernels.ops.linear_kd import linear_kd_loss_terms
 
@@ -203,3 +234,46 @@ def test_linear_kd_loss_terms_sum_to_the_loss():
         assert_rel_close(kd + ce, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **kw), 1e-12, "sum")
         only_kd = dict(kw, ce_weight=0.0)
         assert_rel_close(kd, kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, backend="torch", **only_kd), 1e-12, "kd")
+
+
+def _next_token_lm(vocab: int) -> CausalLM:
+    """A causal LM that predicts token i + 1 (mod V) after token i: one-hot hidden states and a
+    cyclic-shift lm_head."""
+    embed = nn.Embedding(vocab, vocab)
+    head = nn.Linear(vocab, vocab, bias=False)
+    with torch.no_grad():
+        embed.weight.copy_(torch.eye(vocab))
+        head.weight.copy_(torch.roll(torch.eye(vocab), 1, 0))  # row j has its 1 at column j - 1
+    return CausalLM(embed, head)
+
+
+def _lm_eval_batch(ignore_index: int):
+    ids = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 0]])
+    labels = ids.clone()
+    labels[0, 2] = ignore_index  # the target of position 1: left out
+    labels[1, 3] = 2  # the target of position 2 (predicted 6): wrong
+    return ids, labels  # shifted: 6 of 7 kept targets right; unshifted: none
+
+
+def test_evaluate_causal_lm_is_next_token_accuracy():
+    """A CausalLM's (B, L, V) logits are scored as CausalLMKD's loss scores them: position i
+    against label i + 1, ignore_index left out; labels default to the input ids."""
+    lm = _next_token_lm(7)
+    ids, labels = _lm_eval_batch(-100)
+    assert kdkernels.train.evaluate(lm, [(ids, labels)]) == pytest.approx(100.0 * 6 / 7)
+    assert kdkernels.train.evaluate(lm, [(ids[:1], labels[:1]), (ids[1:], labels[1:])]) == pytest.approx(100.0 * 6 / 7)
+    assert kdkernels.train.evaluate(lm, [ids]) == pytest.approx(100.0)  # the ids themselves are the labels
+    assert kdkernels.train.evaluate(lm, [(ids, labels)], ignore_index=2) == pytest.approx(100.0 * 6 / 7)
+    # any model with (B, L, V) logits, told it is a causal LM
+    plain = nn.Sequential(lm.model, lm.lm_head)
+    assert kdkernels.train.evaluate(plain, [(ids, labels)], causal_lm=True) == pytest.approx(100.0 * 6 / 7)
+
+
+def test_fit_evaluates_causal_lm_kd_by_next_token_accuracy():
+    """fit's val_acc for CausalLMKD: the student's next-token accuracy with the distiller's ignore_index."""
+    student, teacher = _next_token_lm(7), _next_token_lm(7)
+    distiller = CausalLMKD(student, teacher, temperature=2.0, ignore_index=-1, backend="cpp")
+    ids, labels = _lm_eval_batch(-1)
+    history = kdkernels.train.fit(distiller, [(ids, labels)], epochs=1, progress=False, eval_loader=[(ids, labels)],
+                                  optimizer=torch.optim.SGD(distiller.parameters(), lr=0.0))
+    assert history[0]["val_acc"] == pytest.approx(100.0 * 6 / 7)

@@ -113,11 +113,11 @@ def test_hint_and_abf_buffers_follow_their_sizes(no_native):
     with pytest.raises(TypeError, match=r"hint_fwd_cpu: gw \(4, 3\) has dtype torch.float32, but the kernel reads "
                                         r"it as torch.float64"):
         call("hint_fwd_cpu", torch.float64, fs=fs.double(), ft=ft.double(), w=w.double(), b=None, loss=loss.double(),
-             gfs=None, gw=torch.empty(ct, cs), gb=None, gft=None, N=n, Cs=cs, Ct=ct, P=p, gscale=1.0)
+             gfs=None, gw=torch.empty(ct, cs), gb=None, gft=None, N=n, Cs=cs, Ct=ct, P=p)
     with pytest.raises(ValueError, match=re.escape("hint_fwd_cpu: gb (3,) holds 3 elements, but the kernel "
                                                    "touches 4")):
         call("hint_fwd_cpu", torch.float32, fs=fs, ft=ft, w=w, b=None, loss=loss, gfs=None, gw=None,
-             gb=torch.empty(3), gft=None, N=n, Cs=cs, Ct=ct, P=p, gscale=1.0)
+             gb=torch.empty(3), gft=None, N=n, Cs=cs, Ct=ct, P=p)
     x, y = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)
     z = torch.empty(2, 2, 4, 4)
     with pytest.raises(ValueError, match=re.escape("abf_fwd_cpu: weight (2, 3) holds 6 elements, but the kernel "

@@ -423,3 +423,17 @@ def test_fit_grad_clip():
     train.fit(d, ld, epochs=1, optimizer=opt, grad_clip=1e-3, progress=False)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(d.parameters(), before)])
     assert 0 < step.norm() <= 1e-3 * (1 + 1e-4)
+
+
+def test_evaluate_image_classification_is_top1_over_classes():
+    """(B, C) logits and (B,) labels: top-1 accuracy over the batch, as before; other shapes are
+    refused with both shapes named (a causal LM's (B, L, V) needs the next-token rule)."""
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3, 4))
+    x = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0], [0, 5.0, 0, 0], [5.0, 0, 0, 0]])
+    y = torch.tensor([0, 1, 2, 0, 2])  # predictions 0, 1, 2, 1, 0: three right
+    assert train.evaluate(model, [(x[:2], y[:2]), (x[2:], y[2:])]) == pytest.approx(60.0)
+    seq = nn.Sequential(nn.Embedding(5, 3))  # (B, L) -> (B, L, 3): not a classifier's output
+    with pytest.raises(ValueError, match=r"logits \(2, 4, 3\) and labels \(2, 4\)"):
+        train.evaluate(seq, [(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))])

@@ -202,8 +202,7 @@ struct Job {
   const T* fs;
   const T* ft;
   const A* w;     // (Ct, Cs)
-  const A* wt;    // (Cs, Ct) = gscale W^T, when gfs
-  A gscale;       // the factor of every gradient output
+  const A* wt;    // (Cs, Ct) = W^T, when gfs
   const A* bias;  // (Ct) or null
   T* gfs;         // (N, Cs, P) or null
   T* gft;         // (N, Ct, P) or null
@@ -317,16 +316,16 @@ KDK_ALWAYS_INLINE void pack(const Job<T>& job, Scratch<T>& s, int64_t len) {
   }
 }
 
-// out[n, c, p] = scale * buf[c][column of (n, p)] for the block's pixels, c < C.
+// out[n, c, p] = buf[c][column of (n, p)] for the block's pixels, c < C.
 template <typename T>
 KDK_ALWAYS_INLINE void scatter(const Job<T>& job, const std::vector<Run>& runs, const acc_t<T>* buf, int64_t C,
-                               acc_t<T> scale, T* out) {
+                               T* out) {
   for (int64_t c = 0; c < C; ++c) {
     const acc_t<T>* __restrict src = buf + c * kLd;
     for (const Run& run : runs) {
       T* __restrict dst = out + (run.n * C + c) * job.P + run.p;
       const acc_t<T>* __restrict from = src + run.col;
-      for (int64_t j = 0; j < run.len; ++j) dst[j] = Scalar<T>::store(from[j] * scale);
+      for (int64_t j = 0; j < run.len; ++j) dst[j] = Scalar<T>::store(from[j]);
     }
   }
 }
@@ -449,10 +448,10 @@ KDK_ALWAYS_INLINE void run_group(const Job<T>& job, Scratch<T>& s, int64_t g) {
       loss += sq;
       if (gb) gb[c] += sum;
     }
-    if (job.gft) scatter(job, s.runs, s.r.data(), Ct, job.gscale, job.gft);
+    if (job.gft) scatter(job, s.runs, s.r.data(), Ct, job.gft);
     if (job.gfs) {  // GFS = W^T R
       gemm_impl<A, VL, MR, NV>(Cs, kBlock, Ct, job.wt, Ct, s.r.data(), kLd, s.g.data(), kLd, false, s.pf);
-      scatter(job, s.runs, s.g.data(), Cs, A(1), job.gfs);  // gscale is in wt
+      scatter(job, s.runs, s.g.data(), Cs, job.gfs);
     }
     if (gw) {  // GW (+)= R X^T
       transpose<A, VL>(s.x.data(), job.cs_rows, s.xt.data(), s.xt_ld);
@@ -534,12 +533,12 @@ const char* hint_cpu_isa() {
 
 // See the file comment. fs (N, Cs, P), ft (N, Ct, P), w (Ct, Cs), bias (Ct) or 0: storage
 // dtype. loss_out (1): accumulation dtype, sum r^2. gw (Ct, Cs) or 0, gb (Ct) or 0:
-// accumulation dtype, gscale sum r fs^T and gscale sum r. gfs (N, Cs, P) or 0, gft
-// (N, Ct, P) or 0: storage dtype, gscale W^T r and gscale r. (With gscale = 2 / numel they
-// are the loss's gradients, apart from the sign of gft.)
+// accumulation dtype, sum r fs^T and sum r. gfs (N, Cs, P) or 0, gft (N, Ct, P) or 0:
+// storage dtype, W^T r and r. (Times 2 / numel they are the loss's gradients, apart from
+// the sign of gft.)
 void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr, uintptr_t b_ptr,
                   uintptr_t loss_ptr, uintptr_t gfs_ptr, uintptr_t gw_ptr, uintptr_t gb_ptr, uintptr_t gft_ptr,
-                  int64_t N, int64_t Cs, int64_t Ct, int64_t P, double gscale, int64_t num_threads) {
+                  int64_t N, int64_t Cs, int64_t Ct, int64_t P, int64_t num_threads) {
   if (N <= 0 || Cs <= 0 || Ct <= 0 || P <= 0)
     throw std::invalid_argument("hint_fwd_cpu: N, Cs, Ct and H*W must be positive");
   check_pointers("hint_fwd_cpu", {fs_ptr, ft_ptr, w_ptr, loss_ptr});
@@ -553,8 +552,7 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
     const bool need_w = gw_out != nullptr, need_b = gb_out != nullptr;
     const bool need_fs = gfs_ptr != 0;
 
-    // W (Ct x Cs), gscale W^T (Cs x Ct) and b in the accumulation type, once per call.
-    const A scale = A(gscale);
+    // W (Ct x Cs), W^T (Cs x Ct) and b in the accumulation type, once per call.
     A* w = partials<A>(3, Ct * Cs);
     A* wt = need_fs ? partials<A>(4, Cs * Ct) : nullptr;
     A* bias = b_in ? partials<A>(5, Ct) : nullptr;
@@ -562,7 +560,7 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
       for (int64_t k = 0; k < Cs; ++k) w[i * Cs + k] = Scalar<T>::load(w_in[i * Cs + k]);
     if (need_fs)
       for (int64_t i = 0; i < Ct; ++i)
-        for (int64_t k = 0; k < Cs; ++k) wt[k * Ct + i] = w[i * Cs + k] * scale;
+        for (int64_t k = 0; k < Cs; ++k) wt[k * Ct + i] = w[i * Cs + k];
     if (b_in)
       for (int64_t i = 0; i < Ct; ++i) bias[i] = Scalar<T>::load(b_in[i]);
 
@@ -576,7 +574,6 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
     job.ft = reinterpret_cast<const T*>(ft_ptr);
     job.w = w;
     job.wt = wt;
-    job.gscale = scale;
     job.bias = bias;
     job.gfs = reinterpret_cast<T*>(gfs_ptr);
     job.gft = reinterpret_cast<T*>(gft_ptr);
@@ -605,13 +602,12 @@ void hint_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t w_ptr
           const A* __restrict part = job.gw_part + (g * Ct + i) * cs_pad;
           for (int64_t k = 0; k < Cs; ++k) out[k] += part[k];
         }
-        for (int64_t k = 0; k < Cs; ++k) out[k] *= scale;
       }
     if (need_b)
       for (int64_t i = 0; i < Ct; ++i) {
         A s = A(0);
         for (int64_t g = 0; g < groups; ++g) s += job.gb_part[g * Ct + i];
-        gb_out[i] = s * scale;
+        gb_out[i] = s;
       }
   });
 }

@@ -99,5 +99,13 @@ def scale_grad(g: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
 
     Out of place on purpose: scaling ``g`` in place (or handing it to autograd as it is) is
     only safe when the graph is not retained, and no public torch API tells a backward that.
+
+    One pass (one kernel on a GPU), bitwise what casting ``g`` to ``s``'s dtype, multiplying
+    there and casting the product to ``dtype`` gives (python_tests/test_scale_grad.py): ``s``
+    is given ``g``'s number of dimensions, so that type promotion computes in ``s``'s dtype
+    (a 0-dim float32 ``s`` times a float16 ``g`` would be computed in float16, where a factor
+    like 2 / numel underflows), and the product is written into a ``dtype`` tensor by the
+    same op (``out=``: rounded once, on the store).
     """
-    return (g if g.dtype == s.dtype else g.to(s.dtype)).mul(s).to(dtype)
+    out = torch.empty_like(g, dtype=dtype)
+    return torch.mul(g, s.reshape((1,) * g.dim()), out=out)

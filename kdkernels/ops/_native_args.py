@@ -121,7 +121,7 @@ ENTRIES: Dict[str, Entry] = {
                                   "b": Ptr(IN, _hint_b, optional=True), "loss": Ptr(ACC, lambda s: 1),
                                   "gfs": Ptr(IN, _hint_fs, optional=True), "gw": Ptr(ACC, _hint_w, optional=True),
                                   "gb": Ptr(ACC, _hint_b, optional=True), "gft": Ptr(IN, _hint_ft, optional=True)},
-                          ("N", "Cs", "Ct", "P"), ("gscale",)),
+                          ("N", "Cs", "Ct", "P")),
     "abf_fwd_cpu": _abf(False),
     "abf_bwd_cpu": _abf(True),
 }

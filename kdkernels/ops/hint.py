@@ -7,18 +7,18 @@ With r = conv1x1(fs; W, b) - ft (never materialised) and numel = N*Ct*H*W::
 Since the loss is a scalar, the gradients are computed in the *same pass* as the
 loss when any input requires grad (one read of fs and ft, three GEMMs in all):
 the private op ``torch.ops.kdkernels.hint_loss_fused`` returns the loss and the
-gradients times a factor ``gscale`` of the caller's choice
+unscaled gradients
 
-    gscale W^T r  (like fs),   gscale sum r fs^T  (like W, fp32/fp64),
-    gscale sum r  (Ct, fp32/fp64),   gscale r  (like ft)
+    W^T r  (like fs),   sum r fs^T  (like W, fp32/fp64),
+    sum r  (Ct, fp32/fp64),   r  (like ft)
 
 (each only when the matching input requires grad; an empty tensor otherwise),
-and its backward multiplies them by 2 * grad_output / (numel * gscale), in the
-accumulation dtype. Nothing of the regressed map's size is saved for backward
-(the residual r only when the *teacher* requires grad, as its gradient).
-:func:`hint_loss` asks for ``gscale = 1``; the backward scales the saved
-gradients into fresh tensors (kdkernels/ops/_dispatch.py ``scale_grad``, the
-same backward as linear_kd_loss's).
+and its backward multiplies them by 2 * grad_output / numel, in the
+accumulation dtype, into fresh tensors (kdkernels/ops/_dispatch.py
+``scale_grad``, the same backward as linear_kd_loss's; never in place, since a
+retained graph reads them again). Nothing of the regressed map's size is saved
+for backward (the residual r only when the *teacher* requires grad, as its
+gradient).
 """
 from __future__ import annotations
 
@@ -56,17 +56,12 @@ def _outputs_like(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor]
 
 @torch.library.custom_op("kdkernels::hint_loss_fused", mutates_args=())
 def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], needs: Sequence[bool],
-                       backend: str, allow_tf32: bool, consume_grads: bool,
-                       gscale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Loss and gradients (times ``gscale``) in one pass; ``needs`` = [fs, weight, bias, ft] flags.
+                       backend: str, allow_tf32: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Loss and unscaled gradients in one pass; ``needs`` = [fs, weight, bias, ft] flags.
 
-    Returns (loss 0-dim in the accumulation dtype, gscale W^T r like fs, gscale sum r fs^T like
-    weight in the accumulation dtype, gscale sum r (Ct,) in the accumulation dtype,
-    gscale r like ft); a gradient that is not needed is an empty (0,) tensor.
-
-    ``consume_grads`` has no effect: the backward always scales the saved gradients
-    into fresh tensors (scaling them in place needs to know whether the graph is
-    retained, which no public torch API tells; docs/design.md "One eager path").
+    Returns (loss 0-dim in the accumulation dtype, W^T r like fs, sum r fs^T like weight in
+    the accumulation dtype, sum r (Ct,) in the accumulation dtype, r like ft); a gradient
+    that is not needed is an empty (0,) tensor.
     """
     if len(needs) != 4:
         raise ValueError(f"hint_loss_fused: needs must hold 4 flags (fs, weight, bias, ft), got {list(needs)}")
@@ -84,15 +79,11 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
         # two launches: the fused pass and the reduction that writes loss, gw and gb in place
         tri.hint_fused(fs, ft, w, b, loss, gfs if need_fs else None, gw if need_w else None,
                        gb if need_b else None, gft if need_ft else None, allow_tf32)
-        if gscale != 1.0:  # the Triton kernel computes gscale = 1; the caller asked otherwise
-            for g, need in ((gfs, need_fs), (gw, need_w), (gb, need_b), (gft, need_ft)):
-                if need:
-                    g.mul_(gscale)
     elif backend == "cpp":
         loss_sum = torch.empty(1, dtype=acc)
         _native_args.call("hint_fwd_cpu", fs.dtype, fs=fs, ft=ft, w=w, b=b, loss=loss_sum,
                           gfs=gfs if need_fs else None, gw=gw if need_w else None, gb=gb if need_b else None,
-                          gft=gft if need_ft else None, N=n, Cs=cs, Ct=ct, P=h * wd, gscale=float(gscale))
+                          gft=gft if need_ft else None, N=n, Cs=cs, Ct=ct, P=h * wd)
         loss.copy_(loss_sum.reshape(()) * (1.0 / (n * ct * h * wd)))
     else:
         raise ValueError(f"hint_loss_fused: backend {backend!r} has no fused kernel (use 'triton' or 'cpp')")
@@ -100,19 +91,18 @@ def hint_loss_fused_op(fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @hint_loss_fused_op.register_fake
-def _(fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads, gscale):
+def _(fs, ft, weight, bias, needs, backend, allow_tf32):
     return _outputs_like(fs, ft, weight, bias, needs)
 
 
 def _setup_context(ctx, inputs, output):
-    fs, ft, weight, bias, needs, backend, allow_tf32, consume_grads, gscale = inputs
+    fs, ft, weight, bias, needs, backend, allow_tf32 = inputs
     _, gfs, gw, gb, gft = output
     ctx.mark_non_differentiable(gfs, gw, gb, gft)
     ctx.set_materialize_grads(False)  # no zero-filled fs-sized "gradients" for those outputs
     ctx.needs = list(needs)
     ctx.has_bias = bias is not None
     ctx.numel = ft.numel()
-    ctx.gscale = gscale
     ctx.backend = backend
     ctx.dtypes = (fs.dtype, ft.dtype, weight.dtype, bias.dtype if bias is not None else None)
     ctx.save_for_backward(gfs, gw, gb, gft)
@@ -121,7 +111,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *_unused):
     gfs, gw, gb, gft = ctx.saved_tensors
     if grad is None:  # the loss was not used: nothing flows back
-        return (None,) * 9
+        return (None,) * 7
     need_fs, need_w, need_b, need_ft = ctx.needs
     want_fs, want_ft, want_w, want_b = ctx.needs_input_grad[:4]
     missing = [name for name, want, have in (("fs", want_fs, need_fs), ("ft", want_ft, need_ft),
@@ -130,7 +120,7 @@ def _backward(ctx, grad, *_unused):
         raise RuntimeError(f"hint_loss_fused: gradients for {missing} were not computed in the forward "
                            "(call kdkernels.hint_loss, which sets `needs` from requires_grad)")
     fs_dtype, ft_dtype, w_dtype, b_dtype = ctx.dtypes
-    if ctx.backend == "triton" and ctx.gscale == 1.0 and not torch.compiler.is_compiling() and all(
+    if ctx.backend == "triton" and not torch.compiler.is_compiling() and all(
             t is not None and type(t) is Tensor for t in (grad, gfs if want_fs else grad)):
         # eager Triton on plain tensors: all four gradients scaled in one launch, out of place
         # (traced graphs, whose tensors are fake or functional subclasses, keep the torch ops below)
@@ -140,13 +130,13 @@ def _backward(ctx, grad, *_unused):
             grad, ctx.numel, [gfs if want_fs else None, gw if want_w else None,
                               gb if (want_b and ctx.has_bias) else None, gft if want_ft else None],
             [fs_dtype, w_dtype, b_dtype, ft_dtype], False)
-        return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
-    s = grad.to(acc_dtype(fs_dtype)) * ((2.0 / ctx.numel) / ctx.gscale)
+        return grad_fs, grad_ft, grad_w, grad_b, None, None, None
+    s = grad.to(acc_dtype(fs_dtype)) * (2.0 / ctx.numel)
     grad_fs = scale_grad(gfs, s, fs_dtype) if want_fs else None
     grad_ft = scale_grad(gft, -s, ft_dtype) if want_ft else None
     grad_w = scale_grad(gw, s, w_dtype) if want_w else None
     grad_b = scale_grad(gb, s, b_dtype) if (want_b and ctx.has_bias) else None
-    return grad_fs, grad_ft, grad_w, grad_b, None, None, None, None, None
+    return grad_fs, grad_ft, grad_w, grad_b, None, None, None
 
 
 hint_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -201,7 +191,7 @@ def _checked(fs, ft, weight, bias, allow_tf32) -> tuple:
 
 def _kernel(backend: str, fs: Tensor, ft: Tensor, weight: Tensor, bias: Optional[Tensor], allow_tf32: bool) -> Tensor:
     needs = grad_enabled_for(fs, weight, bias, ft)
-    return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, backend, allow_tf32, False, 1.0)[0]
+    return torch.ops.kdkernels.hint_loss_fused(fs, ft, weight, bias, needs, backend, allow_tf32)[0]
 
 
 _PUBLIC = PublicOp(OP, check=_checked, kernel=_kernel, autocast="cast",

@@ -83,17 +83,16 @@ def _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index):
 def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
                             b_t: Optional[Tensor], labels: Optional[Tensor], temperature: float, ce_weight: float,
                             ignore_index: Optional[int], reduction: str, needs: Sequence[bool], backend: str,
-                            chunk: int, consume_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                      Tensor, Tensor, Tensor, Tensor]:
+                            chunk: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                 Tensor]:
     """(loss, K, ce, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t); ``needs`` = 6 flags (h_s, w_s, b_s, h_t, w_t, b_t).
 
     loss: 0-dim ((N,) for "none") in h_s's dtype; K: 0-dim, the kept rows, in the
     accumulation dtype; ce: the unweighted cross-entropy term reduced like the loss
     (sum_n k_n CE_n, / K for "batchmean"), shaped and typed like loss, zeros when
     ce_weight = 0 (not differentiable: it reports the CE inside ``loss``); the gradients of sum_n L_n (unscaled) in the accumulation
-    dtype, an empty (0,) tensor where not needed (always with "none").
-    ``consume_grads`` has no effect: the backward always scales the saved gradients
-    into fresh tensors (docs/design.md "One eager path").
+    dtype, an empty (0,) tensor where not needed (always with "none"). The backward
+    scales them into fresh tensors (never in place: a retained graph reads them again).
     """
     if len(needs) != 6:
         raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
@@ -117,7 +116,7 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
 
 @linear_kd_loss_fused_op.register_fake
 def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
-      chunk, consume_grads):
+      chunk):
     n = h_s.shape[0]
     loss = h_s.new_empty((n,) if reduction == "none" else ())
     kept = h_s.new_empty((), dtype=acc_dtype(h_s.dtype))
@@ -149,7 +148,7 @@ _NAMES = ("h_s", "w_s", "bias_s", "h_t", "w_t", "bias_t")
 
 def _setup_context(ctx, inputs, output):
     (h_s, w_s, b_s, h_t, w_t, b_t, labels, temperature, ce_weight, ignore_index, reduction, needs, backend,
-     chunk, consume_grads) = inputs
+     chunk) = inputs
     _, kept, ce, *grads = output
     ctx.mark_non_differentiable(kept, ce, *grads)
     ctx.set_materialize_grads(False)
@@ -164,7 +163,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad, *_unused):
-    none = (None,) * 15
+    none = (None,) * 14
     if grad is None:
         return none
     wanted = ctx.needs_input_grad[:6]
@@ -178,13 +177,13 @@ def _backward(ctx, grad, *_unused):
         grads = torch.ops.kdkernels.linear_kd_loss_backward(grad, h_s, w_s, b_s, h_t, w_t, b_t, labels, *ctx.args[:3],
                                                             needs, *ctx.args[3:])
         out = [g.to(dt) if w else None for g, dt, w in zip(grads, ctx.dtypes, wanted)]
-        return (*out,) + (None,) * 9
+        return (*out,) + (None,) * 8
     kept, *saved = ctx.saved_tensors
     s = grad.to(kept.dtype)
     if ctx.reduction == "batchmean":
         s = s / kept
     out = [scale_grad(g, s, dt) if w else None for g, dt, w in zip(saved, ctx.dtypes, wanted)]
-    return (*out,) + (None,) * 9
+    return (*out,) + (None,) * 8
 
 
 linear_kd_loss_fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -257,8 +256,7 @@ def _fused(backend, h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, red
     if chunk is None:
         chunk = default_chunk(h_s.shape[0], w_s.shape[0], h_s.device.type)
     return torch.ops.kdkernels.linear_kd_loss_fused(h_s, w_s, bias_s, h_t, w_t, bias_t, labels, temperature,
-                                                     ce_weight, ignore_index, reduction, needs, backend, chunk,
-                                                     False)
+                                                     ce_weight, ignore_index, reduction, needs, backend, chunk)
 
 
 def _kernel(backend, *args) -> Tensor:
@@ -342,9 +340,30 @@ def linear_kd_loss(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temper
                    chunk, backend=backend)
 
 
+def _one_grad(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are one tensor, or the same view of one memory (an expand of a 0-dim
+    grad_output by two ``sum`` backwards): equal without reading them. (Traced tensors, fake or
+    functional subclasses, and torch.compile's traces have no memory to compare: only identity
+    counts for them.)"""
+    if a is b:
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    return (type(a) is Tensor and type(b) is Tensor and a.data_ptr() == b.data_ptr() and a.dtype == b.dtype
+            and a.device == b.device and a.shape == b.shape and a.stride() == b.stride())
+
+
 class _SumOnly(torch.autograd.Function):
     """(total - part, part) from ``total`` and a detached ``part`` of it; the backward passes the
-    common grad_output to ``total``, so both outputs must be back-propagated together, alike."""
+    common grad_output to ``total``, so both outputs must be back-propagated together, alike.
+
+    What the backward checks: one output without a gradient (one term alone) raises at once.
+    When autograd hands both outputs one tensor (``kd + ce``, ``sum(losses.values())``, any
+    function of that sum) or two identical views of one memory (``kd.sum() + ce.sum()``), they
+    are equal and nothing is read. Otherwise (the terms weighted apart, ``2 * kd + ce``, or
+    equal weights applied to each, ``2 * kd + 2 * ce``) the two are compared on the host
+    (``torch.equal``: one device synchronisation in that backward) and differing ones raise.
+    """
 
     @staticmethod
     def forward(ctx, total: Tensor, part: Tensor):
@@ -353,7 +372,7 @@ class _SumOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rest, g_part):
-        if g_rest is None or g_part is None or not torch.equal(g_rest, g_part):
+        if g_rest is None or g_part is None or not (_one_grad(g_rest, g_part) or torch.equal(g_rest, g_part)):
             raise RuntimeError(
                 "linear_kd_loss_terms: its two terms come from one fused pass, which computes the gradient of "
                 "their sum only: back-propagate kd + ce (e.g. sum(losses.values())), not one term alone or the "
@@ -373,11 +392,29 @@ def linear_kd_loss_terms(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, 
     them apart. The pass computes the gradient of the sum only, so the two must be
     back-propagated together with the same grad_output (``(kd + ce).backward()``, or
     ``sum(losses.values())`` with both in ``losses``); a backward through one term alone,
-    or through the two with different weights, raises RuntimeError.
+    or through the two with different weights, raises RuntimeError. Back-propagated as
+    ``kd + ce`` (or any function of that sum) the check reads nothing on the host; weighting
+    the terms apart, even alike (``2 * kd + 2 * ce``), costs a device synchronisation per
+    backward to compare the two grad_outputs.
     """
+    return scaled_terms(1.0, h_s, w_s, h_t, w_t, temperature=temperature, bias_s=bias_s, bias_t=bias_t,
+                        reduction=reduction, ignore_index=ignore_index, labels=labels, ce_weight=ce_weight,
+                        chunk=chunk, backend=backend)
+
+
+def scaled_terms(scale: float, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, *, temperature: float,
+                 bias_s: Optional[Tensor] = None, bias_t: Optional[Tensor] = None, reduction: str = "batchmean",
+                 ignore_index: Optional[int] = None, labels: Optional[Tensor] = None, ce_weight: float = 0.0,
+                 chunk: Optional[int] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """(scale kd, scale ce) of :func:`linear_kd_loss_terms`, the factor applied to the fused loss
+    before it is split, so that ``kd + ce`` hands the split one grad_output (weighting the
+    two terms after the split would give it two tensors to compare on the host)."""
     total, ce = _TERMS(h_s, w_s, h_t, w_t, bias_s, bias_t, labels, temperature, reduction, ignore_index, ce_weight,
                        chunk, backend=backend)
-    part = (ce * float(ce_weight)).detach().to(total.dtype)
+    scale = check_real(scale, "scale", OP)
+    if scale != 1.0:
+        total = total * scale
+    part = (ce * (float(ce_weight) * scale)).detach().to(total.dtype)
     if not total.requires_grad:
         return total - part, part
     return _SumOnly.apply(total, part)

@@ -25,6 +25,7 @@ from torch import nn
 from . import _ddp
 from .base import device_of, logits_of
 from .fskd import FSKD
+from .lm import CausalLM, CausalLMKD
 
 History = List[Dict[str, float]]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -107,11 +108,40 @@ def _log(msg: str, enabled: bool) -> None:
         print(msg, flush=True)
 
 
+def _hits(logits: torch.Tensor, labels: torch.Tensor, causal_lm: bool, ignore_index: int):
+    """(right, scored) of one batch, as device tensors (no host sync)."""
+    if causal_lm:
+        if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+            raise ValueError(f"evaluate: a causal LM needs logits (B, L, V) and labels (B, L), got logits "
+                             f"{tuple(logits.shape)} and labels {tuple(labels.shape)}")
+        # CausalLMKD's shift: position i is scored against label i + 1 (the last position has no target)
+        target = labels[:, 1:]
+        keep = target != ignore_index
+        right = ((logits[:, :-1].argmax(-1) == target) & keep).sum()
+        return right, keep.sum()
+    if logits.dim() != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"evaluate: top-1 classification needs logits (B, C) and labels (B,), got logits "
+                         f"{tuple(logits.shape)} and labels {tuple(labels.shape)} (for a causal LM's (B, L, V) "
+                         "logits pass causal_lm=True)")
+    return (logits.argmax(1) == labels).sum(), labels.numel()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: Optional[torch.device] = None, amp=None) -> float:
-    """Top-1 accuracy (%) of ``model`` (e.g. ``distiller.student``) over ``loader``, summed over ranks."""
+def evaluate(model: nn.Module, loader, *, device: Optional[torch.device] = None, amp=None,
+             causal_lm: Optional[bool] = None, ignore_index: int = -100) -> float:
+    """Accuracy (%) of ``model`` (e.g. ``distiller.student``) over ``loader``, summed over ranks.
+
+    Image classification (logits (B, C), labels (B,)): top-1 accuracy. A causal LM
+    (``causal_lm=True``; by default when ``model`` is a :class:`~kdkernels.train.CausalLM`,
+    as :class:`~kdkernels.train.CausalLMKD`'s student is): next-token accuracy, the share of
+    positions i whose argmax over the (B, L, V) logits equals label i + 1 (labels (B, L),
+    the input ids when the batch has none), over the targets that are not ``ignore_index``,
+    the shift and the exclusion of CausalLMKD's loss.
+    """
     device = torch.device(device) if device is not None else (device_of(model) or torch.device("cpu"))
     dtype = _amp_dtype(amp, device)
+    if causal_lm is None:
+        causal_lm = isinstance(model, CausalLM)
     was = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -119,11 +149,14 @@ def evaluate(model: nn.Module, loader, *, device: Optional[torch.device] = None,
     try:
         for batch in loader:
             images, labels = _split(batch, device)
+            if labels is None and causal_lm:
+                labels = images  # a causal LM's labels default to its input ids
             ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
             with ctx:
                 logits = logits_of(model(images))
-            correct += (logits.argmax(1) == labels).sum()
-            total += labels.numel()
+            right, scored = _hits(logits, labels, causal_lm, ignore_index)
+            correct += right
+            total += scored
     finally:
         model.train(was)
     _ddp.all_reduce_sum(correct)
@@ -161,7 +194,9 @@ def fit(distiller: nn.Module, loader, *, epochs: int, optimizer: Optional[torch.
             the distiller's ``state_dict`` (no teacher), optimiser, scheduler,
             scaler, history and RNG states.
         resume: ``True`` to continue from ``checkpoint`` when it exists, or a path.
-        eval_loader: evaluate the student's top-1 accuracy after every epoch.
+        eval_loader: evaluate the student's accuracy after every epoch (:func:`evaluate`:
+            top-1; for :class:`~kdkernels.train.CausalLMKD`, next-token accuracy with its
+            ``ignore_index``).
         progress: a tqdm bar and one line per epoch (rank 0 only).
         on_step: called after every optimiser step with ``{"epoch", "step",
             "loss", "losses"}`` (detached tensors; no host sync is forced).
@@ -281,7 +316,8 @@ def fit(distiller: nn.Module, loader, *, epochs: int, optimizer: Optional[torch.
         if n_scored:
             row["acc"] = 100.0 * n_correct / n_scored
         if eval_loader is not None:
-            row["val_acc"] = evaluate(getattr(core, "student", core), eval_loader, device=device, amp=amp)
+            row["val_acc"] = evaluate(getattr(core, "student", core), eval_loader, device=device, amp=amp,
+                                      ignore_index=core.ignore_index if isinstance(core, CausalLMKD) else -100)
         row["lr"] = float(optimizer.param_groups[0]["lr"])
         row["time"] = time.time() - t0
         history.append(row)

@@ -156,7 +156,9 @@ class CausalLMKD(Distiller):
                   backend=self.backend)
         if self.ce_weight == 0.0:
             return None, {"kd": self.kd_weight * op("linear_kd_loss")(*args, **kw)}
-        from ..ops.linear_kd import linear_kd_loss_terms  # one fused pass, its two terms reported apart
+        # one fused pass, its two terms reported apart; kd_weight is applied before the split so that
+        # sum(losses.values()) hands the split one grad_output (no host comparison in its backward)
+        from ..ops.linear_kd import scaled_terms
 
-        kd, ce = linear_kd_loss_terms(*args, **kw)
-        return None, {"kd": self.kd_weight * kd, "ce": self.kd_weight * ce}
+        kd, ce = scaled_terms(self.kd_weight, *args, **kw)
+        return None, {"kd": kd, "ce": ce}
