@@ -191,7 +191,9 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     g["abf"] = [(f"abf {k} b64 {m}x{H}^2<-{h}^2 fp32", (lambda m=m, H=H, h=h: _abf(64, m, H, h, dt["fp32"])))
                 for k, lv in ABF_LEVELS.items() for m, H, h in lv]
     g["abf-variants"] = [(f"abf {d}", (lambda d=d: _abf(2, 256, 16, 8, dt[d]))) for d in dt if d != "fp32"]
-    g["abf-variants"] += [("abf fp32 no grad", lambda: _abf(2, 256, 16, 8, dt["fp32"], grad=False))]
+    g["abf-variants"] += [("abf fp32 no grad", lambda: _abf(2, 256, 16, 8, dt["fp32"], grad=False)),
+                          # grad_y's masked candidate walk (MODE 0): no integer factor between 15 and 7
+                          ("abf fp32 15^2<-7^2", lambda: _abf(2, 256, 15, 7, dt["fp32"]))]
     g["kd"] = [(f"kd {n}x{c} fp32", (lambda n=n, c=c: _kd(n, c, dt["fp32"]))) for n, c in KD_SHAPES]
     g["kd-variants"] = [(f"kd {n}x{c} {d}{' teacher grad' if tg else ''}",
                          (lambda n=n, c=c, d=d, tg=tg: _kd(n, c, dt[d], teacher=tg)))
