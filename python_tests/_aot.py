@@ -49,6 +49,37 @@ SM_COUNT = {80: 108, 90: 132}  # A100, H100 SXM: the grid a launcher sizes from 
 MAX_SPILL = 256  # bytes; above this a row needs a written reason (SPILL_REASONS)
 # (kernel name, key fragment) -> why its spills are accepted. Empty: none is.
 SPILL_REASONS: Dict[Tuple[str, str], str] = {}
+# Grids: at the benchmark shapes (BENCH_GROUPS) every launch has at least GRID_PER_SM programs
+# per SM of the target (2 x 108 = 216 on sm_80, 2 x 132 = 264 on sm_90) unless the work cannot fill
+# that many: (kernel name, case label prefix) -> why, with the numbers. A reason whose grids are all
+# full again is stale and fails the tier (grid_problems).
+GRID_PER_SM = 2
+BENCH_GROUPS = ("hcl", "abf", "kd", "hint", "linear_kd")  # the groups that hold the benchmark shapes
+_KD_ROWS = ("one program per row, 256 rows: 1.94 per SM of an H100 (sm_80's 216 is met). All are resident at "
+            "once and each issues its whole row's loads, so each input is one DRAM round trip; rows cut in two "
+            "give 512 programs with the same warps and bytes on the busiest SM (ceil(256/132) = 2 rows, "
+            "ceil(512/132) = 4 halves)")
+GRID_REASONS: Dict[Tuple[str, str], str] = {
+    ("_kd_fwd_kernel", "kd 256x100 "): _KD_ROWS + " and a combine launch; at C = 100 a row is 1 warp, 100 KB "
+                                                 "an input in all (0.03 us at 3.35 TB/s)",
+    ("_kd_bwd_kernel", "kd 256x100 "): _KD_ROWS + "; at C = 100 a row is 1 warp, 100 KB an input in all",
+    ("_kd_fwd_kernel", "kd 256x1000 "): _KD_ROWS + " and a combine launch; at C = 1,000 a row is 4 warps "
+                                                  "(8 elements a lane), 1 MB an input in all (0.3 us at 3.35 TB/s)",
+    ("_kd_bwd_kernel", "kd 256x1000 "): _KD_ROWS + " (2 warps each instead of 4); at C = 1,000, 1 MB an input",
+    ("_kd_combine_kernel", "kd 64x"): "the merge of split rows: one 1-warp program per row, 64 rows, each "
+                                      "merging its 16 segment states of 7 floats in a fixed order (28 KB in "
+                                      "all); the forward before it has 64 x 16 = 1,024 programs",
+    ("_sum_kernel", "hcl "): "HCL's final fixed-order sum of its forward's per-program partials: one 4-warp "
+                             "program of 1,024 lanes over 2,049 (resnet56-resnet20, 8 KB) to 73,760 partials "
+                             "(ResNet50-MobileNetV1, 295 KB, against the 772 MB that forward reads: 230 us at "
+                             "3.35 TB/s); more programs in a fixed order need a second launch",
+    ("_lkd_combine_kernel", "linear_kd N"): "the merge of a chunk's vocabulary segments: one 1-warp program per "
+                                            "token, 128 tokens (V = 32,000) or 32 (V = 128,256), each merging "
+                                            "its 250 / 501 segment states of 8 floats in a fixed order: 1.0 MB / "
+                                            "513 KB in all (0.3 / 0.15 us of HBM at 3.35 TB/s) against the "
+                                            "chunk forward's 33.6 GFLOP (34 us at 990 TFLOP/s bf16); cutting a "
+                                            "token's merge across programs needs a second merge launch",
+}
 # csrc/cuda: (demangled kernel name, arch) -> why it may spill at all. Empty: any spill of a
 # csrc/cuda kernel fails the tier (nvcc's kernels are few and hand-written; none needs to spill).
 CUDA_SPILL_REASONS: Dict[Tuple[str, int], str] = {}
@@ -100,7 +131,7 @@ def _hint(n, cs, ct, hw, dtype, grad=True, teacher=False, bias=True, tf32=False)
     _backward(kdkernels.hint_loss(fs, ft, w, b, allow_tf32=tf32, backend="triton"))
 
 
-def _lkd(n, v, d, dtype, teacher=False, ce=False):
+def _lkd(n, v, d, dtype, teacher=False, ce=False, chunk=None):
     import torch
 
     import kdkernels
@@ -109,7 +140,14 @@ def _lkd(n, v, d, dtype, teacher=False, ce=False):
     ht, wt = _t((n, d), dtype, teacher), _t((v, d), dtype, teacher)
     labels = torch.zeros(n, dtype=torch.long) if ce else None
     _backward(kdkernels.linear_kd_loss(hs, ws, ht, wt, temperature=2.0, labels=labels, ce_weight=0.5 if ce else 0.0,
-                                       ignore_index=-100 if ce else None, backend="triton"))
+                                       ignore_index=-100 if ce else None, chunk=chunk, backend="triton"))
+
+
+def _gpu_chunk(v):
+    """Tokens per chunk that linear_kd_loss picks on a GPU for a V-entry vocabulary (N >= it)."""
+    from kdkernels.ops.linear_kd import default_chunk
+
+    return default_chunk(1 << 20, v, "cuda")
 
 
 def _dtypes():
@@ -134,6 +172,12 @@ ABF_LEVELS = {  # (mid, H, h) at batch 64
 }
 KD_SHAPES = [(256, 100), (256, 1000), (64, 32000), (64, 128256)]
 HINT_SHAPES = [(64, 128, 128, 16), (64, 32, 32, 16), (64, 64, 64, 16), (64, 256, 256, 8)]
+# linear KD (benchmarks/cases/linear_kd.py): N = 2,048 / 8,192 tokens, V = 32,000 / 128,256, D = 2,048,
+# fp32 and bf16. Every chunk of _gpu_chunk(V) tokens (128 / 32; N is a multiple) launches the same
+# kernels on the same grids, so one chunk stands for N. D = 256 compiles the same kernels as 2,048
+# (an integer argument is specialised only on divisibility by 16) and keeps the chunk's two CPU GEMMs
+# (dh, dw: torch ops that run for real on the CPU tensors here) small.
+LKD_VOCABS = (32000, 128256)
 
 
 def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
@@ -147,7 +191,9 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     g["abf"] = [(f"abf {k} b64 {m}x{H}^2<-{h}^2 fp32", (lambda m=m, H=H, h=h: _abf(64, m, H, h, dt["fp32"])))
                 for k, lv in ABF_LEVELS.items() for m, H, h in lv]
     g["abf-variants"] = [(f"abf {d}", (lambda d=d: _abf(2, 256, 16, 8, dt[d]))) for d in dt if d != "fp32"]
-    g["abf-variants"] += [("abf fp32 no grad", lambda: _abf(2, 256, 16, 8, dt["fp32"], grad=False))]
+    g["abf-variants"] += [("abf fp32 no grad", lambda: _abf(2, 256, 16, 8, dt["fp32"], grad=False)),
+                          # grad_y's masked candidate walk (MODE 0): no integer factor between 15 and 7
+                          ("abf fp32 15^2<-7^2", lambda: _abf(2, 256, 15, 7, dt["fp32"]))]
     g["kd"] = [(f"kd {n}x{c} fp32", (lambda n=n, c=c: _kd(n, c, dt["fp32"]))) for n, c in KD_SHAPES]
     g["kd-variants"] = [(f"kd {n}x{c} {d}{' teacher grad' if tg else ''}",
                          (lambda n=n, c=c, d=d, tg=tg: _kd(n, c, dt[d], teacher=tg)))
@@ -168,17 +214,20 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
         ("hint 64x128x16^2->128 bf16 teacher grad", lambda: _hint(64, 128, 128, 16, dt["bf16"], teacher=True)),
         ("hint 64x256x8^2->256 bf16", lambda: _hint(64, 256, 256, 8, dt["bf16"])),
     ]
-    # linear KD: the tiles do not depend on N, V, D, so small shapes (the chunk's GEMMs for dh and dw
-    # are torch ops that run for real on the CPU tensors here)
-    g["linear_kd"] = [(f"linear_kd 128x4096x256 {d}{' teacher grad' if tg else ''}{' +ce' if ce else ''}",
-                       (lambda d=d, tg=tg, ce=ce: _lkd(128, 4096, 256, dt[d], teacher=tg, ce=ce)))
-                      for d, tg, ce in (("fp32", False, False), ("bf16", False, False), ("fp16", False, True),
-                                        ("fp32", True, True), ("fp64", False, False))]
+    g["linear_kd"] = [(f"linear_kd N2048/8192 V{v} D2048 {d}: one {_gpu_chunk(v)}-token chunk, D 256",
+                       (lambda v=v, d=d: _lkd(_gpu_chunk(v), v, 256, dt[d], chunk=_gpu_chunk(v))))
+                      for v in LKD_VOCABS for d in ("fp32", "bf16")]
+    # the variants: the tiles do not depend on N, V, D, so small shapes
+    g["linear_kd-variants"] = [
+        (f"linear_kd 128x4096x256 {d}{' teacher grad' if tg else ''}{' +ce' if ce else ''}",
+         (lambda d=d, tg=tg, ce=ce: _lkd(128, 4096, 256, dt[d], teacher=tg, ce=ce)))
+        for d, tg, ce in (("fp32", False, False), ("bf16", False, False), ("fp16", False, True),
+                          ("fp32", True, True), ("fp64", False, False))]
     return g
 
 
 GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hint", "hint-tf32", "hint-fp64",
-          "hint-variants", "linear_kd")
+          "hint-variants", "linear_kd", "linear_kd-variants")
 
 
 # ------------------------------------------------------- compile, not launch
@@ -474,6 +523,29 @@ def problems(rows: List[dict]) -> List[str]:
     return out
 
 
+def grid_problems(rows: List[dict], skip: Tuple[str, ...] = ()) -> List[str]:
+    """Launches at the benchmark shapes (groups in BENCH_GROUPS) with fewer than GRID_PER_SM
+    programs per SM of the target and no GRID_REASONS entry (kernel name, and a prefix of the
+    case label); and, from the sm_90 rows (the higher floor), stale reasons: an entry all of
+    whose launches reach the floor. Kernels whose names start with one of ``skip`` are left out."""
+    out = []
+    short_of: Dict[Tuple[str, str], List[bool]] = {}
+    for r in rows:
+        if r["group"] not in BENCH_GROUPS or "error" in r or r["kernel"].startswith(("(", "?") + tuple(skip)):
+            continue
+        progs, floor = math.prod(r["grid"]), GRID_PER_SM * SM_COUNT[r["arch"]]
+        keys = [k for k in GRID_REASONS if k[0] == r["kernel"] and r["case"].startswith(k[1])]
+        if r["arch"] == 90:
+            for k in keys:
+                short_of.setdefault(k, []).append(progs < floor)
+        if progs < floor and not keys:
+            out.append(f"{r['case']} sm_{r['arch']} {r['kernel']}: grid {'x'.join(str(g) for g in r['grid'])} = "
+                       f"{progs} programs < {floor} ({GRID_PER_SM} per SM), no reason written in GRID_REASONS")
+    out += [f"GRID_REASONS[{k}]: every sm_90 launch it covers has >= {GRID_PER_SM * SM_COUNT[90]} programs now "
+            "(a stale reason)" for k, short in short_of.items() if not any(short)]
+    return out
+
+
 COLUMNS = ["triton", "arch", "group", "case", "kernel", "constexprs", "num_warps", "num_stages", "grid",
            "regs", "spill_st", "spill_ld", "stack", "smem", "blocks_per_sm", "compile_s", "compile_cpu_s"]
 
@@ -524,7 +596,7 @@ def summary(rows: List[dict]) -> str:
     out = ["| kernel | arch | Triton | configs | registers | spills (B) | shared mem (B) | blocks/SM | "
            "programs at the benchmark shapes | grids |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (k, a, t), rs in sorted(kern.items()):
-        bench = [r for r in launches[(k, a, t)] if r["group"] in ("hcl", "abf", "kd", "hint")]
+        bench = [r for r in launches[(k, a, t)] if r["group"] in BENCH_GROUPS]
         grids = sorted({"x".join(str(g) for g in r["grid"] if g > 1) or "1" for r in bench})
         progs = sorted(math.prod(r["grid"]) for r in bench)
         progs_s = f"{progs[0]}-{progs[-1]}" if progs else "-"
@@ -535,7 +607,7 @@ def summary(rows: List[dict]) -> str:
                    f"{', '.join(grids[:6])}{' ...' if len(grids) > 6 else ''} |")
     out += ["", "| op | arch | Triton | first training step: kernels compiled | compile wall s (sum) | "
             "compile CPU s (sum) | case |", "|---|---|---|---|---|---|---|"]
-    for op in ("hcl", "abf", "kd", "hint"):
+    for op in BENCH_GROUPS:
         for a in sorted({r["arch"] for r in rows}):
             for t in sorted({r["triton"] for r in rows if "triton" in r}):
                 first = [r for r in rows if r["group"] == op and r["arch"] == a and r.get("triton") == t

@@ -58,6 +58,16 @@ def _src_index(i, scale, n_in):
 
 
 @triton.jit
+def _from_source(ok, i, n_out, src, scale, n_in, MODE: tl.constexpr):
+    """ok & (output index i, a candidate along one axis, lies in [0, n_out) and its nearest
+    source is src). MODE 1 (exact integer factor): every candidate is, so ok unchanged."""
+    if MODE == 1:
+        return ok
+    else:
+        return ok & (i >= 0) & (i < n_out) & (_src_index(tl.maximum(i, 0), scale, n_in) == src)
+
+
+@triton.jit
 def _rows(c, plane, BIG: tl.constexpr):
     """[len(c), 1] offsets of channel rows c in planes of ``plane`` elements: int32 when one
     sample's C * plane fits (BIG False; fewer registers), int64 otherwise."""
@@ -320,16 +330,10 @@ def _abf_bwd_y_kernel(
             c_start = (qc.to(tl.float32) * inv_w).to(tl.int32) - 1
         for dr in range(span_h):
             r = r_start + dr
-            if MODE == 1:
-                rok = qm
-            else:
-                rok = qm & (r >= 0) & (r < H) & (_src_index(tl.maximum(r, 0), scale_h, h) == qr)
+            rok = _from_source(qm, r, H, qr, scale_h, h, MODE)
             for dc in range(span_w):
                 col = c_start + dc
-                if MODE == 1:
-                    ok = rok
-                else:
-                    ok = rok & (col >= 0) & (col < W) & (_src_index(tl.maximum(col, 0), scale_w, w) == qc)
+                ok = _from_source(rok, col, W, qc, scale_w, w, MODE)
                 p = tl.where(ok, r * W + col, 0)
                 z1 = tl.load(zb + H * W + p, mask=ok, other=0.0)
                 da0 = tl.load(db + p, mask=ok, other=0.0)
@@ -421,11 +425,11 @@ def _y_plan(H: int, W: int, h: int, w: int):
 
 
 def _reduce_plan(cols: int):
-    """(BLOCK, BLOCK_R) of the partial-sum kernel: column blocks of 4 to 64 so that the grid
-    reaches _GRID_FLOOR programs where there are columns for it; [BLOCK_R, BLOCK] tiles
-    of 1024 elements."""
+    """(BLOCK, BLOCK_R) of the partial-sum kernel: column blocks of 2 to 64 so that the grid
+    reaches _GRID_FLOOR programs where there are columns for it (C = 256: 4C + 2 = 1,026
+    columns, 257 programs of 4 but 513 of 2); [BLOCK_R, BLOCK] tiles of 1024 elements."""
     block = 64
-    while block > 4 and triton.cdiv(cols, block) < _GRID_FLOOR:
+    while block > 2 and triton.cdiv(cols, block) < _GRID_FLOOR:
         block //= 2
     return block, 1024 // block
 
