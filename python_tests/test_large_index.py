@@ -391,12 +391,12 @@ def test_triton_hint_pixels_past_int32():
         n0 = tile * per_tile
         fs[n0:n0 + per_tile] = torch.randn(per_tile, Cs, P, generator=g)
         ft[n0:n0 + per_tile] = torch.randn(per_tile, Ct, P, generator=g)
-    # one program per tile (G = num_tiles), so program `tile` owns exactly that tile
+    # one program per tile (num_tiles pixel groups, one channel group), so program `tile` owns that tile
     _run_programs(th._hint_fused_kernel, (num_tiles,), [(tile,) for tile in picked],
                   fs, ft, weight, bias, loss, gfs, gw, gb, gft,
-                  Q, P, Cs, Ct, num_tiles, 1,
+                  Q, P, Cs, Ct, num_tiles, num_tiles, 1,
                   HAS_BIAS=True, NEED_FS=True, NEED_W=True, NEED_B=True, NEED_FT=True, ACC=tl.float32,
-                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False, MULTI=False,
+                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False, MULTI=False, SPLIT=False,
                   BLOCK_Q=block_q, BLOCK_CS=block_cs, BLOCK_CT=block_ct, num_warps=4)
     wd, bd = weight.double(), bias.double()
     for tile in picked:
