@@ -178,6 +178,7 @@ HINT_SHAPES = [(64, 128, 128, 16), (64, 32, 32, 16), (64, 64, 64, 16), (64, 256,
 # (an integer argument is specialised only on divisibility by 16) and keeps the chunk's two CPU GEMMs
 # (dh, dw: torch ops that run for real on the CPU tensors here) small.
 LKD_VOCABS = (32000, 128256)
+HINT_CAP_SHAPES = [(64, 512, 512, 7)]
 
 
 def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
@@ -201,6 +202,9 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     g["kd-variants"] += [("kd 256x1000 fp32 no grad", lambda: _kd(256, 1000, dt["fp32"], grad=False))]
     g["hint"] = [(f"hint {n}x{cs}x{hw}^2->{ct} fp32", (lambda a=(n, cs, ct, hw): _hint(*a, dt["fp32"])))
                  for n, cs, ct, hw in HINT_SHAPES]
+    # past the weight-gradient partials' cap (_MAX_PARTIAL: 32 pixel groups of 512 x 512): ResNet34's layer 4
+    g["hint"] += [(f"hint {n}x{cs}x{hw}^2->{ct} fp32 past the partial cap",
+                   (lambda a=(n, cs, ct, hw): _hint(*a, dt["fp32"]))) for n, cs, ct, hw in HINT_CAP_SHAPES]
     g["hint-tf32"] = [(f"hint {n}x{cs}x{hw}^2->{ct} fp32 allow_tf32",
                        (lambda a=(n, cs, ct, hw): _hint(*a, dt["fp32"], tf32=True))) for n, cs, ct, hw in HINT_SHAPES]
     g["hint-fp64"] = [("hint 64x128x16^2->128 fp64", lambda: _hint(64, 128, 128, 16, dt["fp64"])),

@@ -216,22 +216,42 @@ def test_hint_kernels_do_not_spill(aot_rows, arch):
     assert not spilled, spilled
 
 
-def _hint_pixels(case):
-    """N*H*W of a hint case label "hint NxCSxHW^2->CT ..."."""
-    n, _, hw = case.split()[1].split("^")[0].split("x")
-    return int(n) * int(hw) ** 2
+def _hint_shape(case):
+    """(N*H*W, Cs, Ct) of a hint case label "hint NxCSxHW^2->CT ..."."""
+    lhs, ct = case.split()[1].split("->")
+    n, cs, hw = lhs.split("^")[0].split("x")
+    return int(n) * int(hw) ** 2, int(cs), int(ct)
+
+
+def _hint_work_units(case):
+    """What "the work allows" means for the fused kernel: a program takes at least one
+    32-pixel tile and one chunk of 64 teacher channels (all of them when Ct <= 64), so
+    there are at most ceil(N*H*W / 32) * ceil(Ct / 64) programs."""
+    q, _, ct = _hint_shape(case)
+    return -(-q // 32) * -(-ct // 64)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hint_grid_fills_the_gpu(aot_rows, arch):
-    """One program per 32-pixel tile: at least two programs per SM of the target wherever
-    the pixels allow that many tiles (64 x 16 x 16: 512 programs; 64 x 8 x 8: 128, all its
-    tiles)."""
+    """At every benchmark shape (and past the weight-gradient partials' cap) each hint kernel
+    launches at least two programs per SM of the target wherever the work allows: the fused
+    pass min(2 x SMs, its work units: 32-pixel tiles x 64-channel chunks of Ct); the reduction
+    min(2 x SMs, ceil(Ct*Cs / 32): its weight-gradient columns in blocks of 32); the backward's
+    scaling min(2 x SMs, ceil(numel / 1024)) over the gradients it scales. One program per
+    pixel tile gave 128 programs at 64 x 256 x 8^2 -> 256 (of 264 on sm_90, 216 on sm_80) and
+    25 at 64 x 512 x 7^2 -> 512 (past the cap: 4 tiles per program)."""
     _need("hint")
-    rows = [r for r in _rows_of(aot_rows, "hint", arch) if r["kernel"] == "_hint_fused_kernel"]
-    assert rows
-    short = [(r["case"], r["grid"]) for r in rows
-             if r["grid"][0] < min(2 * _aot.SM_COUNT[arch], -(-_hint_pixels(r["case"]) // 32))]
+    want = 2 * _aot.SM_COUNT[arch]
+    rows = [r for r in _rows_of(aot_rows, "hint", arch) if r["kernel"].startswith("_hint")]
+    assert {r["kernel"] for r in rows} >= {"_hint_fused_kernel", "_hint_reduce_kernel", "_hint_scale_kernel"}
+    assert any("past the partial cap" in r["case"] for r in rows)
+    short = []
+    for r in rows:
+        q, cs, ct = _hint_shape(r["case"])
+        allows = {"_hint_fused_kernel": _hint_work_units(r["case"]), "_hint_reduce_kernel": -(-ct * cs // 32),
+                  "_hint_scale_kernel": -(-(q * cs + ct * cs + ct) // 1024)}[r["kernel"]]
+        if math.prod(r["grid"]) < min(want, allows):
+            short.append((r["case"], r["kernel"], r["grid"], min(want, allows)))
     assert not short, short
 
 

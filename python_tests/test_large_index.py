@@ -391,12 +391,12 @@ def test_triton_hint_pixels_past_int32():
         n0 = tile * per_tile
         fs[n0:n0 + per_tile] = torch.randn(per_tile, Cs, P, generator=g)
         ft[n0:n0 + per_tile] = torch.randn(per_tile, Ct, P, generator=g)
-    # one program per tile (G = num_tiles), so program `tile` owns exactly that tile
+    # one program per tile (num_tiles pixel groups, one channel group), so program `tile` owns that tile
     _run_programs(th._hint_fused_kernel, (num_tiles,), [(tile,) for tile in picked],
                   fs, ft, weight, bias, loss, gfs, gw, gb, gft,
-                  Q, P, Cs, Ct, num_tiles, 1,
+                  Q, P, Cs, Ct, num_tiles, num_tiles, 1,
                   HAS_BIAS=True, NEED_FS=True, NEED_W=True, NEED_B=True, NEED_FT=True, ACC=tl.float32,
-                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False, MULTI=False,
+                  PREC="ieee", SINGLE_CT=Ct <= block_ct, DOT_F32=False, MULTI=False, SPLIT=False,
                   BLOCK_Q=block_q, BLOCK_CS=block_cs, BLOCK_CT=block_ct, num_warps=4)
     wd, bd = weight.double(), bias.double()
     for tile in picked:
@@ -410,6 +410,67 @@ def test_triton_hint_pixels_past_int32():
         _close(gw[tile * Ct * Cs:(tile + 1) * Ct * Cs],
                torch.einsum("nop,ncp->oc", r, xs).reshape(-1), 1e-5, f"hint: grad_w partial of tile {tile}")
         _close(gb[tile * Ct:(tile + 1) * Ct], r.sum((0, 2)), 1e-5, f"hint: grad_b partial of tile {tile}")
+
+
+@needs_interpreter
+def test_triton_hint_split_partials_past_int32():
+    """The teacher-channel split: the fused pass writes channel group k's share of W^T r at
+    k * N*Cs*H*W, the reduction reads row k of those fs partials at k * n_fs + column; both
+    pass 2^31 here (group 2 of 3 at N*Cs*H*W > 2^30; columns past 2^31)."""
+    from kdkernels.triton import hint as th
+
+    # ---- the fused pass, program (last pixel tile, channel group 2)
+    Cs, Ct, H, W = 1, 48, 4, 4
+    P = H * W
+    N = (I32 // 2) // P + 8
+    Q = N * P
+    block_q, block_cs, block_ct = 32, 16, 16  # 3 chunks of 16 teacher channels, one a group
+    num_tiles = -(-Q // block_q)
+    groups = 3
+    assert (groups - 1) * Q * Cs > I32
+    fs = sparse(Q * Cs, torch.float32).view(N, Cs, P)
+    ft = sparse(Q * Ct, torch.float32, _guard_for(Q * Ct)).view(N, Ct, P)
+    fs_part = sparse(groups * Q * Cs, torch.float32, _guard_for(groups * Q * Cs))
+    gw = sparse(num_tiles * Ct * Cs, torch.float32)
+    gb = sparse(num_tiles * Ct, torch.float32)
+    loss = sparse(num_tiles * groups, torch.float32)
+    g = _gen(6)
+    weight = torch.randn(Ct, Cs, generator=g)
+    bias = torch.randn(Ct, generator=g)
+    tile = num_tiles - 1
+    n0 = tile * (block_q // P)
+    fs[n0:] = torch.randn(N - n0, Cs, P, generator=g)
+    ft[n0:] = torch.randn(N - n0, Ct, P, generator=g)
+    _run_programs(th._hint_fused_kernel, (num_tiles * groups,), [(tile * groups + 2,)],
+                  fs, ft, weight, bias, loss, fs_part, gw, gb, ft,
+                  Q, P, Cs, Ct, num_tiles, num_tiles, groups,
+                  HAS_BIAS=True, NEED_FS=True, NEED_W=True, NEED_B=True, NEED_FT=False, ACC=tl.float32,
+                  PREC="ieee", SINGLE_CT=True, DOT_F32=False, MULTI=False, SPLIT=True,
+                  BLOCK_Q=block_q, BLOCK_CS=block_cs, BLOCK_CT=block_ct, num_warps=4)
+    rows = slice(2 * block_ct, 3 * block_ct)  # group 2's teacher channels
+    wd = weight.double()[rows]
+    r = torch.einsum("oc,ncp->nop", wd, fs[n0:].double()) + bias.double()[rows, None] - ft[n0:, rows].double()
+    part = fs_part[2 * Q * Cs:].view(N, Cs, P)[n0:]
+    _close(part, torch.einsum("oc,nop->ncp", wd, r), 1e-5, "hint split: group 2's W^T r partial")
+    _close(loss[tile * groups + 2:tile * groups + 3], (r * r).sum()[None], 1e-5, "hint split: loss partial")
+    del fs, ft, fs_part
+
+    # ---- the reduction: the fs sums over 2 channel groups, n_fs columns past 2^31
+    n_fs = I32 + 4096
+    block_s, block_fs = 2, 512
+    fs_progs = -(-n_fs // block_fs)
+    part = sparse(2 * n_fs, torch.float32, _guard_for(2 * n_fs))
+    out = sparse(n_fs, torch.float32, _guard_for(n_fs))
+    tail = slice(n_fs - 700, n_fs)
+    a, b = torch.randn(700, generator=g), torch.randn(700, generator=g)
+    part[n_fs - 700:n_fs] = a
+    part[2 * n_fs - 700:] = b
+    dummy = torch.zeros(4)
+    _run_programs(th._hint_reduce_kernel, (fs_progs + 1,), [(fs_progs - 2,), (fs_progs - 1,)],
+                  dummy, dummy, dummy, part, dummy, dummy, dummy, out,
+                  1, 1, 2, 0, 0, n_fs, 1, fs_progs, 0, 0,
+                  ACC=tl.float32, BLOCK_G=4, BLOCK=256, BLOCK_S=block_s, BLOCK_FS=block_fs, num_warps=4)
+    _close(out[tail], a.double() + b.double(), 1e-6, "hint split: the fs sum over groups past 2^31")
 
 
 # ---------------------------------------------------------------------------- C++: > 2^31 elements
