@@ -79,6 +79,10 @@ GRID_REASONS: Dict[Tuple[str, str], str] = {
                                             "513 KB in all (0.3 / 0.15 us of HBM at 3.35 TB/s) against the "
                                             "chunk forward's 33.6 GFLOP (34 us at 990 TFLOP/s bf16); cutting a "
                                             "token's merge across programs needs a second merge launch",
+    ("_lkd_finish_kernel", "linear_kd N"): "the batch's final fixed-order sum of its N loss rows, CE rows and "
+                                           "kept-row flags after the last chunk: one 4-warp program over 128 or "
+                                           "32 rows here, 9 B a row (74 KB at N = 8,192: 0.02 us at 3.35 TB/s); "
+                                           "more programs in a fixed order need a second launch",
 }
 # csrc/cuda: (demangled kernel name, arch) -> why it may spill at all. Empty: any spill of a
 # csrc/cuda kernel fails the tier (nvcc's kernels are few and hand-written; none needs to spill).

@@ -14,7 +14,11 @@ end of its backward:
   empty_like, ...), ops whose result aliases an input (views, reshapes of
   contiguous tensors, ``.to`` of the same dtype, which return the input), and
   reads of a Python scalar (``_local_scalar_dense``, which is host work). An
-  ``out=`` op is a launch (its result lands in a tensor it was given).
+  ``out=`` op is a launch (its result lands in a tensor it was given), and so
+  is an in-place op that writes data (``add_``, ``copy_`` of a slice
+  assignment, ``addmm_``, ``zero_``): its result aliases its input, but it runs
+  a kernel. In-place ops that change only metadata (``resize_``, ``t_``,
+  ``as_strided_``...) are free.
   On a GPU each counted op is one kernel launch (a copy is one cudaMemcpy).
 * Host work: ``.item()``/``float(t)`` (ATen ``_local_scalar_dense``: a device
   synchronisation on CUDA), tensors made from Python data (``torch.tensor``,
@@ -38,6 +42,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # ATen ops that allocate without writing (no kernel on a GPU)
 _ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "empty_permuted"}
+# in-place ATen ops that change a tensor's metadata only (no kernel)
+_METADATA_INPLACE = {"resize_", "resize_as_", "set_", "detach_", "as_strided_", "t_", "transpose_", "squeeze_",
+                     "unsqueeze_", "swapdims_", "swapaxes_", "requires_grad_", "_coalesced_"}
 # ATen ops that are host work on a GPU path
 _HOST = {"_local_scalar_dense": "reads a tensor element on the host (.item()/float(): a device sync)",
          "lift_fresh": "builds a tensor from Python data (torch.tensor/as_tensor)",
@@ -89,7 +96,8 @@ class Recorder(TorchDispatchMode):
             self.host.append(f"{func}: copies between devices {devices_in} -> {[t.device for t in outputs]}")
         if name in _ALLOCATIONS or not outputs:
             return out
-        if _storages(outputs) <= _storages(inputs):  # a view or the input itself
+        writes = func._schema.is_mutable and name not in _METADATA_INPLACE
+        if not writes and _storages(outputs) <= _storages(inputs):  # a view or the input itself
             return out
         self.launches.append(f"torch:{name}")
         return out

@@ -226,7 +226,60 @@ def test_recorder_sees_launches_and_host_work():
         float(s)                        # host read
         torch.tensor(1.5)               # tensor from Python data
         torch.equal(x, y)               # a comparison answered on the host
-    assert rec.launches == ["torch:mul", "torch:sum", "torch:zeros", "torch:mul"], rec.launches
+        y.add_(1)                       # in place: a launch, though its result aliases y
+        y[:2] = x[:2]                   # a slice assignment: copy_, a launch
+        y.t_()                          # in place, metadata only: not a launch
+    assert rec.launches == ["torch:mul", "torch:sum", "torch:zeros", "torch:mul", "torch:add_", "torch:copy_"], \
+        rec.launches
     assert len(rec.host) == 3 and "_local_scalar_dense" in rec.host[0] and "lift_fresh" in rec.host[1], rec.host
     assert "equal" in rec.host[2], rec.host
     del y, v, same
+
+
+# ---------------------------------------------------------------- linear_kd_loss
+# linear_kd_loss is chunked by design (no (N, V) logits ever exist), and its GEMMs are
+# torch's (cuBLAS on a GPU), so its launches grow with the chunks: per chunk, the
+# logit/softmax pass and its merge (which writes the chunk's loss rows), the
+# gradient-logit pass when gradients are formed, and one GEMM or column sum per
+# gradient wanted (dh = dz w, dw += dz^T h, db += sum dz). Around the chunks at most
+# LKD_FIXED_MAX launches per direction (the kept-row mask, the one-program reduction;
+# the backward of a reduced loss is one scaling launch for all gradients).
+LKD_FIXED_MAX = 4
+
+
+def _lkd_count(reduction, ce_weight, grads, chunk):
+    n, v, d_s, d_t = 6, 37, 5, 4
+    s_grad, t_grad = grads in ("student", "all"), grads == "all"
+    h_s, w_s = _rand((n, d_s), torch.float32, grad=s_grad), _rand((v, d_s), torch.float32, grad=s_grad, seed=1)
+    h_t, w_t = _rand((n, d_t), torch.float32, grad=t_grad, seed=2), _rand((v, d_t), torch.float32, grad=t_grad,
+                                                                          seed=3)
+    b_s = _rand((v,), torch.float32, grad=s_grad, seed=4)
+    labels = torch.arange(n, device=DEVICE) % v
+    labels[1] = -100
+    kw = dict(temperature=2.0, bias_s=b_s, labels=labels, ignore_index=-100, ce_weight=ce_weight,
+              reduction=reduction, chunk=chunk, backend="triton")
+    fwd, bwd, _ = _step(lambda *a: kdkernels.linear_kd_loss(*a, **kw), (h_s, w_s, h_t, w_t),
+                        lambda out: torch.full_like(out, 1.7))
+    gemms = 3 * s_grad + 2 * t_grad  # (dh, dw, db) of the student, (dh, dw) of the teacher
+    return fwd, bwd, gemms, -(-n // chunk)
+
+
+@pytest.mark.parametrize("grads", ["student", "all"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+def test_linear_kd_launches_per_chunk_and_no_host_work(reduction, ce_weight, grads):
+    for chunk in (6, 2):
+        fwd, bwd, gemms, chunks = _lkd_count(reduction, ce_weight, grads, chunk)
+        both = _report("forward", fwd) + "\n" + _report("backward", bwd)
+        assert not fwd.host and not bwd.host, both
+        if reduction == "none":  # the forward forms no gradient; the backward runs the pass again
+            fwd_chunk, bwd_chunk = 2, 3 + gemms
+        else:  # a scalar loss: the gradients come out of the forward's pass, the backward scales them
+            fwd_chunk, bwd_chunk = 3 + gemms, 0
+            assert bwd.launches == ["triton:_scale_grads_kernel"], both
+        for name, rec, per in (("forward", fwd, fwd_chunk), ("backward", bwd, bwd_chunk)):
+            per_chunk = ["_lkd_fwd_kernel", "_lkd_combine_kernel", "_lkd_dlogits_kernel"][:min(per, 3)]
+            for kernel in per_chunk:
+                assert rec.launches.count(f"triton:{kernel}") == chunks, f"chunk={chunk}, {kernel}: " + both
+            fixed = len(rec.launches) - chunks * per
+            assert 0 <= fixed <= LKD_FIXED_MAX, f"chunk={chunk}, {chunks} chunks x {per} + {fixed}: " + both

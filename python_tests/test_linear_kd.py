@@ -252,7 +252,8 @@ def test_compile_fullgraph(backend, reduction):
 
 
 class _Allocations(TorchDispatchMode):
-    """The largest tensor any torch op creates (numel), inside the mode."""
+    """The largest tensor any torch op creates (bytes), inside the mode. Bytes, not elements:
+    the Triton interpreter copies a kernel's arguments through byte views of their storage."""
 
     def __init__(self):
         super().__init__()
@@ -262,7 +263,7 @@ class _Allocations(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+                self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 
 
@@ -276,7 +277,7 @@ def test_never_materialises_the_logits(backend):
             loss = _call(inp, backend, temperature=2.0, ce_weight=0.5, ignore_index=-100, reduction=reduction,
                          chunk=chunk)
             _grads(loss, inp, 1.0)
-        assert mode.largest <= max(chunk * v, v * d), (reduction, mode.largest)
+        assert mode.largest <= 4 * max(chunk * v, v * d), (reduction, mode.largest)  # fp32 bytes
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         _call(inp, backend, temperature=2.0)

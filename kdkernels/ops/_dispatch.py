@@ -92,6 +92,14 @@ def grad_enabled_for(*tensors) -> list:
     return [on and t is not None and t.requires_grad for t in tensors]
 
 
+def eager_triton_backward(backend: str, *tensors: Optional[Tensor]) -> bool:
+    """Whether a backward may scale its saved gradients with one Triton launch
+    (kdkernels/triton/scale.py): the Triton backend, eager, on plain tensors. Traced
+    graphs (fake or functional tensor subclasses) keep the torch ops of :func:`scale_grad`."""
+    return backend == "triton" and not torch.compiler.is_compiling() and all(
+        type(t) is Tensor for t in tensors if t is not None)
+
+
 def scale_grad(g: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     """The backward of an op whose forward already computed its gradients (hint, linear KD):
     the saved gradient ``g`` times ``s`` (grad_output's factor, accumulation dtype), in a fresh

@@ -8,7 +8,8 @@ chunk's share:
 
     dh[chunk] = dz w          (M, D)
     dw       += dz^T h[chunk] (V, D), in the accumulation dtype, chunk after chunk
-    db       += sum_rows dz   (V,)
+                (the first chunk writes dw and db: no zero fill)
+    db       += dz^T 1         (V,), a GEMV
 
 So at most a few (M, V) blocks exist at a time, never an (N, V) matrix, and the
 sums over chunks run in a fixed order (deterministic).
@@ -76,8 +77,10 @@ def _cpp_dlogits(zs: Tensor, zt: Tensor, stats: Tensor, y: Optional[Tensor], r_k
 
 
 def _add_grads(dz: Tensor, h: Tensor, w: Tensor, gh: Optional[Tensor], gw: Optional[Tensor],
-               gb: Optional[Tensor]) -> None:
-    """gh = dz w (this chunk's rows), gw += dz^T h, gb += column sums of dz."""
+               gb: Optional[Tensor], ones: Optional[Tensor], first: bool) -> None:
+    """gh = dz w (this chunk's rows), gw += dz^T h, gb += dz^T 1 (the column sums, one GEMV with
+    ``ones`` (>= M,) in the accumulation dtype); the ``first`` chunk writes gw and gb instead of
+    adding (so they need no zero fill). One launch per gradient."""
     low = dz.dtype != h.dtype
     if gh is not None:
         if low:
@@ -86,13 +89,23 @@ def _add_grads(dz: Tensor, h: Tensor, w: Tensor, gh: Optional[Tensor], gw: Optio
             torch.mm(dz, w, out=gh)
     if gw is not None:
         if not low:
-            gw.addmm_(dz.t(), h)
+            if first:
+                torch.mm(dz.t(), h, out=gw)
+            else:
+                gw.addmm_(dz.t(), h)
         elif h.device.type == "cpu":
-            gw.addmm_(dz.t(), h.to(gw.dtype))
+            if first:
+                torch.mm(dz.t(), h.to(gw.dtype), out=gw)
+            else:
+                gw.addmm_(dz.t(), h.to(gw.dtype))
         else:
-            gw.add_(torch.mm(dz.to(h.dtype).t(), h))
+            part = torch.mm(dz.to(h.dtype).t(), h)
+            gw.copy_(part) if first else gw.add_(part)
     if gb is not None:
-        gb.add_(dz.sum(0))
+        if first:
+            torch.mv(dz.t(), ones[:dz.shape[0]], out=gb)
+        else:
+            gb.addmv_(dz.t(), ones[:dz.shape[0]])
 
 
 def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tensor, w_t: Tensor,
@@ -101,12 +114,13 @@ def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
     """[rows, ce_rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t] over chunks of ``chunk`` tokens.
 
     rows (N,): k_n (T^2 KL_n + ce_weight CE_n), accumulation dtype; ce_rows (N,):
-    k_n CE_n when ``ce_weight != 0`` (the CE term's own value, for reporting it
-    apart), an empty (0,) tensor otherwise. ``keep`` (N,)
-    bool. The gradients (accumulation dtype, shaped like their inputs; an empty
-    (0,) tensor where ``needs`` says no) are those of sum_n rw_n L_n / k_n, i.e.
-    with per-row weights ``rw`` (N,) that already hold k_n; ``rw=None``: none.
-    Inputs contiguous, labels (N,) int64 with the ignored rows set to a valid class.
+    k_n CE_n (the CE term's own value, for reporting it apart; zeros when
+    ``ce_weight`` is 0). ``keep`` (N,) bool: k_n. The gradients (accumulation
+    dtype, shaped like their inputs; an empty (0,) tensor where ``needs`` says
+    no) are those of sum_n k_n rw_n (T^2 KL_n + ce_weight CE_n) with the row
+    weights ``rw`` (N,) (any float dtype, or bool for weights 1 and 0; read only
+    where k_n = 1); ``rw=None``: no gradients. Inputs contiguous; labels (N,)
+    integer, with the ignored rows set to a valid class for the CPU backend.
     """
     acc = acc_dtype(h_s.dtype)
     n, v = h_s.shape[0], w_s.shape[0]
@@ -121,53 +135,55 @@ def run(backend: str, h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Tens
     inv_t = 1.0 / temperature
     t2 = temperature * temperature
 
-    def buf(need: bool, shape, zero: bool) -> Tensor:
-        if not need:
-            return _empty(h_s, acc)
-        return (torch.zeros if zero else torch.empty)(shape, dtype=acc, device=h_s.device)
+    def buf(need: bool, shape) -> Tensor:
+        # no zero fill: the first chunk writes the weight and bias gradients (_add_grads)
+        return torch.empty(shape, dtype=acc, device=h_s.device) if need else _empty(h_s, acc)
 
-    gh_s = buf(need_hs, h_s.shape, False)
-    gw_s = buf(need_ws, w_s.shape, True)
-    gb_s = buf(need_bs, (v,), True)
-    gh_t = buf(need_ht, h_t.shape, False)
-    gw_t = buf(need_wt, w_t.shape, True)
-    gb_t = buf(need_bt, (v,), True)
+    gh_s = buf(need_hs, h_s.shape)
+    gw_s = buf(need_ws, w_s.shape)
+    gb_s = buf(need_bs, (v,))
+    gh_t = buf(need_ht, h_t.shape)
+    gw_t = buf(need_wt, w_t.shape)
+    gb_t = buf(need_bt, (v,))
     rows = torch.empty(n, dtype=acc, device=h_s.device)
-    ce_rows = torch.empty(n if ce_on else 0, dtype=acc, device=h_s.device)
+    ones = torch.ones(min(n, chunk), dtype=acc, device=h_s.device) if (need_bs or need_bt) else None
+    ce_rows = torch.empty(n, dtype=acc, device=h_s.device)
+    if not ce_on and backend != "triton":  # the Triton merge writes the zeros itself
+        ce_rows.zero_()
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         hs, ht = h_s[c0:c1], h_t[c0:c1]
         y = labels[c0:c1] if labels is not None else None
+        k = keep[c0:c1]
         if backend == "triton":
             from ..triton import linear_kd as tri
 
-            stats, kl, ce, zs, zt = tri.lkd_fwd(hs, w_s, b_s, ht, w_t, b_t, y, inv_t, grad)
-            if not ce_on:
-                ce = None
+            # the merge kernel writes the chunk's loss rows itself: two launches per chunk
+            stats, zs, zt = tri.lkd_fwd(hs, w_s, b_s, ht, w_t, b_t, y, k, temperature, ce_weight, rows[c0:c1],
+                                        ce_rows[c0:c1], grad)
         else:
             stats, kl, ce, zs, zt = _cpp_chunk(hs, w_s, b_s, ht, w_t, b_t, y, inv_t, ce_on, grad)
-        row = kl * t2
-        if ce is not None:
-            row = row + ce_weight * ce
-        k = keep[c0:c1]
-        rows[c0:c1] = torch.where(k, row, torch.zeros_like(row))
-        if ce is not None:
-            ce_rows[c0:c1] = torch.where(k, ce, torch.zeros_like(ce))
+            row = kl * t2
+            if ce is not None:
+                row = row + ce_weight * ce
+            rows[c0:c1] = torch.where(k, row, torch.zeros_like(row))
+            if ce is not None:
+                ce_rows[c0:c1] = torch.where(k, ce, torch.zeros_like(ce))
         if not grad:
             continue
         r = rw[c0:c1]
-        r_kd = r * temperature
-        r_ce = r * ce_weight if ce_on else None
         if backend == "triton":
-            tri.lkd_dlogits(zs, zt, stats, y, r_kd, r_ce, inv_t, want_t)
+            tri.lkd_dlogits(zs, zt, stats, y, k, r, temperature, ce_weight, want_t)
             dzs, dzt = zs, (zt if want_t else None)
         else:
-            dzs, dzt = _cpp_dlogits(zs, zt, stats, y, r_kd, r_ce, inv_t, want_t)
+            r = torch.where(k, r.to(acc), torch.zeros((), dtype=acc, device=k.device))
+            dzs, dzt = _cpp_dlogits(zs, zt, stats, y, r * temperature, r * ce_weight if ce_on else None, inv_t,
+                                    want_t)
         if want_s:
             _add_grads(dzs, hs, w_s, gh_s[c0:c1] if need_hs else None, gw_s if need_ws else None,
-                       gb_s if need_bs else None)
+                       gb_s if need_bs else None, ones, c0 == 0)
         if want_t:
             _add_grads(dzt, ht, w_t, gh_t[c0:c1] if need_ht else None, gw_t if need_wt else None,
-                       gb_t if need_bt else None)
+                       gb_t if need_bt else None, ones, c0 == 0)
         del zs, zt, dzs, dzt
     return [rows, ce_rows, gh_s, gw_s, gb_s, gh_t, gw_t, gb_t]

@@ -32,7 +32,7 @@ from .._checks import check_float_tensor, check_same_dtype_device, check_tensor
 from ..reference import hint as reference
 from ._common import acc_dtype
 from . import _native_args
-from ._dispatch import PublicOp, grad_enabled_for, scale_grad
+from ._dispatch import PublicOp, eager_triton_backward, grad_enabled_for, scale_grad
 
 OP = "hint_loss"
 backends.register_op(OP, ("triton", "cpp", "torch"))
@@ -120,10 +120,8 @@ def _backward(ctx, grad, *_unused):
         raise RuntimeError(f"hint_loss_fused: gradients for {missing} were not computed in the forward "
                            "(call kdkernels.hint_loss, which sets `needs` from requires_grad)")
     fs_dtype, ft_dtype, w_dtype, b_dtype = ctx.dtypes
-    if ctx.backend == "triton" and not torch.compiler.is_compiling() and all(
-            t is not None and type(t) is Tensor for t in (grad, gfs if want_fs else grad)):
-        # eager Triton on plain tensors: all four gradients scaled in one launch, out of place
-        # (traced graphs, whose tensors are fake or functional subclasses, keep the torch ops below)
+    if eager_triton_backward(ctx.backend, grad, gfs if want_fs else None):
+        # all four gradients scaled in one launch, out of place
         from ..triton import hint as tri
 
         grad_fs, grad_w, grad_b, grad_ft = tri.scale_grads(

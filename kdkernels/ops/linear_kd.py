@@ -32,7 +32,7 @@ from .._checks import (check_choice, check_float_tensor, check_real, check_same_
                        check_tensor)
 from ..reference import linear_kd as reference
 from ._common import acc_dtype
-from ._dispatch import PublicOp, grad_enabled_for, scale_grad
+from ._dispatch import PublicOp, eager_triton_backward, grad_enabled_for, scale_grad
 from . import _linear_kd_pass
 
 OP = "linear_kd_loss"
@@ -68,14 +68,18 @@ def _grad_outputs_like(h_s, w_s, b_s, h_t, w_t, b_t, needs) -> List[Tensor]:
             for need, shape in zip(needs, shapes)]
 
 
-def _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index):
-    """Contiguous inputs, the kept-row mask, and labels with the ignored rows set to class 0."""
+def _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index, backend):
+    """Contiguous inputs, the kept-row mask, and contiguous labels; for the CPU backend's
+    gather the ignored rows' labels are set to class 0 (the Triton kernels mask those rows
+    with the kept-row mask, whatever their label)."""
     h_s, w_s, h_t, w_t = (x.contiguous() for x in (h_s, w_s, h_t, w_t))
     b_s = b_s.contiguous() if b_s is not None else None
     b_t = b_t.contiguous() if b_t is not None else None
     keep = reference.kept_rows(labels, ignore_index, h_s.shape[0], h_s.device)
-    if labels is not None:
+    if labels is not None and backend != "triton":
         labels = torch.where(keep, labels, torch.zeros_like(labels)).to(torch.int64).contiguous()
+    elif labels is not None:
+        labels = labels.contiguous()
     return h_s, w_s, b_s, h_t, w_t, b_t, labels, keep
 
 
@@ -96,14 +100,16 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
     """
     if len(needs) != 6:
         raise ValueError(f"linear_kd_loss_fused: needs must hold 6 flags, got {list(needs)}")
-    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
+    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index, backend)
     acc = acc_dtype(h_s.dtype)
-    rw = None if reduction == "none" or not any(needs) else keep.to(acc)
+    rw = None if reduction == "none" or not any(needs) else keep
     rows, ce_rows, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature,
                                                 ce_weight, chunk, needs)
-    kept = keep.sum().to(acc)
-    if ce_rows.numel() == 0:
-        ce_rows = torch.zeros_like(rows)
+    if backend == "triton":  # one launch for K and the reductions
+        from ..triton import linear_kd as tri
+
+        return (*tri.lkd_finish(rows, ce_rows, keep, reduction, ce_weight != 0.0, h_s.dtype), *grads)
+    kept = keep.sum(dtype=acc)
 
     def reduce(r: Tensor) -> Tensor:
         if reduction == "none":
@@ -111,7 +117,9 @@ def linear_kd_loss_fused_op(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t
         total = r.sum() if reduction == "sum" else r.sum() / kept
         return total.to(h_s.dtype)
 
-    return (reduce(rows), kept, reduce(ce_rows), *grads)
+    loss = reduce(rows)
+    ce = reduce(ce_rows) if ce_weight != 0.0 else torch.zeros_like(loss)
+    return (loss, kept, ce, *grads)
 
 
 @linear_kd_loss_fused_op.register_fake
@@ -130,9 +138,8 @@ def linear_kd_loss_backward_op(grad: Tensor, h_s: Tensor, w_s: Tensor, b_s: Opti
                                ce_weight: float, ignore_index: Optional[int], needs: Sequence[bool], backend: str,
                                chunk: int) -> List[Tensor]:
     """Gradients of sum_n grad_n L_n (``reduction="none"``; grad (N,)), in the accumulation dtype."""
-    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index)
-    acc = acc_dtype(h_s.dtype)
-    rw = torch.where(keep, grad.to(acc), torch.zeros((), dtype=acc, device=h_s.device)).contiguous()
+    h_s, w_s, b_s, h_t, w_t, b_t, y, keep = _prepare(h_s, w_s, b_s, h_t, w_t, b_t, labels, ignore_index, backend)
+    rw = grad.contiguous()  # taken where keep is set (the pass masks it)
     _, _, *grads = _linear_kd_pass.run(backend, h_s, w_s, b_s, h_t, w_t, b_t, y, keep, rw, temperature, ce_weight,
                                        chunk, needs)
     return grads
@@ -154,6 +161,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.needs = [bool(x) for x in needs]
     ctx.reduction = reduction
+    ctx.backend = backend
     ctx.dtypes = [None if x is None else x.dtype for x in (h_s, w_s, b_s, h_t, w_t, b_t)]
     if reduction == "none":
         ctx.args = (temperature, ce_weight, ignore_index, backend, chunk)
@@ -179,6 +187,12 @@ def _backward(ctx, grad, *_unused):
         out = [g.to(dt) if w else None for g, dt, w in zip(grads, ctx.dtypes, wanted)]
         return (*out,) + (None,) * 8
     kept, *saved = ctx.saved_tensors
+    if eager_triton_backward(ctx.backend, grad, kept, *saved):
+        from ..triton import scale
+
+        out = scale.scale_grads(grad, kept if ctx.reduction == "batchmean" else None,
+                                [g if w else None for g, w in zip(saved, wanted)], ctx.dtypes, name="linear_kd_scale")
+        return (*out,) + (None,) * 8
     s = grad.to(kept.dtype)
     if ctx.reduction == "batchmean":
         s = s / kept

@@ -51,6 +51,7 @@ import triton.language as tl
 
 from . import launch_counts
 from ._host import interpreted
+from . import scale as _scale
 
 _MAX_PARTIAL = 1 << 23  # elements of the (G, Ct, Cs) weight-gradient partials (32 MB in fp32)
 # elements of all partials when the teacher channels are split (128 MB in fp32)
@@ -221,36 +222,6 @@ def _hint_reduce_kernel(loss_part, gw_part, gb_part, fs_part, loss_ptr, gw_ptr, 
         tl.store(loss_ptr, tl.sum(acc, axis=0) * (one / numel.to(ACC)))
 
 
-@triton.jit
-def _scale_block(src_ptr, dst_ptr, blk, n, s, BLOCK: tl.constexpr):
-    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(src_ptr + offs, mask=ok, other=0.0).to(s.dtype)
-    tl.store(dst_ptr + offs, (x * s).to(dst_ptr.dtype.element_ty), mask=ok)
-
-
-# the sizes that grow with the batch are not specialised (no new kernel for a last, smaller batch)
-@triton.jit(do_not_specialize=["numel", "n_fs", "end_fs", "end_w", "end_b", "n_ft"])
-def _hint_scale_kernel(grad_ptr, numel,
-                       fs_src, fs_dst, n_fs, end_fs, w_src, w_dst, n_w, end_w,
-                       b_src, b_dst, n_b, end_b, ft_src, ft_dst, n_ft,
-                       ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """The backward: every saved gradient times s = grad_output * (2 / numel) (the
-    teacher's times -s), in the accumulation dtype, cast to its input's dtype; one
-    launch for all four (programs [0, end_fs) fs, then weight, bias, teacher)."""
-    pid = tl.program_id(0)
-    two = tl.full([], 2.0, ACC)
-    s = tl.load(grad_ptr).to(ACC) * (two / numel.to(ACC))
-    if pid < end_fs:
-        _scale_block(fs_src, fs_dst, pid, n_fs, s, BLOCK)
-    elif pid < end_w:
-        _scale_block(w_src, w_dst, pid - end_fs, n_w, s, BLOCK)
-    elif pid < end_b:
-        _scale_block(b_src, b_dst, pid - end_w, n_b, s, BLOCK)
-    else:
-        _scale_block(ft_src, ft_dst, pid - end_b, n_ft, -s, BLOCK)
-
-
 def _target(device: torch.device) -> Tuple[Optional[int], int]:
     """(compute capability as 80, 90, ...; SM count) of the GPU the kernel is compiled for.
 
@@ -399,7 +370,6 @@ def _plan(q: int, cs: int, ct: int, dtype: torch.dtype, prec: str, arch: Optiona
 
 
 _RED_TILE = 1024  # the reduction's elements per step, rows x columns (2048 spilled 12 B in fp64 on sm_80, Triton 3.6)
-_SCALE_BLOCK = 1024  # the backward's elements per program
 
 
 def _reduce_block(n_w: int, n_b: int, fs_progs: int, target: int) -> int:
@@ -477,23 +447,5 @@ def scale_grads(grad: torch.Tensor, numel: int, grads: Sequence[Optional[torch.T
     ``in_place``: a gradient whose dtype is already its input's is overwritten
     (the forward's buffers are not read again); otherwise new tensors.
     """
-    acc_t = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    outs: List[Optional[torch.Tensor]] = []
-    args: List = []
-    end = 0
-    for i, (t, dt) in enumerate(zip(grads, dtypes)):
-        if t is None:
-            outs.append(None)
-            src = dst = grad
-            n = 0
-        else:
-            dst = t if (in_place and t.dtype == dt) else torch.empty(t.shape, dtype=dt, device=t.device)
-            outs.append(dst)
-            src, n = t, t.numel()
-        end += triton.cdiv(n, _SCALE_BLOCK)
-        args += [src, dst, n] + ([end] if i < 3 else [])
-    if end:
-        _hint_scale_kernel[(end,)](grad, numel, *args, ACC=tl.float64 if acc_t == torch.float64 else tl.float32,
-                                   BLOCK=_SCALE_BLOCK, num_warps=4)
-        launch_counts["hint_scale"] += 1
-    return outs
+    return _scale.scale_grads(grad, numel, grads, dtypes, num=2.0, negate=(3,), in_place=in_place,
+                              name="hint_scale")

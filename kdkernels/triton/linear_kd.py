@@ -26,8 +26,14 @@ SPLIT slots in index order (deterministic, no atomics) into
     KL    = W / S_t + log(S_s / S_t)
     CE    = e(m_1) + log S_1 - z_y      (NaN when the label is not in [0, V))
 
+The merge also writes the token's loss row k (T^2 KL + ce_weight CE) (k = 1 for
+a kept token, 0 for an ignored one) straight into the batch's row buffer, so a
+chunk's forward is these two launches; ``_lkd_finish_kernel`` (one program, a
+fixed order) sums the rows into the loss after the last chunk.
+
 ``_lkd_dlogits_kernel``, grid (tokens, vocabulary blocks), elementwise over the
-scratch logits, in place: with per-token weights r_kd = rw T and r_ce = rw ce_weight,
+scratch logits, in place: with per-token weights r_kd = rw T and r_ce = rw ce_weight
+(formed in the kernel from the row weights rw),
 
     dz_s = r_kd (p_s - p_t) + r_ce (softmax(z_s) - onehot(label))
     dz_t = r_kd p_t ((a_t - a_s) - W / S_t)
@@ -163,9 +169,11 @@ def _lkd_fwd_kernel(
 
 
 @triton.jit
-def _lkd_combine_kernel(part_ptr, y_ptr, stats_ptr, kl_ptr, ce_ptr, SPLIT, V,
-                        HAS_Y: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge a token's SPLIT segment states in index order; write its stats, KL and CE."""
+def _lkd_combine_kernel(part_ptr, y_ptr, keep_ptr, stats_ptr, rows_ptr, ce_ptr, SPLIT, V,
+                        t2_head, t2_tail, cw_head, cw_tail,
+                        HAS_Y: tl.constexpr, CE: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge a token's SPLIT segment states in index order; write its stats and its loss row
+    k (T^2 KL + ce_weight CE), and with CE its k CE (k: the kept-row flag; 0 where not kept)."""
     row = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_S)
     mask = k < SPLIT
@@ -184,20 +192,60 @@ def _lkd_combine_kernel(part_ptr, y_ptr, stats_ptr, kl_ptr, ce_ptr, SPLIT, V,
     ec = store_stats(out, ms, ss, mt, st, w)
     tl.store(out + 5, _eff(m1))
     tl.store(out + 6, tl.log(s1))
-    tl.store(kl_ptr + row, ec + tl.log(ss / st))
-    ce = _eff(m1) + tl.log(s1) - zy
-    if HAS_Y:
-        y = tl.load(y_ptr + row).to(tl.int64)
-        ce = tl.where((y >= 0) & (y < V), ce, float("nan"))
-    tl.store(ce_ptr + row, ce)
+    kl = ec + tl.log(ss / st)
+    keep = tl.load(keep_ptr + row) != 0
+    loss = kl * ((tl.zeros([], ACC) + t2_head) + t2_tail)
+    if CE:
+        ce = _eff(m1) + tl.log(s1) - zy
+        if HAS_Y:
+            y = tl.load(y_ptr + row).to(tl.int64)
+            ce = tl.where((y >= 0) & (y < V), ce, float("nan"))
+        loss = loss + ((tl.zeros([], ACC) + cw_head) + cw_tail) * ce
+        tl.store(ce_ptr + row, tl.where(keep, ce, 0.0))
+    else:
+        tl.store(ce_ptr + row, tl.zeros([], ACC))
+    tl.store(rows_ptr + row, tl.where(keep, loss, 0.0))
+
+
+@triton.jit(do_not_specialize=["N"])
+def _lkd_finish_kernel(rows_ptr, ce_ptr, keep_ptr, loss_ptr, kept_ptr, ce_out_ptr, N,
+                       REDUCE: tl.constexpr, CE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """One program, the batch's rows in a fixed order: K = sum k_n; with REDUCE (1 "sum",
+    2 "batchmean") also loss = sum rows (/ K) and ce = sum ce_rows (/ K; 0 without CE)."""
+    offs = tl.arange(0, BLOCK)
+    acc_k = tl.zeros([BLOCK], ACC)
+    acc_r = tl.zeros([BLOCK], ACC)
+    acc_c = tl.zeros([BLOCK], ACC)
+    for i0 in range(0, N, BLOCK):
+        i = i0 + offs
+        ok = i < N
+        acc_k += tl.load(keep_ptr + i, mask=ok, other=0).to(ACC)
+        if REDUCE != 0:
+            acc_r += tl.load(rows_ptr + i, mask=ok, other=0.0)
+            if CE:
+                acc_c += tl.load(ce_ptr + i, mask=ok, other=0.0)
+    kept = tl.sum(acc_k, axis=0)
+    tl.store(kept_ptr, kept)
+    if REDUCE != 0:
+        loss = tl.sum(acc_r, axis=0)
+        ce = tl.sum(acc_c, axis=0)
+        if REDUCE == 2:
+            loss = loss / kept
+            ce = ce / kept
+        tl.store(loss_ptr, loss.to(loss_ptr.dtype.element_ty))
+        if CE:
+            tl.store(ce_out_ptr, ce.to(ce_out_ptr.dtype.element_ty))
+        else:
+            tl.store(ce_out_ptr, tl.zeros([], ce_out_ptr.dtype.element_ty))
 
 
 @triton.jit
 def _lkd_dlogits_kernel(
-    zs_ptr, zt_ptr, stats_ptr, y_ptr, rkd_ptr, rce_ptr, V, inv_head, inv_tail,
+    zs_ptr, zt_ptr, stats_ptr, y_ptr, keep_ptr, rw_ptr, V, inv_head, inv_tail, t_head, t_tail, cw_head, cw_tail,
     HAS_Y: tl.constexpr, CE: tl.constexpr, TEACHER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """In place: z_s -> dz_s, and z_t -> dz_t when TEACHER (see the module docstring)."""
+    """In place: z_s -> dz_s, and z_t -> dz_t when TEACHER (see the module docstring);
+    r_kd = rw T and r_ce = rw ce_weight from the row weight rw (0 where the row is not kept)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < V
@@ -208,7 +256,8 @@ def _lkd_dlogits_kernel(
     mt = tl.load(st + 2)
     lt = tl.load(st + 3)
     ec = tl.load(st + 4)
-    r_kd = tl.load(rkd_ptr + row)
+    rw = tl.where(tl.load(keep_ptr + row) != 0, tl.load(rw_ptr + row).to(ACC), 0.0)
+    r_kd = rw * ((tl.zeros([], ACC) + t_head) + t_tail)
     offs = row * V + cols
     z = tl.load(zs_ptr + offs, mask=mask, other=0.0)
     a_s = z * inv_t - ms
@@ -219,7 +268,7 @@ def _lkd_dlogits_kernel(
     if CE:
         m1 = tl.load(st + 5)
         l1 = tl.load(st + 6)
-        r_ce = tl.load(rce_ptr + row)
+        r_ce = rw * ((tl.zeros([], ACC) + cw_head) + cw_tail)
         hot = tl.zeros([BLOCK], ACC)
         if HAS_Y:
             y = tl.load(y_ptr + row).to(tl.int64)
@@ -255,10 +304,12 @@ def _acc(dtype: torch.dtype):
 
 
 def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h_t: torch.Tensor,
-            w_t: torch.Tensor, b_t: Optional[torch.Tensor], labels: Optional[torch.Tensor], inv_t: float,
-            store: bool):
-    """One chunk's forward: (stats (M, 7), KL (M,), CE (M,)) in the accumulation dtype, and with
-    ``store`` the chunk's logits (z_s, z_t) as (M, V) accumulation-dtype tensors (else None, None)."""
+            w_t: torch.Tensor, b_t: Optional[torch.Tensor], labels: Optional[torch.Tensor], keep: torch.Tensor,
+            temperature: float, ce_weight: float, rows: torch.Tensor, ce_rows: torch.Tensor, store: bool):
+    """One chunk's forward. Writes ``rows`` (M,) = k (T^2 KL + ce_weight CE) and ``ce_rows``
+    (M,) = k CE (zeros when ``ce_weight`` is 0; k = ``keep`` (M,) bool; accumulation dtype,
+    contiguous, may be views of the whole batch's buffers). Returns (stats (M, 7), z_s, z_t):
+    with ``store`` the chunk's logits as (M, V) accumulation-dtype tensors, else None, None."""
     m, ds = h_s.shape
     v, dt = w_s.shape[0], h_t.shape[1]
     acc_t = torch.float64 if h_s.dtype == torch.float64 else torch.float32
@@ -268,7 +319,7 @@ def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h
     part = torch.empty(m * split * PARTS, dtype=acc_t, device=dev)
     zs = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
     zt = torch.empty(m, v, dtype=acc_t, device=dev) if store else part
-    head, tail = f32_split(inv_t)
+    head, tail = f32_split(1.0 / temperature)
     _lkd_fwd_kernel[(blocks, split)](
         h_s, w_s, b_s if b_s is not None else part, h_t, w_t, b_t if b_t is not None else part,
         labels if labels is not None else part, zs, zt, part, m, v, ds, dt, seg, head, tail,
@@ -279,25 +330,49 @@ def lkd_fwd(h_s: torch.Tensor, w_s: torch.Tensor, b_s: Optional[torch.Tensor], h
     )
     launch_counts["linear_kd_fwd"] += 1
     stats = torch.empty(m, STATS, dtype=acc_t, device=dev)
-    kl = torch.empty(m, dtype=acc_t, device=dev)
-    ce = torch.empty(m, dtype=acc_t, device=dev)
     _lkd_combine_kernel[(m,)](
-        part, labels if labels is not None else part, stats, kl, ce, split, v,
-        HAS_Y=labels is not None, ACC=_acc(h_s.dtype), BLOCK_S=triton.next_power_of_2(split), num_warps=1,
+        part, labels if labels is not None else part, keep, stats, rows, ce_rows,
+        split, v, *f32_split(temperature * temperature), *f32_split(ce_weight),
+        HAS_Y=labels is not None, CE=ce_weight != 0.0, ACC=_acc(h_s.dtype),
+        BLOCK_S=triton.next_power_of_2(split), num_warps=1,
     )
     launch_counts["linear_kd_combine"] += 1
-    return stats, kl, ce, (zs if store else None), (zt if store else None)
+    return stats, (zs if store else None), (zt if store else None)
 
 
 def lkd_dlogits(zs: torch.Tensor, zt: torch.Tensor, stats: torch.Tensor, labels: Optional[torch.Tensor],
-                r_kd: torch.Tensor, r_ce: Optional[torch.Tensor], inv_t: float, teacher: bool) -> None:
-    """Turn the stored logits into the gradient logits in place (zs -> dz_s; zt -> dz_t when ``teacher``)."""
+                keep: torch.Tensor, rw: torch.Tensor, temperature: float, ce_weight: float, teacher: bool) -> None:
+    """Turn the stored logits into the gradient logits in place (zs -> dz_s; zt -> dz_t when
+    ``teacher``), with the row weights rw (M,) (any float dtype, or bool: weights 1 and 0) where
+    keep (M,) is set and 0 elsewhere: r_kd = rw T, r_ce = rw ce_weight (no CE term at 0)."""
     m, v = zs.shape
-    head, tail = f32_split(inv_t)
     block = min(_EW_BLOCK, triton.next_power_of_2(v))
     _lkd_dlogits_kernel[(m, triton.cdiv(v, block))](
-        zs, zt, stats, labels if labels is not None else stats, r_kd, r_ce if r_ce is not None else r_kd,
-        v, head, tail, HAS_Y=labels is not None, CE=r_ce is not None, TEACHER=teacher,
+        zs, zt, stats, labels if labels is not None else stats, keep, rw, v, *f32_split(1.0 / temperature),
+        *f32_split(temperature), *f32_split(ce_weight),
+        HAS_Y=labels is not None, CE=ce_weight != 0.0, TEACHER=teacher,
         ACC=_acc(zs.dtype), BLOCK=block, num_warps=4,
     )
     launch_counts["linear_kd_dlogits"] += 1
+
+
+_FINISH_BLOCK = 1024
+_REDUCE = {"none": 0, "sum": 1, "batchmean": 2}
+
+
+def lkd_finish(rows: torch.Tensor, ce_rows: torch.Tensor, keep: torch.Tensor, reduction: str, ce: bool,
+               dtype: torch.dtype):
+    """(loss, K, ce) of the batch from its rows (N,) and ce_rows (N,) (accumulation dtype) and
+    keep (N,) bool, in one launch: K = the kept rows (0-dim, accumulation dtype); loss and ce
+    reduced by ``reduction`` (0-dim, ``dtype``; ce = 0 unless ``ce``), or for "none" the rows
+    themselves as ``dtype``."""
+    kept = torch.empty((), dtype=rows.dtype, device=rows.device)
+    if reduction == "none":
+        loss, ce_out = rows.to(dtype), ce_rows.to(dtype)
+    else:
+        loss = torch.empty((), dtype=dtype, device=rows.device)
+        ce_out = torch.empty((), dtype=dtype, device=rows.device)
+    _lkd_finish_kernel[(1,)](rows, ce_rows, keep, loss, kept, ce_out, rows.shape[0], REDUCE=_REDUCE[reduction],
+                             CE=ce, ACC=_acc(rows.dtype), BLOCK=_FINISH_BLOCK, num_warps=4)
+    launch_counts["linear_kd_finish"] += 1
+    return loss, kept, ce_out
