@@ -220,6 +220,32 @@ def test_linear_kd_loss_terms_back_propagate_their_sum_only(reduction):
             torch.autograd.grad(total(kd, ce), leaves)
 
 
+def test_linear_kd_loss_terms_compile_without_graph_breaks():
+    """Under torch.compile(fullgraph=True) the terms' sum gives linear_kd_loss's gradients; the
+    compiled backward cannot raise on terms weighted apart (it reads nothing on the host), so
+    their gradients are NaN instead of silently wrong."""
+    from kdkernels.ops.linear_kd import linear_kd_loss_terms
+
+    g = torch.Generator().manual_seed(5)
+    h_s, w_s = torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g)
+    h_t, w_t = torch.randn(6, 3, generator=g), torch.randn(9, 3, generator=g)
+    y = torch.randint(0, 9, (6,), generator=g)
+    kw = dict(temperature=1.5, labels=y, ce_weight=0.4, chunk=4, backend="cpp")
+    leaves = [x.requires_grad_() for x in (h_s, w_s)]
+    ref = torch.autograd.grad(kdkernels.linear_kd_loss(h_s, w_s, h_t, w_t, **kw) * 1.3, leaves)
+    torch._dynamo.reset()
+    for name, weights, expect_nan in (("kd + ce", (1.3, 1.3), False), ("2 kd + ce", (2.0, 1.0), True)):
+        def step(h_s, w_s, a=weights[0], b=weights[1]):
+            kd, ce = linear_kd_loss_terms(h_s, w_s, h_t, w_t, **kw)
+            return a * kd + b * ce
+        grads = torch.autograd.grad(torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves), leaves)
+        for a, b in zip(grads, ref):
+            if expect_nan:
+                assert torch.isnan(a).all(), f"{name}: a compiled backward of terms weighted apart must give NaN"
+            else:
+                assert_rel_close(a, b, 1e-5, f"compiled {name}")
+
+
 def test_linear_kd_loss_terms_sum_to_the_loss():
     from kdkernels.ops.linear_kd import linear_kd_loss_terms
 

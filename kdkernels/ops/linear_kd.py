@@ -377,6 +377,8 @@ class _SumOnly(torch.autograd.Function):
     are equal and nothing is read. Otherwise (the terms weighted apart, ``2 * kd + ce``, or
     equal weights applied to each, ``2 * kd + 2 * ce``) the two are compared on the host
     (``torch.equal``: one device synchronisation in that backward) and differing ones raise.
+    Under ``torch.compile`` nothing can be read on the host: where they differ, the gradient
+    is NaN instead.
     """
 
     @staticmethod
@@ -386,6 +388,11 @@ class _SumOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_rest, g_part):
+        if g_rest is not None and g_part is not None and not _one_grad(g_rest, g_part) \
+                and torch.compiler.is_compiling():
+            # A traced backward cannot read the grad_outputs on the host to raise. Where they differ
+            # the fused pass has no gradient to give: NaN, so that the step cannot pass unnoticed.
+            return torch.where(g_rest == g_part, g_rest, torch.full_like(g_rest, float("nan"))), None
         if g_rest is None or g_part is None or not (_one_grad(g_rest, g_part) or torch.equal(g_rest, g_part)):
             raise RuntimeError(
                 "linear_kd_loss_terms: its two terms come from one fused pass, which computes the gradient of "
