@@ -596,7 +596,8 @@ def table_rows(rows: List[dict]) -> List[dict]:
         row["global"] = format_widths(r["global"]) if "global" in r else ""
         row["constexprs"] = " ".join(f"{k}={v}" for k, v in sorted(r.get("constexprs", {}).items())
                                      if k.startswith(("BLOCK", "NPOOL", "ACC", "PREC", "SINGLE", "NEED", "TEACHER",
-                                                      "FINAL", "HAS", "DOT", "ONE_PASS", "MODE")))
+                                                      "FINAL", "HAS", "DOT", "ONE_PASS", "MODE", "FLAT",
+                                                      "TAIL", "VEC")))
         if "error" in r:
             row["kernel"] = "ERROR " + r["error"][:200].replace("\n", " ")
         for c in ("compile_s", "compile_cpu_s"):

@@ -305,8 +305,8 @@ def test_hcl_loads_are_vectors(aot_rows, arch):
     """At every benchmark HCL case (W = 32, 16, 8, 1 and 56, 28, 14, 7) the fp32 kernels read the
     features only through 128-bit loads (ld.global.v4.b32): the forward has no narrower global
     load at all, the backward one 32-bit load (grad_output) and only 128-bit stores (the
-    gradient). The row-tile layout loaded W = 7 and 14 (and 8, whose mask the compiler could
-    not prove constant over 4 columns) as 32-bit scalars."""
+    gradient). The row-tile layout loaded W = 7 and 14 (unaligned rows) and 8, 28, 56 (a column
+    mask the compiler could not prove constant over 4 columns) as 32-bit scalars."""
     _need("hcl")
     rows = [r for r in _rows_of(aot_rows, "hcl", arch) if r["kernel"] in ("_hcl_fwd_kernel", "_hcl_bwd_kernel")]
     assert {r["case"].split()[1] for r in rows} == set(_aot.HCL_PAIRS), sorted({r["case"] for r in rows})
