@@ -47,7 +47,11 @@ not a multiple of G) loads its last < VEC elements through a second, scalar
 load (the constexpr TAIL; never at the benchmark shapes, whose N*C are
 multiples of 64). Rows of other widths in planes larger than one tile, and
 misaligned pointers (a view with a storage offset), take the rows layout with
-the alignment W allows (down to scalar loads).
+the alignment W allows (down to scalar loads). Triton gives each thread
+min(VEC, block / (32 * num_warps)) consecutive elements, so a program whose
+block is under 512 fp32 elements (a level of few planes, where the planner
+keeps programs to fill the GPU rather than packing planes) loads 8- or
+4-byte pieces; every benchmark level's block is 512 elements or more.
 
 Bin sums are separable: with 0/1 membership matrices R_l (l x H) and C_l
 (l x W), S_l = R_l d C_l^T and the scatter back is R_l^T (S/area^2) C_l, both
