@@ -170,6 +170,7 @@ HCL_PAIRS = {
 }
 # every level plan: H = 1, 2, 3, 4 (pools up to H), 5 and more (4, 2, 1); odd sizes
 HCL_PLANS = [(8, 1), (8, 2), (8, 3), (8, 4), (8, 5), (8, 7), (8, 14), (8, 28), (8, 56)]
+HCL_TAILS = [(3, 7), (3, 14), (5, 1)]  # (C, H) at batch 1: the flat layout's scalar tail
 ABF_LEVELS = {  # (mid, H, h) at batch 64
     "resnet32x4-resnet8x4": [(256, 8, 1), (256, 16, 8), (256, 32, 16)],
     "ResNet34-ResNet18": [(512, 7, 1), (512, 14, 7), (512, 28, 14), (512, 56, 28)],
@@ -192,7 +193,9 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     g: Dict[str, List[Tuple[str, Callable[[], None]]]] = {}
     g["hcl"] = [(f"hcl {k} b{b} fp32", (lambda lv=lv, b=b: _hcl(lv, b, dt["fp32"]))) for k, (lv, b) in HCL_PAIRS.items()]
     g["hcl-variants"] = [(f"hcl plans {d}", (lambda d=d: _hcl(HCL_PLANS, 2, dt[d]))) for d in dt]
-    g["hcl-variants"] += [("hcl plans fp32 no grad", lambda: _hcl(HCL_PLANS, 2, dt["fp32"], grad=False))]
+    g["hcl-variants"] += [("hcl plans fp32 no grad", lambda: _hcl(HCL_PLANS, 2, dt["fp32"], grad=False)),
+                          # element counts that are not a multiple of 4 (TAIL: 3 planes of 7 x 7, 5 of 1 x 1)
+                          ("hcl tails fp32", lambda: _hcl(HCL_TAILS, 1, dt["fp32"]))]
     g["abf"] = [(f"abf {k} b64 {m}x{H}^2<-{h}^2 fp32", (lambda m=m, H=H, h=h: _abf(64, m, H, h, dt["fp32"])))
                 for k, lv in ABF_LEVELS.items() for m, H, h in lv]
     g["abf-variants"] = [(f"abf {d}", (lambda d=d: _abf(2, 256, 16, 8, dt[d]))) for d in dt if d != "fp32"]
