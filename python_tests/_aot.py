@@ -170,6 +170,7 @@ HCL_PAIRS = {
 }
 # every level plan: H = 1, 2, 3, 4 (pools up to H), 5 and more (4, 2, 1); odd sizes
 HCL_PLANS = [(8, 1), (8, 2), (8, 3), (8, 4), (8, 5), (8, 7), (8, 14), (8, 28), (8, 56)]
+HCL_TAILS = [(3, 7), (3, 14), (5, 1)]  # (C, H) at batch 1: the flat layout's scalar tail
 ABF_LEVELS = {  # (mid, H, h) at batch 64
     "resnet32x4-resnet8x4": [(256, 8, 1), (256, 16, 8), (256, 32, 16)],
     "ResNet34-ResNet18": [(512, 7, 1), (512, 14, 7), (512, 28, 14), (512, 56, 28)],
@@ -192,7 +193,9 @@ def _cases() -> Dict[str, List[Tuple[str, Callable[[], None]]]]:
     g: Dict[str, List[Tuple[str, Callable[[], None]]]] = {}
     g["hcl"] = [(f"hcl {k} b{b} fp32", (lambda lv=lv, b=b: _hcl(lv, b, dt["fp32"]))) for k, (lv, b) in HCL_PAIRS.items()]
     g["hcl-variants"] = [(f"hcl plans {d}", (lambda d=d: _hcl(HCL_PLANS, 2, dt[d]))) for d in dt]
-    g["hcl-variants"] += [("hcl plans fp32 no grad", lambda: _hcl(HCL_PLANS, 2, dt["fp32"], grad=False))]
+    g["hcl-variants"] += [("hcl plans fp32 no grad", lambda: _hcl(HCL_PLANS, 2, dt["fp32"], grad=False)),
+                          # element counts that are not a multiple of 4 (TAIL: 3 planes of 7 x 7, 5 of 1 x 1)
+                          ("hcl tails fp32", lambda: _hcl(HCL_TAILS, 1, dt["fp32"]))]
     g["abf"] = [(f"abf {k} b64 {m}x{H}^2<-{h}^2 fp32", (lambda m=m, H=H, h=h: _abf(64, m, H, h, dt["fp32"])))
                 for k, lv in ABF_LEVELS.items() for m, H, h in lv]
     g["abf-variants"] = [(f"abf {d}", (lambda d=d: _abf(2, 256, 16, 8, dt[d]))) for d in dt if d != "fp32"]
@@ -242,6 +245,32 @@ GROUPS = ("hcl", "hcl-variants", "abf", "abf-variants", "kd", "kd-variants", "hi
 _PTXAS = re.compile(r"Compiling entry function '([^']+)'")
 # tensor-core instructions in the PTX: mma.sync (sm_80 on, also TF32 and fp64) and wgmma (sm_90)
 _MMA = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)\.")
+# global loads and stores in the PTX: ld.global[.qualifiers][.vN].TYPE (e.g. ld.global.v4.b32,
+# ld.global.L1::evict_last.b32, st.global.v2.b64); atom/red are not counted
+_GLOBAL = re.compile(r"\b(ld|st)\.global((?:\.[A-Za-z0-9_:]+)+)")
+
+
+def global_widths(ptx: str) -> Dict[str, Dict[int, int]]:
+    """{"ld": {bits: count}, "st": {bits: count}} of the global load/store instructions in a
+    kernel's PTX, bits being the width of one instruction (vector length x element bits:
+    ld.global.v4.b32 -> 128, ld.global.b32 -> 32, st.global.v2.b64 -> 128). Static counts
+    (instructions in the code), not executions."""
+    out: Dict[str, Dict[int, int]] = {"ld": {}, "st": {}}
+    for op, quals in _GLOBAL.findall(ptx):
+        parts = quals.split(".")[1:]
+        vec = next((int(q[1:]) for q in parts if re.fullmatch(r"v\d", q)), 1)
+        bits = next((int(q[1:]) for q in reversed(parts) if re.fullmatch(r"[bfsu]\d+", q)), None)
+        if bits is None:
+            continue
+        out[op][vec * bits] = out[op].get(vec * bits, 0) + 1
+    return out
+
+
+def format_widths(w: Dict[str, Dict]) -> str:
+    """"ld 128b:8 32b:1; st 128b:4" (widest first), the table's "global" column."""
+    def one(d):
+        return " ".join(f"{b}b:{n}" for b, n in sorted(((int(b), n) for b, n in d.items()), reverse=True)) or "-"
+    return f"ld {one(w.get('ld', {}))}; st {one(w.get('st', {}))}"
 
 
 def parse_ptxas(log: str) -> Dict[str, int]:
@@ -343,7 +372,8 @@ def _install(arch: int, records: List[dict]) -> None:
         rec = {"kernel": self.fn.__name__, "grid": list(grid), "num_warps": md.num_warps,
                "num_stages": md.num_stages, "smem": md.shared, "constexprs": constexprs,
                "first_compile": seconds is not None, "compile_s": seconds, "compile_cpu_s": cpu,
-               "hash": kernel.hash, "mma": len(_MMA.findall(kernel.asm.get("ptx", "")))}
+               "hash": kernel.hash, "mma": len(_MMA.findall(kernel.asm.get("ptx", ""))),
+               "global": global_widths(kernel.asm.get("ptx", ""))}
         if log is not None:
             rec.update(parse_ptxas(log))
             rec["ptxas_log_seen"] = bool(_PTXAS.search(log))
@@ -555,7 +585,7 @@ def grid_problems(rows: List[dict], skip: Tuple[str, ...] = ()) -> List[str]:
 
 
 COLUMNS = ["triton", "arch", "group", "case", "kernel", "constexprs", "num_warps", "num_stages", "grid",
-           "regs", "spill_st", "spill_ld", "stack", "smem", "blocks_per_sm", "compile_s", "compile_cpu_s"]
+           "global", "regs", "spill_st", "spill_ld", "stack", "smem", "blocks_per_sm", "compile_s", "compile_cpu_s"]
 
 
 def table_rows(rows: List[dict]) -> List[dict]:
@@ -566,9 +596,11 @@ def table_rows(rows: List[dict]) -> List[dict]:
             continue
         row = {c: r.get(c, "") for c in COLUMNS}
         row["grid"] = "x".join(str(g) for g in r.get("grid", []))
+        row["global"] = format_widths(r["global"]) if "global" in r else ""
         row["constexprs"] = " ".join(f"{k}={v}" for k, v in sorted(r.get("constexprs", {}).items())
                                      if k.startswith(("BLOCK", "NPOOL", "ACC", "PREC", "SINGLE", "NEED", "TEACHER",
-                                                      "FINAL", "HAS", "DOT", "ONE_PASS", "MODE")))
+                                                      "FINAL", "HAS", "DOT", "ONE_PASS", "MODE", "FLAT",
+                                                      "TAIL", "VEC")))
         if "error" in r:
             row["kernel"] = "ERROR " + r["error"][:200].replace("\n", " ")
         for c in ("compile_s", "compile_cpu_s"):

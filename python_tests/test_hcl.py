@@ -1,6 +1,8 @@
 """HCL (docs/spec.md §1): every backend against the float64 reference, and the op's contracts."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -279,3 +281,82 @@ def test_triton_more_levels_than_one_launch_holds():
     assert_rel_close(loss, ref_loss, REL_TOL[torch.float32], "loss")
     for k, (f, g) in enumerate(zip(fs, ref_gs)):
         assert_rel_close(f.grad, g, REL_TOL[torch.float32], f"grad of level {k}")
+
+
+def _spy_launch_tables(monkeypatch):
+    """Record the constexprs of every HCL launch table the Triton launchers build."""
+    from kdkernels.triton import hcl as tri
+
+    seen = []
+    real = tri.launch_table
+
+    def spy(*args, **kwargs):
+        grid, targs, consts = real(*args, **kwargs)
+        seen.append(consts)
+        return grid, targs, consts
+
+    monkeypatch.setattr(tri, "launch_table", spy)
+    return seen
+
+
+# one launch of mixed levels: 7 x 7 (flat, G = 4 fp32 / 8 fp16 / 2 fp64 planes per aligned group;
+# 15 planes are not a multiple of it and 735 elements leave a tail), 14 x 14 (flat in fp32, G = 1,
+# and fp16, G = 2 with 3 planes; rows in fp64), 8 x 8 rows, 28 x 28 (rows; flat in fp16, whose
+# vectors are 8 elements), 1 x 1 (no pools, 5 elements: a tail)
+FLAT_MIX = [(3, 5, 7, 7), (1, 3, 14, 14), (2, 3, 8, 8), (1, 2, 28, 28), (1, 5, 1, 1)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_triton_flat_planes_mixed_with_row_levels(monkeypatch, dtype):
+    """The flat layout (whole 7 x 7 / 14 x 14 planes loaded as 16-byte-aligned groups and
+    regrouped by tl.gather, the gradient stored back the same way) next to the row layout and a
+    pool-less level in one launch each way, with plane counts that are not a multiple of the
+    group and element counts that leave a scalar tail: loss and gradient match the float64
+    reference."""
+    from kdkernels.triton import hcl as tri
+
+    seen = _spy_launch_tables(monkeypatch)
+    fs, ft = _features(FLAT_MIX, dtype, seed=13)
+    loss = kdkernels.hcl_loss(fs, ft, backend="triton")
+    (loss * GRAD_OUT).backward()
+    assert len(seen) == 2  # one table forward, one backward: all levels in one launch each
+    vec = 16 // fs[0].element_size()
+    for consts in seen:
+        assert consts["VEC"] == vec
+        assert consts["FLAT"] == tuple(h > 1 and w % vec != 0 for n, c, h, w in FLAT_MIX)
+        assert consts["FLAT"][0]
+        for k, (n, c, h, w) in enumerate(FLAT_MIX):
+            if consts["FLAT"][k]:
+                group = vec // math.gcd(h * w, vec)
+                assert consts["PB"][k] % group == 0 and consts["FB"][k] >= consts["PB"][k] * h * w
+        assert consts["TAIL"] == tuple((n * c * h * w) % vec != 0 for n, c, h, w in FLAT_MIX)
+    assert consts["TAIL"][0] and consts["TAIL"][4]  # the 7 x 7 and 1 x 1 levels have tails
+    assert (3 * 5) % (vec // math.gcd(49, vec)) != 0  # the 7 x 7 planes are not whole groups
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, REL_TOL[dtype], "loss")
+    for k, (f, g) in enumerate(zip(fs, ref_gs)):
+        assert_rel_close(f.grad, g, REL_TOL[dtype], f"grad of level {k} {FLAT_MIX[k]}")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the Triton interpreter is the CPU test path")
+def test_triton_misaligned_view_falls_back_to_rows(monkeypatch):
+    """A contiguous view with a storage offset of one element (4 bytes past a 16-byte boundary)
+    takes the row layout, whose alignment hints hold for any base pointer; still correct."""
+    seen = _spy_launch_tables(monkeypatch)
+    shapes = [(2, 3, 7, 7), (1, 2, 14, 14)]
+    g = torch.Generator().manual_seed(17)
+    fs, ft = [], []
+    for s in shapes:
+        n = math.prod(s)
+        a, b = torch.randn(n + 1, generator=g), torch.randn(n + 1, generator=g)
+        fs.append(a[1:].view(s).requires_grad_())  # a leaf view: data_ptr() % 16 == 4
+        ft.append(b[1:].view(s))
+    assert all(f.data_ptr() % 16 == 4 and f.is_contiguous() for f in fs + ft)
+    loss = kdkernels.hcl_loss(fs, ft, backend="triton")
+    (loss * GRAD_OUT).backward()
+    assert seen and all(consts["FLAT"] == (False, False) for consts in seen)
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(loss, ref_loss, REL_TOL[torch.float32], "loss")
+    for k, (f, gr) in enumerate(zip(fs, ref_gs)):
+        assert_rel_close(f.grad, gr, REL_TOL[torch.float32], f"grad of level {k}")
