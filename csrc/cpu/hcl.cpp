@@ -44,6 +44,12 @@
 #include "../common/hcl.h"
 #include "../common/parallel.h"
 #include "hcl_nested.h"
+#include "hcl_small.h"
+
+// hcl_small.h's 8-lane vectors never cross a function boundary that is not inlined (the
+// AVX2 copies are flattened): GCC's note that passing them by value changes the ABI with
+// AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace kdk {
 namespace {
@@ -462,12 +468,26 @@ void with_tile_kernel(int64_t H, int64_t W, int64_t L, const HclCoefs& coefs, F&
     if (W == 16) return f(TileKernel<T, 16, 16, 4>(H, W, L, coefs));
     return f(TileKernel<T, 32, 32, 4>(H, W, L, coefs));
   }
+  // ImageNet's 28 x 28 level: rows of 7-column tiles, fully unrolled (the generic loops'
+  // per-tile bookkeeping was most of its time)
+  if (L == 4 && H == 28 && W == 28) return f(TileKernel<T, 28, 28, 4>(H, W, L, coefs));
   if (W == 8) return f(TileKernel<T, 8>(H, W, L, coefs));
   if (W == 16) return f(TileKernel<T, 16>(H, W, L, coefs));
   if (W == 32) return f(TileKernel<T, 32>(H, W, L, coefs));
   f(TileKernel<T>(H, W, L, coefs));
 }
 
+
+// f(kernel) with the fixed-size batch kernel of H x H planes (hcl_small::fixed_size).
+template <typename T, typename F>
+void with_fixed_kernel(int64_t H, const HclCoefs& coefs, F&& f) {
+  if (H == 7) {
+    hcl_small::FixedBatchKernel<T, 7, 7> kernel(coefs);
+    return f(kernel);
+  }
+  hcl_small::FixedBatchKernel<T, 14, 14> kernel(coefs);
+  f(kernel);
+}
 
 // ---- one level's planes [p0, p1): the kernel its shape takes --------------------------------
 
@@ -512,6 +532,15 @@ inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __
     });
     return;
   }
+  if constexpr (std::is_same<acc_t<T>, float>::value) {
+    if (hcl_small::fixed_size(H, W, coefs)) {  // 7 x 7, 14 x 14: bins known at compile time
+      with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
+        for (int64_t p = 0; p < n; p += kernel.P)
+          kernel.forward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), partial + p);
+      });
+      return;
+    }
+  }
   if (use_batches(H, W)) {
     BatchKernel<T> kernel(lv.plan, coefs);
     for (int64_t p = 0; p < n; p += BatchKernel<T>::P)
@@ -547,6 +576,15 @@ inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g)
       for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
     });
     return;
+  }
+  if constexpr (std::is_same<acc_t<T>, float>::value) {
+    if (hcl_small::fixed_size(H, W, coefs)) {
+      with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
+        for (int64_t p = 0; p < n; p += kernel.P)
+          kernel.backward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), g, grad + p * HW);
+      });
+      return;
+    }
   }
   if (use_batches(H, W)) {
     BatchKernel<T> kernel(lv.plan, coefs);
