@@ -1,6 +1,6 @@
 // HCL on CPU (docs/spec.md §1; formulas in common/hcl.h).
 //
-// Three kernels, chosen by the plane's shape only:
+// Four kernels, chosen by the plane's shape only:
 //   * TileKernel (hcl_nested.h): the largest pool L divides H and W, so every
 //     bin is a union of L x L equal tiles; one pass builds the tile sums and
 //     every pool's sums follow from them. Every CIFAR level (8, 16, 32) and
@@ -22,8 +22,16 @@
 //       each row adds d into a per-column array (and d^2 into another:
 //       elementwise, so it vectorises without reassociation), folded into cells
 //       at the end of each row segment.
-// Threads own whole planes (a fixed split); a plane's result never depends on
-// the thread count or on which batch or lane it fell in.
+//     - hcl_small.h's FixedBatchKernel: 7 x 7 and 14 x 14 (float accumulation),
+//       BatchKernel's 8 lanes with every bin bound a compile-time constant.
+// Entry points: hcl_loss_cpu / hcl_loss_backward_cpu take every level of a call
+// at once (one parallel region, no per-level Python); hcl_fwd_cpu / hcl_bwd_cpu
+// one level (per-plane partials). A call is cut into work items of about
+// kChunkElements elements (whole planes, by shape only), claimed one at a time
+// by the threads; the forward sums each item's partials in double, then the
+// items in order. A plane's result never depends on the thread count or on
+// which item, batch or lane it fell in, nor on which copy of the kernels runs
+// (baseline or AVX2, see use_avx2).
 #include <algorithm>
 #include <cstdlib>
 #include <string>
