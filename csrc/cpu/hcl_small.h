@@ -90,8 +90,19 @@ class FixedBatchKernel {
       });
     });
     // (the squares last: live across the unrolled bins above, GCC kept their sum in memory)
-    V sq = splat(0.f);
-    for (int e = 0; e < HW; ++e) sq += d_[e] * d_[e];
+    // in 4 interleaved accumulators (a fixed order): one chain of HW dependent adds was
+    // most of the 14 x 14 forward's time
+    V q0 = splat(0.f), q1 = q0, q2 = q0, q3 = q0;
+    int e = 0;
+    for (; e + 4 <= HW; e += 4) {
+      q0 += d_[e] * d_[e];
+      q1 += d_[e + 1] * d_[e + 1];
+      q2 += d_[e + 2] * d_[e + 2];
+      q3 += d_[e + 3] * d_[e + 3];
+    }
+    if (e < HW) q0 += d_[e] * d_[e];  // HW % 4 <= 1 for 7 x 7 (49) and 14 x 14 (196)
+    static_assert(HW % 4 <= 1, "one leftover element at most");
+    const V sq = (q0 + q1) + (q2 + q3);
     // through memory: a lane read at a run-time index would make the vectors addressable
     // (kept in memory: the sum of squares above then ran at store-forwarding latency)
     alignas(32) float total[P];
