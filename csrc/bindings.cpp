@@ -36,6 +36,16 @@ void hint_fwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t w, uintptr_t 
 const char* hint_cpu_isa();
 }  // namespace kdk
 
+namespace kdk {  // HCL, every level in one call (docs/spec.md §1, csrc/cpu/hcl.cpp)
+void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out,
+                  const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                  const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads);
+void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
+                           uintptr_t gout, const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes,
+                           const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                           const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads);
+}  // namespace kdk
+
 namespace kdk {  // ABF fusion (docs/spec.md §2, csrc/cpu/abf.cpp)
 void abf_fwd_cpu(int dtype, uintptr_t x, uintptr_t y, uintptr_t wt, uintptr_t bias, uintptr_t out, uintptr_t z,
                  int64_t N, int64_t C, int64_t H, int64_t W, int64_t h, int64_t w, double scale_h, double scale_w,
@@ -49,6 +59,18 @@ namespace {
 
 kdk::HclCoefs hcl_coefs(double coef_mse, const std::vector<int64_t>& pools, const std::vector<double>& coefs) {
   return kdk::make_hcl_coefs(coef_mse, pools.data(), int64_t(pools.size()), coefs.data(), int64_t(coefs.size()));
+}
+
+// One HclCoefs per level from the per-level lists (all of one length, checked).
+std::vector<kdk::HclCoefs> hcl_level_coefs(const char* where, size_t levels, const std::vector<double>& coef_mse,
+                                           const std::vector<std::vector<int64_t>>& pools,
+                                           const std::vector<std::vector<double>>& coefs) {
+  if (coef_mse.size() != levels || pools.size() != levels || coefs.size() != levels)
+    throw std::invalid_argument(std::string(where) + ": the per-level lists differ in length");
+  std::vector<kdk::HclCoefs> out;
+  out.reserve(levels);
+  for (size_t l = 0; l < levels; ++l) out.push_back(hcl_coefs(coef_mse[l], pools[l], coefs[l]));
+  return out;
 }
 
 py::dict build_info() {
@@ -142,6 +164,33 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("gout_ptr"), py::arg("grad_ptr"),
       py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
       py::arg("num_threads"), release(), "grad (input dtype) = g * d partial / d fs, g = *gout (acc dtype)");
+  m.def(
+      "hcl_loss_cpu",
+      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out,
+         const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+         const std::vector<double>& coef_mse, const std::vector<std::vector<int64_t>>& pools,
+         const std::vector<std::vector<double>>& coefs, const std::vector<double>& scale, int64_t num_threads) {
+        kdk::hcl_loss_cpu(dtype, fs, ft, out, planes, H, W, hcl_level_coefs("hcl_loss_cpu", fs.size(), coef_mse, pools, coefs),
+                          scale, num_threads);
+      },
+      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("out_ptr"), py::arg("planes"), py::arg("H"),
+      py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"), py::arg("scale"), py::arg("num_threads"),
+      release(), "*out (acc dtype) = sum over levels l of scale[l] * sum of level l's plane partials (one call)");
+  m.def(
+      "hcl_loss_backward_cpu",
+      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t gout,
+         const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes, const std::vector<int64_t>& H,
+         const std::vector<int64_t>& W, const std::vector<double>& coef_mse,
+         const std::vector<std::vector<int64_t>>& pools, const std::vector<std::vector<double>>& coefs,
+         const std::vector<double>& scale, int64_t num_threads) {
+        kdk::hcl_loss_backward_cpu(dtype, fs, ft, gout, grad, planes, H, W,
+                                   hcl_level_coefs("hcl_loss_backward_cpu", fs.size(), coef_mse, pools, coefs), scale,
+                                   num_threads);
+      },
+      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("gout_ptr"), py::arg("grad_ptrs"),
+      py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
+      py::arg("scale"), py::arg("num_threads"), release(),
+      "grad[l] (input dtype) = (*gout * scale[l]) * d partial / d fs of every level (one call)");
   m.def(
       "hcl_fwd_cuda",
       [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,

@@ -360,3 +360,49 @@ def test_triton_misaligned_view_falls_back_to_rows(monkeypatch):
     assert_rel_close(loss, ref_loss, REL_TOL[torch.float32], "loss")
     for k, (f, gr) in enumerate(zip(fs, ref_gs)):
         assert_rel_close(f.grad, gr, REL_TOL[torch.float32], f"grad of level {k}")
+
+
+# Levels of several work items each (csrc/cpu/hcl.cpp splits a call into items of about 16K
+# elements, by shape), in every kernel family: tiles (32, 8), overlapping bins batched (14,
+# 7, 5 x 3) and plain MSE (1 x 1).
+MANY_ITEMS = [(2, 40, 32, 32), (3, 50, 14, 14), (1, 700, 7, 7), (2, 17, 5, 3), (4, 130, 8, 8), (1, 9000, 1, 1)]
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_cpp_same_bits_for_any_thread_count_and_instruction_set(dtype, monkeypatch):
+    """One call takes every level, split into work items by shape only: 1 or 2 threads, and
+    the AVX2 or the baseline copy of the kernels ($KDKERNELS_CPU_ISA), give the same bits."""
+    fs, ft = _features(MANY_ITEMS, dtype, seed=12, teacher_grad=True)
+
+    def run():
+        loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
+        return [loss, *torch.autograd.grad(loss * GRAD_OUT, fs + ft)]
+
+    assert_bitwise_repeatable(run, runs=4, what="hcl_loss[cpp]", vary_threads=True)
+    first = run()
+    monkeypatch.setenv("KDKERNELS_CPU_ISA", "baseline")
+    for k, (a, b) in enumerate(zip(first, run())):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), f"output {k}: AVX2 != baseline"
+    ref_loss, ref_gs, _ = _reference(fs, ft)
+    assert_rel_close(first[0], ref_loss, REL_TOL[dtype], "loss")
+    for k, g in enumerate(ref_gs):
+        assert_rel_close(first[1 + k], g, REL_TOL[dtype], f"grad fstudent[{k}]")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("level", range(len(MANY_ITEMS)))
+def test_cpp_nan_in_one_plane(level):
+    """A NaN in one plane of one level: the loss is NaN, that plane's gradient is NaN where the
+    reference's is, and every other plane's gradient is finite."""
+    fs, ft = _features(MANY_ITEMS, torch.float32, seed=13)
+    n, c, h, w = MANY_ITEMS[level]
+    with torch.no_grad():
+        fs[level][n - 1, c // 2, h // 2, w // 2] = float("nan")
+    loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
+    grads = torch.autograd.grad(loss, fs)
+    _, ref_gs, _ = _reference(fs, ft)
+    assert torch.isnan(loss)
+    for k, (g, r) in enumerate(zip(grads, ref_gs)):
+        assert torch.equal(torch.isnan(g), torch.isnan(r)), f"level {k}: NaN where the reference has none or v.v."
+        assert torch.isnan(g).any() == (k == level)

@@ -7,7 +7,8 @@ transfer per call. The bounds: HCL at most 3 launches per forward and per
 backward whatever the number of levels; every other op at most 4. Counted as
 described in ``_launches.py``: Triton kernels plus the torch ops that launch a
 device kernel (fills, reductions, arithmetic, casts, copies), from the public
-call through the backward of the result.
+call through the backward of the result. HCL's CPU path (the cpp backend) has
+the same bound in native calls: one per direction for all levels.
 """
 from __future__ import annotations
 
@@ -71,6 +72,47 @@ def test_hcl_launches_do_not_grow_with_levels(case, dtype):
     assert len(fwd.launches) <= HCL_MAX, _report("forward", fwd)
     assert len(bwd.launches) <= HCL_MAX, _report("backward", bwd)
     assert not fwd.host and not bwd.host, _report("forward", fwd) + "\n" + _report("backward", bwd)
+
+
+class _CountingNative:
+    """kdkernels._C with every entry point call recorded by name (in ``calls``)."""
+
+    def __init__(self, mod):
+        self._mod = mod
+        self.calls = []
+
+    def __getattr__(self, name):
+        fn = getattr(self._mod, name)
+        if not callable(fn):
+            return fn
+
+        def counted(*args, **kwargs):
+            self.calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(HCL_LEVELS))
+def test_hcl_cpp_makes_one_native_call_each_way(case, dtype, monkeypatch):
+    """The CPU path's host work is Python per native call (a few microseconds, next to a CIFAR
+    level's few tens of microseconds of kernel): one call per direction takes every level,
+    whatever their number."""
+    from kdkernels import _native
+
+    mod = _native.native()
+    if mod is None:
+        pytest.skip(f"kdkernels._C did not load: {_native.load_error()}")
+    counting = _CountingNative(mod)
+    monkeypatch.setattr(_native, "native", lambda: counting)
+    fs, ft = _hcl_inputs(HCL_LEVELS[case], dtype)
+    loss = kdkernels.hcl_loss(fs, ft, backend="cpp")
+    fwd, counting.calls = counting.calls, []
+    torch.autograd.grad(loss, fs, torch.full_like(loss, 1.7))
+    assert fwd == ["hcl_loss_cpu"], f"forward of {len(fs)} levels: native calls {fwd}"
+    assert counting.calls == ["hcl_loss_backward_cpu"], f"backward of {len(fs)} levels: native calls {counting.calls}"
 
 
 # ---------------------------------------------------------------- ABF

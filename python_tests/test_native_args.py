@@ -155,3 +155,34 @@ def test_a_right_call_runs():
     kl = (torch.softmax(z_t, 1) * (torch.log_softmax(z_t, 1) - torch.log_softmax(z_s, 1))).sum(1)
     torch.testing.assert_close(args["out"], kl, rtol=1e-5, atol=1e-6)
     assert _native_args.KD_STATS == 6
+
+
+def _hcl_levels(shapes=((2, 3, 4, 4), (2, 5, 1, 1)), dtype=torch.float32):
+    fs = [torch.randn(s, dtype=dtype) for s in shapes]
+    ft = [torch.randn(s, dtype=dtype) for s in shapes]
+    return dict(fs=fs, ft=ft, out=torch.empty((), dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+                planes=[n * c for n, c, _, _ in shapes], H=[s[2] for s in shapes], W=[s[3] for s in shapes],
+                coef_mse=[1.0] * len(shapes), pools=[[2, 1], []], coefs=[[1.0, 1.0], []], scale=[1.0, 1.0])
+
+
+def test_hcl_every_level_call_checks_each_level(no_native):
+    """hcl_loss_cpu takes per-level lists: each level's tensors are checked against that level's sizes."""
+    args = _hcl_levels()
+    with pytest.raises(ValueError, match=re.escape("hcl_loss_cpu: ft[1] (2, 4, 1, 1) holds 8 elements, but the "
+                                                   "kernel touches 10")):
+        call("hcl_loss_cpu", torch.float32, **dict(args, ft=[args["ft"][0], torch.randn(2, 4, 1, 1)]))
+    with pytest.raises(ValueError, match="hcl_loss_cpu: H has 1 items, but planes has 2"):
+        call("hcl_loss_cpu", torch.float32, **dict(args, H=[4]))
+    with pytest.raises(ValueError, match="hcl_loss_cpu: fs has 1 items, but planes has 2"):
+        call("hcl_loss_cpu", torch.float32, **dict(args, fs=args["fs"][:1]))
+    with pytest.raises(TypeError, match="hcl_loss_cpu: W must be a list"):
+        call("hcl_loss_cpu", torch.float32, **dict(args, W=4))
+    with pytest.raises(TypeError, match=r"hcl_loss_cpu: fs\[0\] \(2, 3, 4, 4\) has dtype torch.float64"):
+        call("hcl_loss_cpu", torch.float32, **dict(args, fs=[args["fs"][0].double(), args["fs"][1]]))
+    with pytest.raises(ValueError, match=r"hcl_loss_cpu: ft\[0\] .* is not contiguous"):
+        call("hcl_loss_cpu", torch.float32, **dict(args, ft=[args["ft"][0].transpose(2, 3), args["ft"][1]]))
+    grads = [torch.empty_like(f) for f in args["fs"]]
+    with pytest.raises(ValueError, match=re.escape("hcl_loss_backward_cpu: grad[0] (2, 3, 4, 3) holds 72 elements, but the kernel touches 96")):
+        call("hcl_loss_backward_cpu", torch.float32, fs=args["fs"], ft=args["ft"], gout=torch.ones(1),
+             grad=[grads[0][..., :3].contiguous(), grads[1]],
+             **{k: args[k] for k in ("planes", "H", "W", "coef_mse", "pools", "coefs", "scale")})

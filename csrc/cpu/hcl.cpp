@@ -1,6 +1,6 @@
 // HCL on CPU (docs/spec.md §1; formulas in common/hcl.h).
 //
-// Three kernels, chosen by the plane's shape only:
+// Four kernels, chosen by the plane's shape only:
 //   * TileKernel (hcl_nested.h): the largest pool L divides H and W, so every
 //     bin is a union of L x L equal tiles; one pass builds the tile sums and
 //     every pool's sums follow from them. Every CIFAR level (8, 16, 32) and
@@ -22,10 +22,21 @@
 //       each row adds d into a per-column array (and d^2 into another:
 //       elementwise, so it vectorises without reassociation), folded into cells
 //       at the end of each row segment.
-// Threads own whole planes (a fixed split); a plane's result never depends on
-// the thread count or on which batch or lane it fell in.
+//     - hcl_small.h's FixedBatchKernel: 7 x 7 and 14 x 14 (float accumulation),
+//       BatchKernel's 8 lanes with every bin bound a compile-time constant.
+// Entry points: hcl_loss_cpu / hcl_loss_backward_cpu take every level of a call
+// at once (one parallel region, no per-level Python); hcl_fwd_cpu / hcl_bwd_cpu
+// one level (per-plane partials). A call is cut into work items of about
+// kChunkElements elements (whole planes, by shape only), claimed one at a time
+// by the threads; the forward sums each item's partials in double, then the
+// items in order. A plane's result never depends on the thread count or on
+// which item, batch or lane it fell in, nor on which copy of the kernels runs
+// (baseline or AVX2, see use_avx2).
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -41,6 +52,12 @@
 #include "../common/hcl.h"
 #include "../common/parallel.h"
 #include "hcl_nested.h"
+#include "hcl_small.h"
+
+// hcl_small.h's 8-lane vectors never cross a function boundary that is not inlined (the
+// AVX2 copies are flattened): GCC's note that passing them by value changes the ABI with
+// AVX does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace kdk {
 namespace {
@@ -459,10 +476,280 @@ void with_tile_kernel(int64_t H, int64_t W, int64_t L, const HclCoefs& coefs, F&
     if (W == 16) return f(TileKernel<T, 16, 16, 4>(H, W, L, coefs));
     return f(TileKernel<T, 32, 32, 4>(H, W, L, coefs));
   }
+  // ImageNet's 28 x 28 level: rows of 7-column tiles, fully unrolled (the generic loops'
+  // per-tile bookkeeping was most of its time)
+  if (L == 4 && H == 28 && W == 28) return f(TileKernel<T, 28, 28, 4>(H, W, L, coefs));
   if (W == 8) return f(TileKernel<T, 8>(H, W, L, coefs));
   if (W == 16) return f(TileKernel<T, 16>(H, W, L, coefs));
   if (W == 32) return f(TileKernel<T, 32>(H, W, L, coefs));
   f(TileKernel<T>(H, W, L, coefs));
+}
+
+
+// f(kernel) with the fixed-size batch kernel of H x H planes (hcl_small::fixed_size).
+template <typename T, typename F>
+void with_fixed_kernel(int64_t H, const HclCoefs& coefs, F&& f) {
+  if (H == 7) {
+    hcl_small::FixedBatchKernel<T, 7, 7> kernel(coefs);
+    return f(kernel);
+  }
+  hcl_small::FixedBatchKernel<T, 14, 14> kernel(coefs);
+  f(kernel);
+}
+
+// ---- one level's planes [p0, p1): the kernel its shape takes --------------------------------
+
+// One level of a call: its tensors, shape, coefficients and the data-independent plan.
+struct Level {
+  uintptr_t fs = 0, ft = 0, grad = 0;
+  int64_t planes = 0, H = 0, W = 0;
+  HclCoefs coefs;
+  Plan plan;
+  double scale = 1.0;       // c0 of the level (multi-level entry points): loss = scale * sum of partials
+  int64_t chunk = 0;        // planes per work item
+  int64_t first_item = 0;   // index of the level's first work item in the call's list
+  int64_t first_plane = 0;  // index of the level's first plane among all the call's planes
+  int64_t items() const { return (planes + chunk - 1) / chunk; }
+  int64_t HW() const { return H * W; }
+};
+
+// partial[p - p0] for planes [p0, p1) of level lv (HW > 0).
+template <typename T>
+inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __restrict partial) {
+  using A = acc_t<T>;
+  const int64_t H = lv.H, W = lv.W, HW = H * W;
+  const HclCoefs& coefs = lv.coefs;
+  const T* fs = reinterpret_cast<const T*>(lv.fs) + p0 * HW;
+  const T* ft = reinterpret_cast<const T*>(lv.ft) + p0 * HW;
+  const int64_t n = p1 - p0;
+  if (coefs.npools == 0) {  // plain MSE: no bins to track
+    const A mse = A(coefs.mse);
+    if (HW == 1) {  // the pooled 1 x 1 level: one element per plane
+      for (int64_t p = 0; p < n; ++p) {
+        const A d = Scalar<T>::load(fs[p]) - Scalar<T>::load(ft[p]);
+        partial[p] = mse * (d * d);
+      }
+      return;
+    }
+    for (int64_t p = 0; p < n; ++p) partial[p] = mse * hcl_nested::sum_squares(fs + p * HW, ft + p * HW, HW);
+    return;
+  }
+  if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+    with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+      for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+    });
+    return;
+  }
+  if constexpr (std::is_same<acc_t<T>, float>::value) {
+    if (hcl_small::fixed_size(H, W, coefs)) {  // 7 x 7, 14 x 14: bins known at compile time
+      with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
+        for (int64_t p = 0; p < n; p += kernel.P)
+          kernel.forward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), partial + p);
+      });
+      return;
+    }
+  }
+  if (use_batches(H, W)) {
+    BatchKernel<T> kernel(lv.plan, coefs);
+    for (int64_t p = 0; p < n; p += BatchKernel<T>::P)
+      kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, n - p), partial + p);
+    return;
+  }
+  with_plane_kernel<T>(lv.plan, coefs, [&](auto kernel) {
+    for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+  });
+}
+
+// grad of planes [p0, p1) of level lv (HW > 0); g = grad_output * the level's scale.
+template <typename T>
+inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g) {
+  using A = acc_t<T>;
+  const int64_t H = lv.H, W = lv.W, HW = H * W;
+  const HclCoefs& coefs = lv.coefs;
+  const T* fs = reinterpret_cast<const T*>(lv.fs) + p0 * HW;
+  const T* ft = reinterpret_cast<const T*>(lv.ft) + p0 * HW;
+  T* grad = reinterpret_cast<T*>(lv.grad) + p0 * HW;
+  const int64_t n = p1 - p0;
+  if (coefs.npools == 0) {  // plain MSE: elementwise over the whole chunk
+    const A a = g * A(2.0 * coefs.mse);
+    const T* __restrict x = fs;
+    const T* __restrict y = ft;
+    T* __restrict out = grad;
+    for (int64_t i = 0, m = n * HW; i < m; ++i)
+      out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
+    return;
+  }
+  if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
+    with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
+      for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+    });
+    return;
+  }
+  if constexpr (std::is_same<acc_t<T>, float>::value) {
+    if (hcl_small::fixed_size(H, W, coefs)) {
+      with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
+        for (int64_t p = 0; p < n; p += kernel.P)
+          kernel.backward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), g, grad + p * HW);
+      });
+      return;
+    }
+  }
+  if (use_batches(H, W)) {
+    BatchKernel<T> kernel(lv.plan, coefs);
+    for (int64_t p = 0; p < n; p += BatchKernel<T>::P)
+      kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, n - p), g, grad + p * HW);
+    return;
+  }
+  with_plane_kernel<T>(lv.plan, coefs, [&](auto kernel) {
+    for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+  });
+}
+
+// ---- the instruction set: the same code compiled twice ------------------------------------
+//
+// The portable build targets SSE2 only (no -march: the wheel runs anywhere). The kernels'
+// per-row loops keep 2 x W column accumulators: at W = 32 that is every xmm register, so
+// they spill; with AVX2 the same loops take half the registers and half the instructions.
+// `flatten` inlines the whole kernel into the AVX2 copy so that all of it is compiled for
+// AVX2. Without FMA (GCC would contract a * b + c into one rounding) and without
+// -ffast-math, the AVX2 copy performs the same operations in the same order: both copies
+// give bitwise the same results (python_tests/test_hcl.py checks).
+template <typename T>
+using FwdFn = void (*)(const Level&, int64_t, int64_t, acc_t<T>*);
+template <typename T>
+using BwdFn = void (*)(const Level&, int64_t, int64_t, acc_t<T>);
+
+#define KDK_HCL_RUNNERS(SUFFIX, TARGET, T)                                                           \
+  TARGET void forward_##SUFFIX(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* partial) {         \
+    forward_planes<T>(lv, p0, p1, partial);                                                          \
+  }                                                                                                  \
+  TARGET void backward_##SUFFIX(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g) {               \
+    backward_planes<T>(lv, p0, p1, g);                                                               \
+  }
+
+KDK_HCL_RUNNERS(base_f32, , float)
+KDK_HCL_RUNNERS(base_f64, , double)
+KDK_HCL_RUNNERS(base_f16, , Half)
+KDK_HCL_RUNNERS(base_bf16, , BFloat16)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KDK_HCL_X86 1
+#define KDK_HCL_AVX2 __attribute__((target("avx2"), flatten))
+KDK_HCL_RUNNERS(avx2_f32, KDK_HCL_AVX2, float)
+KDK_HCL_RUNNERS(avx2_f64, KDK_HCL_AVX2, double)
+KDK_HCL_RUNNERS(avx2_f16, KDK_HCL_AVX2, Half)
+KDK_HCL_RUNNERS(avx2_bf16, KDK_HCL_AVX2, BFloat16)
+#else
+#define KDK_HCL_X86 0
+#endif
+
+// Whether the AVX2 copy runs: the CPU has AVX2, and $KDKERNELS_CPU_ISA (read at
+// every call, as hint's kernels do) does not ask for "baseline".
+bool use_avx2() {
+#if KDK_HCL_X86
+  static const bool hardware = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+  }();
+  const char* env = std::getenv("KDKERNELS_CPU_ISA");
+  return hardware && !(env != nullptr && std::string(env) == "baseline");
+#else
+  return false;
+#endif
+}
+
+template <typename T>
+struct Runners {
+  FwdFn<T> forward;
+  BwdFn<T> backward;
+};
+
+#if KDK_HCL_X86
+#define KDK_HCL_PICK(SUFFIX)                                                              \
+  (use_avx2() ? Runners<T>{forward_avx2_##SUFFIX, backward_avx2_##SUFFIX}                \
+              : Runners<T>{forward_base_##SUFFIX, backward_base_##SUFFIX})
+#else
+#define KDK_HCL_PICK(SUFFIX) (Runners<T>{forward_base_##SUFFIX, backward_base_##SUFFIX})
+#endif
+
+template <typename T>
+Runners<T> runners() {
+  if constexpr (std::is_same<T, float>::value) return KDK_HCL_PICK(f32);
+  else if constexpr (std::is_same<T, double>::value) return KDK_HCL_PICK(f64);
+  else if constexpr (std::is_same<T, Half>::value) return KDK_HCL_PICK(f16);
+  else return KDK_HCL_PICK(bf16);
+}
+
+// ---- work items: (level, chunk of planes), from the shapes only -----------------------------
+
+// About this many elements per work item: small enough that two threads share even
+// a CIFAR call's levels evenly (and a thread that starts late, its core busy elsewhere,
+// still finds work), large enough that a claim costs nothing next to it.
+constexpr int64_t kChunkElements = 16384;
+
+// Planes per work item of a level: a multiple of BatchKernel's 8 lanes (whole batches).
+int64_t chunk_planes(int64_t planes, int64_t HW) {
+  int64_t c = std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, HW));
+  c = (c + 7) / 8 * 8;
+  return std::max<int64_t>(1, std::min(c, planes));
+}
+
+// The levels' work items, numbered level by level; returns the total number.
+int64_t assign_items(std::vector<Level>& levels) {
+  int64_t items = 0, planes = 0;
+  for (Level& lv : levels) {
+    lv.chunk = chunk_planes(lv.planes, lv.HW());
+    lv.first_item = items;
+    lv.first_plane = planes;
+    planes += lv.planes;
+    items += lv.planes > 0 && lv.HW() > 0 ? lv.items() : 0;
+  }
+  return items;
+}
+
+// fn(level, p0, p1) for every work item, claimed one at a time by up to num_threads threads.
+// Which thread runs an item never changes what it computes.
+template <typename F>
+void for_each_item(const std::vector<Level>& levels, int64_t items, int64_t num_threads, F&& fn) {
+  int64_t elements = 0;
+  for (const Level& lv : levels) elements += lv.planes * lv.HW();
+  const int64_t threads = choose_threads(num_threads, items, elements, kMinElementsPerThread);
+  std::vector<std::pair<int32_t, int64_t>> where(items);  // item -> (level, first plane)
+  for (size_t l = 0; l < levels.size(); ++l) {
+    const Level& lv = levels[l];
+    if (lv.planes == 0 || lv.HW() == 0) continue;
+    for (int64_t i = 0; i < lv.items(); ++i) where[lv.first_item + i] = {int32_t(l), i * lv.chunk};
+  }
+  parallel_for_each(items, threads, [&](int64_t item) {
+    const Level& lv = levels[where[item].first];
+    const int64_t p0 = where[item].second;
+    fn(lv, item, p0, std::min(lv.planes, p0 + lv.chunk));
+  });
+}
+
+// Sum of x[0 .. n) in double, in 4 interleaved lanes (a fixed order).
+template <typename A>
+double sum_double(const A* x, int64_t n) {
+  double lane[4] = {0.0, 0.0, 0.0, 0.0};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int k = 0; k < 4; ++k) lane[k] += double(x[i + k]);
+  for (int k = 0; i < n; ++i, ++k) lane[k] += double(x[i]);
+  return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+}
+
+Level make_level(const char* where, uintptr_t fs, uintptr_t ft, uintptr_t grad, int64_t planes, int64_t H,
+                 int64_t W, const HclCoefs& coefs, double scale) {
+  hcl_check_sizes(where, planes, H, W);
+  Level lv;
+  lv.fs = fs, lv.ft = ft, lv.grad = grad;
+  lv.planes = planes, lv.H = H, lv.W = W;
+  lv.coefs = coefs;
+  lv.scale = scale;
+  if (planes > 0 && H * W > 0) {
+    check_pointers(where, {fs, ft});
+    if (coefs.npools > 0 && !hcl_nested::tile_pool(H, W, coefs)) lv.plan = make_plan(H, W, coefs);
+  }
+  return lv;
 }
 
 }  // namespace
@@ -476,44 +763,15 @@ void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partia
     if (planes == 0) return;
     check_pointers("hcl_fwd_cpu", {partial_ptr});
     A* partial = reinterpret_cast<A*>(partial_ptr);
-    const int64_t HW = H * W;
-    if (HW == 0) {
+    if (H * W == 0) {
       std::fill(partial, partial + planes, A(0));
       return;
     }
-    check_pointers("hcl_fwd_cpu", {fs_ptr, ft_ptr});
-    const T* fs = reinterpret_cast<const T*>(fs_ptr);
-    const T* ft = reinterpret_cast<const T*>(ft_ptr);
-    const Plan plan = make_plan(H, W, coefs);
-    const int64_t threads = choose_threads(num_threads, planes, planes * HW, kMinElementsPerThread);
-    parallel_for(planes, threads, [&](int64_t p0, int64_t p1) {
-      if (coefs.npools == 0) {  // plain MSE: no bins to track
-        const A mse = A(coefs.mse);
-        if (HW == 1) {  // the pooled 1 x 1 level: one element per plane
-          for (int64_t p = p0; p < p1; ++p) {
-            const A d = Scalar<T>::load(fs[p]) - Scalar<T>::load(ft[p]);
-            partial[p] = mse * (d * d);
-          }
-          return;
-        }
-        for (int64_t p = p0; p < p1; ++p) partial[p] = mse * hcl_nested::sum_squares(fs + p * HW, ft + p * HW, HW);
-        return;
-      }
-      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
-        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
-          for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
-        });
-        return;
-      }
-      if (use_batches(H, W)) {
-        BatchKernel<T> kernel(plan, coefs);
-        for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
-          kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), partial + p);
-        return;
-      }
-      with_plane_kernel<T>(plan, coefs, [&](auto kernel) {
-        for (int64_t p = p0; p < p1; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
-      });
+    std::vector<Level> levels{make_level("hcl_fwd_cpu", fs_ptr, ft_ptr, 0, planes, H, W, coefs, 1.0)};
+    const int64_t items = assign_items(levels);
+    const Runners<T> run = runners<T>();
+    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t, int64_t p0, int64_t p1) {
+      run.forward(lv, p0, p1, partial + p0);
     });
   });
 }
@@ -524,40 +782,86 @@ void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_p
   dispatch_dtype(dtype, "hcl_bwd_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    const int64_t HW = H * W;
-    if (planes == 0 || HW == 0) return;
+    if (planes == 0 || H * W == 0) return;
     check_pointers("hcl_bwd_cpu", {fs_ptr, ft_ptr, gout_ptr, grad_ptr});
-    const T* fs = reinterpret_cast<const T*>(fs_ptr);
-    const T* ft = reinterpret_cast<const T*>(ft_ptr);
-    T* grad = reinterpret_cast<T*>(grad_ptr);
     const A g = *reinterpret_cast<const A*>(gout_ptr);
-    const Plan plan = make_plan(H, W, coefs);
-    const int64_t threads = choose_threads(num_threads, planes, planes * HW, kMinElementsPerThread);
-    parallel_for(planes, threads, [&](int64_t p0, int64_t p1) {
-      if (coefs.npools == 0) {  // plain MSE: elementwise over the whole chunk
-        const A a = g * A(2.0 * coefs.mse);
-        const T* __restrict x = fs + p0 * HW;
-        const T* __restrict y = ft + p0 * HW;
-        T* __restrict out = grad + p0 * HW;
-        const int64_t n = (p1 - p0) * HW;
-        for (int64_t i = 0; i < n; ++i) out[i] = Scalar<T>::store(a * (Scalar<T>::load(x[i]) - Scalar<T>::load(y[i])));
-        return;
-      }
-      if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
-        with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
-          for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
-        });
-        return;
-      }
-      if (use_batches(H, W)) {
-        BatchKernel<T> kernel(plan, coefs);
-        for (int64_t p = p0; p < p1; p += BatchKernel<T>::P)
-          kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, p1 - p), g, grad + p * HW);
-        return;
-      }
-      with_plane_kernel<T>(plan, coefs, [&](auto kernel) {
-        for (int64_t p = p0; p < p1; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
-      });
+    std::vector<Level> levels{make_level("hcl_bwd_cpu", fs_ptr, ft_ptr, grad_ptr, planes, H, W, coefs, 1.0)};
+    const int64_t items = assign_items(levels);
+    const Runners<T> run = runners<T>();
+    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t, int64_t p0, int64_t p1) {
+      run.backward(lv, p0, p1, g);
+    });
+  });
+}
+
+void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out_ptr,
+                  const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                  const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads) {
+  const size_t n = fs.size();
+  if (ft.size() != n || planes.size() != n || H.size() != n || W.size() != n || coefs.size() != n ||
+      scale.size() != n)
+    throw std::invalid_argument("hcl_loss_cpu: the per-level lists differ in length");
+  check_pointers("hcl_loss_cpu", {out_ptr});
+  dispatch_dtype(dtype, "hcl_loss_cpu", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    std::vector<Level> levels;
+    levels.reserve(n);
+    for (size_t l = 0; l < n; ++l)
+      levels.push_back(make_level("hcl_loss_cpu", fs[l], ft[l], 0, planes[l], H[l], W[l], coefs[l], scale[l]));
+    const int64_t items = assign_items(levels);
+    // Each item writes its planes' partials (the acc dtype, as the per-level entry point
+    // does) into its slice of a scratch buffer and sums them in double into its own
+    // slot; the slots are then summed in item order. Items come from the shapes only:
+    // the loss does not depend on the thread count.
+    std::vector<A> partial(std::max<int64_t>(1, levels.empty() ? 0 : levels.back().first_plane + levels.back().planes));
+    std::vector<double> item_sum(items, 0.0);
+    const Runners<T> run = runners<T>();
+    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t item, int64_t p0, int64_t p1) {
+      A* mine = partial.data() + lv.first_plane + p0;
+      run.forward(lv, p0, p1, mine);
+      item_sum[item] = sum_double(mine, p1 - p0);
+    });
+    double total = 0.0;
+    for (const Level& lv : levels) {
+      if (lv.planes == 0 || lv.HW() == 0) continue;
+      double s = 0.0;
+      for (int64_t i = 0; i < lv.items(); ++i) s += item_sum[lv.first_item + i];
+      total += lv.scale * s;
+    }
+    *reinterpret_cast<A*>(out_ptr) = A(total);
+  });
+}
+
+void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
+                           uintptr_t gout_ptr, const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes,
+                           const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                           const std::vector<HclCoefs>& coefs, const std::vector<double>& scale,
+                           int64_t num_threads) {
+  const size_t n = fs.size();
+  if (ft.size() != n || grad.size() != n || planes.size() != n || H.size() != n || W.size() != n ||
+      coefs.size() != n || scale.size() != n)
+    throw std::invalid_argument("hcl_loss_backward_cpu: the per-level lists differ in length");
+  check_pointers("hcl_loss_backward_cpu", {gout_ptr});
+  dispatch_dtype(dtype, "hcl_loss_backward_cpu", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using A = acc_t<T>;
+    std::vector<Level> levels;
+    levels.reserve(n);
+    for (size_t l = 0; l < n; ++l) {
+      levels.push_back(
+          make_level("hcl_loss_backward_cpu", fs[l], ft[l], grad[l], planes[l], H[l], W[l], coefs[l], scale[l]));
+      if (planes[l] > 0 && H[l] * W[l] > 0) check_pointers("hcl_loss_backward_cpu", {grad[l]});
+    }
+    const int64_t items = assign_items(levels);
+    // g of a level = grad_output * c0, rounded to the acc dtype as the per-level path did
+    const A gout = *reinterpret_cast<const A*>(gout_ptr);
+    std::vector<A> g(n);
+    for (size_t l = 0; l < n; ++l) g[l] = gout * A(scale[l]);
+    const Level* first = levels.data();
+    const Runners<T> run = runners<T>();
+    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t, int64_t p0, int64_t p1) {
+      run.backward(lv, p0, p1, g[&lv - first]);
     });
   });
 }

@@ -48,6 +48,7 @@ class Ptr:
     optional: bool = False
     strided: Optional[str] = None  # the entry point's stride argument; the builder passes t.stride(0) (0 for 0-dim)
     arg: Optional[str] = None  # the entry point's argument when it is not ``<name>_ptr``
+    per_level: bool = False  # a list of tensors, one per level, each checked with its level's sizes
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Entry:
     ptrs: Dict[str, Ptr]
     sizes: Tuple[str, ...]
     scalars: Tuple[str, ...] = ()
+    levels: bool = False  # every size is a list (one int per level, all of one length)
 
 
 def _hcl(device: str, backward: bool) -> Entry:
@@ -70,6 +72,18 @@ def _hcl(device: str, backward: bool) -> Entry:
     else:
         ptrs.update(partial=Ptr(ACC, lambda s: s["planes"]))
     return Entry(device, ptrs, ("planes", "H", "W"), ("coef_mse", "pools", "coefs"))
+
+
+def _hcl_levels(backward: bool) -> Entry:
+    """The CPU entry points that take every level in one call: per level its fs, ft (and grad)
+    tensors and its sizes; per level coef_mse, pools, coefs and scale (c0) as lists."""
+    plane = lambda s: s["planes"] * s["H"] * s["W"]  # noqa: E731
+    ptrs = {"fs": Ptr(IN, plane, arg="fs_ptrs", per_level=True), "ft": Ptr(IN, plane, arg="ft_ptrs", per_level=True)}
+    if backward:
+        ptrs.update(gout=Ptr(ACC, lambda s: 1), grad=Ptr(IN, plane, arg="grad_ptrs", per_level=True))
+    else:
+        ptrs.update(out=Ptr(ACC, lambda s: 1))
+    return Entry("cpu", ptrs, ("planes", "H", "W"), ("coef_mse", "pools", "coefs", "scale"), levels=True)
 
 
 def _abf(backward: bool) -> Entry:
@@ -99,6 +113,8 @@ _hint_b = lambda s: s["Ct"]  # noqa: E731
 ENTRIES: Dict[str, Entry] = {
     "hcl_fwd_cpu": _hcl("cpu", False),
     "hcl_bwd_cpu": _hcl("cpu", True),
+    "hcl_loss_cpu": _hcl_levels(False),
+    "hcl_loss_backward_cpu": _hcl_levels(True),
     "hcl_fwd_cuda": _hcl("cuda", False),
     "hcl_bwd_cuda": _hcl("cuda", True),
     "kd_fwd_cpu": Entry("cpu", {"s": Ptr(IN, _logits), "t": Ptr(IN, _logits), "stats": Ptr(ACC, _stats),
@@ -173,6 +189,24 @@ def _pointer(entry: str, name: str, spec: Ptr, t, dtype: torch.dtype, device: Op
     return t.data_ptr(), stride
 
 
+def _check_levels(entry: str, spec: Entry, named) -> list:
+    """The sizes of each level ({size: int}) of an entry whose sizes are per-level lists; every
+    list (sizes and per-level tensors) must have one item per level."""
+    count = None
+    for name in (*spec.sizes, *(n for n, p in spec.ptrs.items() if p.per_level)):
+        v = named[name]
+        if not isinstance(v, (list, tuple)):
+            raise TypeError(f"{entry}: {name} must be a list (one item per level), got {type(v).__name__}")
+        if count is None:
+            count = len(v)
+        elif len(v) != count:
+            raise ValueError(f"{entry}: {name} has {len(v)} items, but {spec.sizes[0]} has {count} (one per level)")
+    for name in spec.sizes:
+        for k, v in enumerate(named[name]):
+            _check_size(entry, f"{name}[{k}]", v)
+    return [{name: named[name][k] for name in spec.sizes} for k in range(count or 0)]
+
+
 _NAMES = {name: frozenset(e.ptrs) | frozenset(e.sizes) | frozenset(e.scalars) for name, e in ENTRIES.items()}
 
 
@@ -189,11 +223,15 @@ def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, *
     if named.keys() != _NAMES[entry]:
         missing, extra = sorted(_NAMES[entry] - named.keys()), sorted(named.keys() - _NAMES[entry])
         raise TypeError(f"{entry}: missing arguments {missing}, unexpected arguments {extra}")
-    for name in spec.sizes:
-        _check_size(entry, name, named[name])
+    levels = _check_levels(entry, spec, named) if spec.levels else None
+    if levels is None:
+        for name in spec.sizes:
+            _check_size(entry, name, named[name])
     device = None
     for name in spec.ptrs:
         t = named[name]
+        if spec.ptrs[name].per_level and isinstance(t, (list, tuple)) and t:
+            t = t[0]
         if isinstance(t, Tensor):
             device = t.device
             break
@@ -204,6 +242,11 @@ def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, *
     sizes = kwargs  # extents read the sizes (and kd's reduce flag) from here
     ptr_args = {"dtype": DTYPE_CODE[dtype]}
     for name, ptr in spec.ptrs.items():
+        if ptr.per_level:
+            ptr_args[ptr.arg or name + "_ptrs"] = [
+                _pointer(entry, f"{name}[{k}]", ptr, t, dtype, device, level)[0]
+                for k, (t, level) in enumerate(zip(named[name], levels))]
+            continue
         address, stride = _pointer(entry, name, ptr, named[name], dtype, device, sizes)
         ptr_args[ptr.arg or name + "_ptr"] = address
         if ptr.strided:

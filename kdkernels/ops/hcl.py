@@ -6,15 +6,19 @@ r_l = w_l*H*W/l^2 of :func:`level_plan` (exact in any float format)::
     loss_level = c0 * sum over planes of ( sum(d^2) + sum_l r_l * sum_bins (S_l/area_l)^2 )
     d loss / d fs = grad_output * c0 * 2 * ( d + sum_l r_l * scatter_l(S_l / area_l^2) )
 
-The C++ and CUDA kernels write one partial per (n, c) plane, in the
-accumulation dtype, and the host sums them (deterministically) and applies c0,
-level by level. The Triton path takes every level in one launch (a level table)
+The C++ kernels take every level in one call each way (``hcl_loss_cpu`` /
+``hcl_loss_backward_cpu``): the forward sums the planes' partials and applies
+each level's c0 in float64 inside the call (in an order fixed by the shapes), the
+backward writes every level's gradient. The CUDA kernels write one partial per
+(n, c) plane, in the accumulation dtype, and the host sums them
+(deterministically) and applies c0, level by level. The Triton path takes every level in one launch (a level table)
 plus one fixed-order sum, and one backward launch (kdkernels/triton/hcl.py).
 The forward saves only its inputs; the backward recomputes the bin sums.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +42,21 @@ def level_plan(shape: Sequence[int]) -> Tuple[Tuple[int, ...], Tuple[float, ...]
     return pools, ratios, 1.0 / (tot * n * c * h * w)
 
 
+@functools.lru_cache(maxsize=256)
+def _cpu_plan(shapes: Tuple[Tuple[int, int, int, int], ...]) -> Dict[str, list]:
+    """The per-level sizes and coefficients of the one-call CPU entry points, for the levels'
+    (N, C, H, W) shapes: computed once per set of shapes (a training run has one), so that a
+    call does no per-level Python work beyond checking its tensors. Read-only."""
+    plan: Dict[str, list] = {k: [] for k in ("planes", "H", "W", "coef_mse", "pools", "coefs", "scale")}
+    for shape in shapes:
+        n, c, h, w = shape
+        pools, ratios, c0 = level_plan(shape)
+        for key, value in (("planes", n * c), ("H", h), ("W", w), ("coef_mse", 1.0), ("pools", list(pools)),
+                           ("coefs", list(ratios)), ("scale", c0)):
+            plan[key].append(value)
+    return plan
+
+
 def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
     _native_args.call("hcl_fwd_cpu" if backend == "cpp" else "hcl_fwd_cuda", fs.dtype, fs=fs, ft=ft,
@@ -59,6 +78,12 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
         return tri.hcl_fwd(fs, ft, [level_plan(f.shape) for f in fs])
     acc = acc_dtype(fstudent[0].dtype)
+    if backend == "cpp":  # every level in one native call, the sum included
+        fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
+        out = torch.empty((), dtype=acc)
+        _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out,
+                          **_cpu_plan(tuple(tuple(f.shape) for f in fs)))
+        return out
     total = None
     for fs, ft in zip(fstudent, fteacher):
         fs, ft = fs.contiguous(), ft.contiguous()
@@ -85,6 +110,12 @@ def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Te
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
         return tri.hcl_bwd(grad, fs, ft, [level_plan(f.shape) for f in fs])
     acc = acc_dtype(fstudent[0].dtype)
+    if backend == "cpp":  # every level in one native call; level l's factor grad * c0_l is formed there
+        fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
+        grads = [torch.empty_like(f) for f in fs]
+        _native_args.call("hcl_loss_backward_cpu", fs[0].dtype, fs=fs, ft=ft, gout=grad.to(acc).reshape(1),
+                          grad=grads, **_cpu_plan(tuple(tuple(f.shape) for f in fs)))
+        return grads
     g_acc = grad.to(acc).reshape(1)
     grads = []
     for fs, ft in zip(fstudent, fteacher):
