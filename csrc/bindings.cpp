@@ -145,26 +145,6 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- HCL (docs/spec.md §1, csrc/common/hcl.h) ----
   m.def(
-      "hcl_fwd_cpu",
-      [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,
-         double coef_mse, const std::vector<int64_t>& pools, const std::vector<double>& coefs,
-         int64_t num_threads) {
-        kdk::hcl_fwd_cpu(dtype, fs, ft, partial, planes, H, W, hcl_coefs(coef_mse, pools, coefs), num_threads);
-      },
-      py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("partial_ptr"), py::arg("planes"),
-      py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"), py::arg("num_threads"),
-      release(), "partial[p] (acc dtype) of each (n, c) plane; see csrc/common/hcl.h");
-  m.def(
-      "hcl_bwd_cpu",
-      [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t gout, uintptr_t grad, int64_t planes, int64_t H, int64_t W,
-         double coef_mse, const std::vector<int64_t>& pools, const std::vector<double>& coefs,
-         int64_t num_threads) {
-        kdk::hcl_bwd_cpu(dtype, fs, ft, gout, grad, planes, H, W, hcl_coefs(coef_mse, pools, coefs), num_threads);
-      },
-      py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("gout_ptr"), py::arg("grad_ptr"),
-      py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
-      py::arg("num_threads"), release(), "grad (input dtype) = g * d partial / d fs, g = *gout (acc dtype)");
-  m.def(
       "hcl_loss_cpu",
       [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out,
          const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
@@ -205,7 +185,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("partial_ptr"), py::arg("planes"),
       py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"), py::arg("stream"),
-      release(), "CUDA hcl_fwd_cpu, launched on `stream`");
+      release(), "partial[p] (acc dtype) of each (n, c) plane, launched on `stream`; see csrc/common/hcl.h");
   m.def(
       "hcl_bwd_cuda",
       [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t gout, uintptr_t grad, int64_t planes, int64_t H, int64_t W,
@@ -221,7 +201,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dtype"), py::arg("fs_ptr"), py::arg("ft_ptr"), py::arg("gout_ptr"), py::arg("grad_ptr"),
       py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
-      py::arg("stream"), release(), "CUDA hcl_bwd_cpu, launched on `stream`; *gout stays on the device");
+      py::arg("stream"), release(), "grad (input dtype) = g * d partial / d fs, g = *gout (acc dtype), launched on `stream`; *gout stays on the device");
 
   // ---- Hinton KD (docs/spec.md §4, csrc/common/kd.h) ----
   m.def("kd_fwd_cpu", &kdk::kd_fwd_cpu, py::arg("dtype"), py::arg("s_ptr"), py::arg("t_ptr"), py::arg("stats_ptr"),

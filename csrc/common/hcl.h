@@ -49,11 +49,6 @@ inline void hcl_check_sizes(const char* where, int64_t planes, int64_t H, int64_
 }
 
 // Pointers are addresses (tensor.data_ptr()); all inputs contiguous (planes, H, W).
-void hcl_fwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,
-                 const HclCoefs& coefs, int64_t num_threads);
-void hcl_bwd_cpu(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t gout, uintptr_t grad, int64_t planes, int64_t H,
-                 int64_t W, const HclCoefs& coefs, int64_t num_threads);
-
 #if defined(KDKERNELS_WITH_CUDA)
 void hcl_fwd_cuda(int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,
                   const HclCoefs& coefs, uintptr_t stream);

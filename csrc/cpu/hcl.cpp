@@ -25,8 +25,7 @@
 //     - hcl_small.h's FixedBatchKernel: 7 x 7 and 14 x 14 (float accumulation),
 //       BatchKernel's 8 lanes with every bin bound a compile-time constant.
 // Entry points: hcl_loss_cpu / hcl_loss_backward_cpu take every level of a call
-// at once (one parallel region, no per-level Python); hcl_fwd_cpu / hcl_bwd_cpu
-// one level (per-plane partials). A call is cut into work items of about
+// at once (one parallel region, no per-level Python). A call is cut into work items of about
 // kChunkElements elements (whole planes, by shape only), claimed one at a time
 // by the threads; the forward sums each item's partials in double, then the
 // items in order. A plane's result never depends on the thread count or on
@@ -753,46 +752,6 @@ Level make_level(const char* where, uintptr_t fs, uintptr_t ft, uintptr_t grad, 
 }
 
 }  // namespace
-
-void hcl_fwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t partial_ptr, int64_t planes, int64_t H,
-                 int64_t W, const HclCoefs& coefs, int64_t num_threads) {
-  hcl_check_sizes("hcl_fwd_cpu", planes, H, W);
-  dispatch_dtype(dtype, "hcl_fwd_cpu", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    if (planes == 0) return;
-    check_pointers("hcl_fwd_cpu", {partial_ptr});
-    A* partial = reinterpret_cast<A*>(partial_ptr);
-    if (H * W == 0) {
-      std::fill(partial, partial + planes, A(0));
-      return;
-    }
-    std::vector<Level> levels{make_level("hcl_fwd_cpu", fs_ptr, ft_ptr, 0, planes, H, W, coefs, 1.0)};
-    const int64_t items = assign_items(levels);
-    const Runners<T> run = runners<T>();
-    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t, int64_t p0, int64_t p1) {
-      run.forward(lv, p0, p1, partial + p0);
-    });
-  });
-}
-
-void hcl_bwd_cpu(int dtype, uintptr_t fs_ptr, uintptr_t ft_ptr, uintptr_t gout_ptr, uintptr_t grad_ptr,
-                 int64_t planes, int64_t H, int64_t W, const HclCoefs& coefs, int64_t num_threads) {
-  hcl_check_sizes("hcl_bwd_cpu", planes, H, W);
-  dispatch_dtype(dtype, "hcl_bwd_cpu", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using A = acc_t<T>;
-    if (planes == 0 || H * W == 0) return;
-    check_pointers("hcl_bwd_cpu", {fs_ptr, ft_ptr, gout_ptr, grad_ptr});
-    const A g = *reinterpret_cast<const A*>(gout_ptr);
-    std::vector<Level> levels{make_level("hcl_bwd_cpu", fs_ptr, ft_ptr, grad_ptr, planes, H, W, coefs, 1.0)};
-    const int64_t items = assign_items(levels);
-    const Runners<T> run = runners<T>();
-    for_each_item(levels, items, num_threads, [&](const Level& lv, int64_t, int64_t p0, int64_t p1) {
-      run.backward(lv, p0, p1, g);
-    });
-  });
-}
 
 void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out_ptr,
                   const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,

@@ -111,8 +111,6 @@ _hint_w = lambda s: s["Ct"] * s["Cs"]  # noqa: E731
 _hint_b = lambda s: s["Ct"]  # noqa: E731
 
 ENTRIES: Dict[str, Entry] = {
-    "hcl_fwd_cpu": _hcl("cpu", False),
-    "hcl_bwd_cpu": _hcl("cpu", True),
     "hcl_loss_cpu": _hcl_levels(False),
     "hcl_loss_backward_cpu": _hcl_levels(True),
     "hcl_fwd_cuda": _hcl("cuda", False),

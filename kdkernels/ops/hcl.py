@@ -57,15 +57,15 @@ def _cpu_plan(shapes: Tuple[Tuple[int, int, int, int], ...]) -> Dict[str, list]:
     return plan
 
 
-def _fwd_level(backend: str, fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
+def _fwd_level_cuda(fs: Tensor, ft: Tensor, partial: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    _native_args.call("hcl_fwd_cpu" if backend == "cpp" else "hcl_fwd_cuda", fs.dtype, fs=fs, ft=ft,
+    _native_args.call("hcl_fwd_cuda", fs.dtype, fs=fs, ft=ft,
                       partial=partial, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
-def _bwd_level(backend: str, fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
+def _bwd_level_cuda(fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, ratios) -> None:
     n, c, h, w = fs.shape
-    _native_args.call("hcl_bwd_cpu" if backend == "cpp" else "hcl_bwd_cuda", fs.dtype, fs=fs, ft=ft, gout=g,
+    _native_args.call("hcl_bwd_cuda", fs.dtype, fs=fs, ft=ft, gout=g,
                       grad=grad, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
@@ -89,7 +89,7 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
         fs, ft = fs.contiguous(), ft.contiguous()
         pools, ratios, c0 = level_plan(fs.shape)
         partial = torch.empty(fs.shape[0] * fs.shape[1], dtype=acc, device=fs.device)
-        _fwd_level(backend, fs, ft, partial, pools, ratios)
+        _fwd_level_cuda(fs, ft, partial, pools, ratios)
         level = partial.sum() * c0
         total = level if total is None else total + level
     return total
@@ -122,7 +122,7 @@ def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Te
         fs, ft = fs.contiguous(), ft.contiguous()
         pools, ratios, c0 = level_plan(fs.shape)
         out = torch.empty_like(fs)
-        _bwd_level(backend, fs, ft, g_acc * c0, out, pools, ratios)
+        _bwd_level_cuda(fs, ft, g_acc * c0, out, pools, ratios)
         grads.append(out)
     return grads
 
