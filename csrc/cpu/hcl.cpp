@@ -751,23 +751,35 @@ Level make_level(const char* where, uintptr_t fs, uintptr_t ft, uintptr_t grad, 
   return lv;
 }
 
+// One Level per entry of a call's per-level lists; grad is null for the forward.
+std::vector<Level> make_levels(const char* where, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
+                               const std::vector<uintptr_t>* grad, const std::vector<int64_t>& planes,
+                               const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                               const std::vector<HclCoefs>& coefs, const std::vector<double>& scale) {
+  const size_t n = fs.size();
+  if (ft.size() != n || (grad && grad->size() != n) || planes.size() != n || H.size() != n || W.size() != n ||
+      coefs.size() != n || scale.size() != n)
+    throw std::invalid_argument(std::string(where) + ": the per-level lists differ in length");
+  std::vector<Level> levels;
+  levels.reserve(n);
+  for (size_t l = 0; l < n; ++l) {
+    const uintptr_t g = grad ? (*grad)[l] : 0;
+    levels.push_back(make_level(where, fs[l], ft[l], g, planes[l], H[l], W[l], coefs[l], scale[l]));
+    if (grad && planes[l] > 0 && H[l] * W[l] > 0) check_pointers(where, {g});
+  }
+  return levels;
+}
+
 }  // namespace
 
 void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out_ptr,
                   const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                   const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads) {
-  const size_t n = fs.size();
-  if (ft.size() != n || planes.size() != n || H.size() != n || W.size() != n || coefs.size() != n ||
-      scale.size() != n)
-    throw std::invalid_argument("hcl_loss_cpu: the per-level lists differ in length");
   check_pointers("hcl_loss_cpu", {out_ptr});
   dispatch_dtype(dtype, "hcl_loss_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    std::vector<Level> levels;
-    levels.reserve(n);
-    for (size_t l = 0; l < n; ++l)
-      levels.push_back(make_level("hcl_loss_cpu", fs[l], ft[l], 0, planes[l], H[l], W[l], coefs[l], scale[l]));
+    std::vector<Level> levels = make_levels("hcl_loss_cpu", fs, ft, nullptr, planes, H, W, coefs, scale);
     const int64_t items = assign_items(levels);
     // Each item writes its planes' partials (the acc dtype, as the per-level entry point
     // does) into its slice of a scratch buffer and sums them in double into its own
@@ -797,21 +809,13 @@ void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const st
                            const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                            const std::vector<HclCoefs>& coefs, const std::vector<double>& scale,
                            int64_t num_threads) {
-  const size_t n = fs.size();
-  if (ft.size() != n || grad.size() != n || planes.size() != n || H.size() != n || W.size() != n ||
-      coefs.size() != n || scale.size() != n)
-    throw std::invalid_argument("hcl_loss_backward_cpu: the per-level lists differ in length");
   check_pointers("hcl_loss_backward_cpu", {gout_ptr});
   dispatch_dtype(dtype, "hcl_loss_backward_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    std::vector<Level> levels;
-    levels.reserve(n);
-    for (size_t l = 0; l < n; ++l) {
-      levels.push_back(
-          make_level("hcl_loss_backward_cpu", fs[l], ft[l], grad[l], planes[l], H[l], W[l], coefs[l], scale[l]));
-      if (planes[l] > 0 && H[l] * W[l] > 0) check_pointers("hcl_loss_backward_cpu", {grad[l]});
-    }
+    std::vector<Level> levels =
+        make_levels("hcl_loss_backward_cpu", fs, ft, &grad, planes, H, W, coefs, scale);
+    const size_t n = levels.size();
     const int64_t items = assign_items(levels);
     // g of a level = grad_output * c0, rounded to the acc dtype as the per-level path did
     const A gout = *reinterpret_cast<const A*>(gout_ptr);
