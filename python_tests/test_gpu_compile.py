@@ -196,9 +196,11 @@ def test_triton_kernels_compile(aot_rows, group, arch):
     assert all(r["regs"] > 0 for r in first)
 
 
-def _need(group):
+def _need(group, arch=None):
     if group not in GROUPS:
         pytest.skip(f"group {group} is not selected (KDKERNELS_AOT_GROUPS={_groups})")
+    if arch is not None and f"{group}:{arch}" in _SKIP:
+        pytest.skip(f"{group} on sm_{arch} is left out (KDKERNELS_AOT_SKIP)")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -327,9 +329,9 @@ def test_hcl_kernels_do_not_spill(aot_rows, arch):
     """_hcl_fwd_kernel and _hcl_bwd_kernel at every configuration the launchers pick (the
     benchmark shapes; every level plan in every dtype, with and without gradients): no register
     spills at all (Triton 3.6's fp64 backward of the level plans spilled 8 B on sm_90)."""
-    groups = [g for g in ("hcl", "hcl-variants") if g in GROUPS]
+    groups = [g for g in ("hcl", "hcl-variants") if g in GROUPS and f"{g}:{arch}" not in _SKIP]
     if not groups:
-        pytest.skip(f"no hcl group selected (KDKERNELS_AOT_GROUPS={_groups})")
+        pytest.skip(f"no hcl group selected on sm_{arch} (KDKERNELS_AOT_GROUPS={_groups}, KDKERNELS_AOT_SKIP)")
     rows = [r for g in groups for r in _rows_of(aot_rows, g, arch)
             if r["kernel"].startswith("_hcl_") and r.get("first_compile")]
     assert rows
@@ -364,7 +366,7 @@ def test_kernels_do_not_spill(aot_rows, arch, group):
     its launcher picks for every case (every dtype, with and without gradients, the teacher's
     too): no register spills at all (ABF's one-pass backward on a 4096-element tile spilled
     40-68 B on sm_80 and sm_90)."""
-    _need(group)
+    _need(group, arch)
     rows = [r for r in _rows_of(aot_rows, group, arch) if r.get("first_compile")
             and not r["kernel"].startswith(("(", "?") + ELSEWHERE)]
     assert rows, f"{group} on sm_{arch} compiled no kernel"
