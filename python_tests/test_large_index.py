@@ -271,7 +271,7 @@ def test_triton_hcl_planes_past_int32(H, W):
     level = (fs.view(planes, 1, H, W),), (ft.view(planes, 1, H, W),)  # the kernel's level table: tuples
     plan = level_plan((planes, 1, H, W))
     grid, args, consts = th.launch_table(*level, [plan])
-    _, pb, block_h, _, _ = th.level_config((planes, 1, H, W), len(plan[0]))
+    pb, block_h = consts["PB"][0], consts["BH"][0]
     assert (block_h >= H) == (H == 7)
     assert consts["FLAT"] == (H == 7,)  # 7 x 7: the flat layout (groups of 4 planes, int64 block start)
     programs = sorted({p // pb for p in picked})

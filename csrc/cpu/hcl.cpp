@@ -52,6 +52,8 @@
 #include "../common/parallel.h"
 #include "hcl_nested.h"
 #include "hcl_small.h"
+#include "isa.h"
+#include "transpose4.h"
 
 // hcl_small.h's 8-lane vectors never cross a function boundary that is not inlined (the
 // AVX2 copies are flattened): GCC's note that passing them by value changes the ABI with
@@ -279,34 +281,6 @@ inline void lanes_axpy(A* x, A a, const A* t) {  // x = a x + t
   for (int64_t l = 0; l < P; ++l) xv[l] = x[l], tv[l] = t[l];
   for (int64_t l = 0; l < P; ++l) x[l] = a * xv[l] + tv[l];
 }
-
-#if KDK_HCL_SSE
-// Four planes x four elements, transposed in registers: d[j * stride + k] =
-// a[k][e + j] - b[k][e + j] for j, k < 4 (four 16-byte stores instead of
-// sixteen scalar ones; the scalar transpose was most of BatchKernel's time).
-inline void sub_transpose4(const float* const* a, const float* const* b, int64_t e, float* d, int64_t stride) {
-  __m128 r0 = _mm_sub_ps(_mm_loadu_ps(a[0] + e), _mm_loadu_ps(b[0] + e));
-  __m128 r1 = _mm_sub_ps(_mm_loadu_ps(a[1] + e), _mm_loadu_ps(b[1] + e));
-  __m128 r2 = _mm_sub_ps(_mm_loadu_ps(a[2] + e), _mm_loadu_ps(b[2] + e));
-  __m128 r3 = _mm_sub_ps(_mm_loadu_ps(a[3] + e), _mm_loadu_ps(b[3] + e));
-  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-  _mm_storeu_ps(d, r0);
-  _mm_storeu_ps(d + stride, r1);
-  _mm_storeu_ps(d + 2 * stride, r2);
-  _mm_storeu_ps(d + 3 * stride, r3);
-}
-
-// The inverse: out[k][e + j] = x[j * stride + k] for j, k < 4.
-inline void transpose4_store(const float* x, int64_t stride, float* const* out, int64_t e) {
-  __m128 r0 = _mm_loadu_ps(x), r1 = _mm_loadu_ps(x + stride);
-  __m128 r2 = _mm_loadu_ps(x + 2 * stride), r3 = _mm_loadu_ps(x + 3 * stride);
-  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-  _mm_storeu_ps(out[0] + e, r0);
-  _mm_storeu_ps(out[1] + e, r1);
-  _mm_storeu_ps(out[2] + e, r2);
-  _mm_storeu_ps(out[3] + e, r3);
-}
-#endif
 
 // Short rows: P planes at a time, transposed into d_[e * P + lane], so that
 // everything done once per plane (cell and bin sums, the loss, the gradient
@@ -641,20 +615,8 @@ KDK_HCL_RUNNERS(avx2_bf16, KDK_HCL_AVX2, BFloat16)
 #define KDK_HCL_X86 0
 #endif
 
-// Whether the AVX2 copy runs: the CPU has AVX2, and $KDKERNELS_CPU_ISA (read at
-// every call, as hint's kernels do) does not ask for "baseline".
-bool use_avx2() {
-#if KDK_HCL_X86
-  static const bool hardware = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2");
-  }();
-  const char* env = std::getenv("KDKERNELS_CPU_ISA");
-  return hardware && !(env != nullptr && std::string(env) == "baseline");
-#else
-  return false;
-#endif
-}
+// Whether the AVX2 copy runs: isa.h's choice (the CPU's, or $KDKERNELS_CPU_ISA's) is AVX2 or wider.
+bool use_avx2() { return KDK_HCL_X86 && isa() >= Isa::kAvx2; }
 
 template <typename T>
 struct Runners {

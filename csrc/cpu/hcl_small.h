@@ -23,6 +23,7 @@
 
 #include "../common/dtype.h"
 #include "../common/hcl.h"
+#include "transpose4.h"
 
 // The 8-lane vector type is internal (every function here is inlined into its caller):
 // GCC's note that passing it by value has another ABI with AVX does not apply.
@@ -180,7 +181,7 @@ class FixedBatchKernel {
         for (; l < P; l += 4) {
           const float* a[4] = {flat_[l], flat_[l + 1], flat_[l + 2], flat_[l + 3]};
           int e = 0;
-          for (; e + 4 <= HW; e += 4) transpose_copy(a, e, d + e * P + l);
+          for (; e + 4 <= HW; e += 4) transpose4(a, e, d + e * P + l, P);
           for (; e < HW; ++e)
             for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e];
         }
@@ -192,7 +193,7 @@ class FixedBatchKernel {
         const float* a[4] = {fs + l * HW, fs + (l + 1) * HW, fs + (l + 2) * HW, fs + (l + 3) * HW};
         const float* b[4] = {ft + l * HW, ft + (l + 1) * HW, ft + (l + 2) * HW, ft + (l + 3) * HW};
         int e = 0;
-        for (; e + 4 <= HW; e += 4) transpose_sub(a, b, e, d + e * P + l);
+        for (; e + 4 <= HW; e += 4) sub_transpose4(a, b, e, d + e * P + l, P);
         for (; e < HW; ++e)
           for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e] - b[k][e];
       }
@@ -219,7 +220,7 @@ class FixedBatchKernel {
         for (; l < P; l += 4) {
           float* out[4] = {flat_[l], flat_[l + 1], flat_[l + 2], flat_[l + 3]};
           int e = 0;
-          for (; e + 4 <= HW; e += 4) transpose_store(x + e * P + l, out, e);
+          for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, e);
           for (; e < HW; ++e)
             for (int k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
         }
@@ -231,7 +232,7 @@ class FixedBatchKernel {
       for (; l + 4 <= n; l += 4) {
         float* out[4] = {grad + l * HW, grad + (l + 1) * HW, grad + (l + 2) * HW, grad + (l + 3) * HW};
         int e = 0;
-        for (; e + 4 <= HW; e += 4) transpose_store(x + e * P + l, out, e);
+        for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, e);
         for (; e < HW; ++e)
           for (int k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
       }
@@ -242,43 +243,6 @@ class FixedBatchKernel {
       for (int e = 0; e < HW; ++e) out[e] = Scalar<T>::store(x[e * P + l]);
     }
   }
-
-#if defined(__SSE2__)
-  // d[j * P + k] = a[k][e + j] - b[k][e + j] for j, k < 4.
-  static void transpose_sub(const float* const* a, const float* const* b, int e, float* d) {
-    __m128 r0 = _mm_sub_ps(_mm_loadu_ps(a[0] + e), _mm_loadu_ps(b[0] + e));
-    __m128 r1 = _mm_sub_ps(_mm_loadu_ps(a[1] + e), _mm_loadu_ps(b[1] + e));
-    __m128 r2 = _mm_sub_ps(_mm_loadu_ps(a[2] + e), _mm_loadu_ps(b[2] + e));
-    __m128 r3 = _mm_sub_ps(_mm_loadu_ps(a[3] + e), _mm_loadu_ps(b[3] + e));
-    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-    _mm_storeu_ps(d, r0);
-    _mm_storeu_ps(d + P, r1);
-    _mm_storeu_ps(d + 2 * P, r2);
-    _mm_storeu_ps(d + 3 * P, r3);
-  }
-
-  // d[j * P + k] = a[k][e + j] for j, k < 4.
-  static void transpose_copy(const float* const* a, int e, float* d) {
-    __m128 r0 = _mm_loadu_ps(a[0] + e), r1 = _mm_loadu_ps(a[1] + e);
-    __m128 r2 = _mm_loadu_ps(a[2] + e), r3 = _mm_loadu_ps(a[3] + e);
-    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-    _mm_storeu_ps(d, r0);
-    _mm_storeu_ps(d + P, r1);
-    _mm_storeu_ps(d + 2 * P, r2);
-    _mm_storeu_ps(d + 3 * P, r3);
-  }
-
-  // out[k][e + j] = x[j * P + k] for j, k < 4.
-  static void transpose_store(const float* x, float* const* out, int e) {
-    __m128 r0 = _mm_loadu_ps(x), r1 = _mm_loadu_ps(x + P);
-    __m128 r2 = _mm_loadu_ps(x + 2 * P), r3 = _mm_loadu_ps(x + 3 * P);
-    _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-    _mm_storeu_ps(out[0] + e, r0);
-    _mm_storeu_ps(out[1] + e, r1);
-    _mm_storeu_ps(out[2] + e, r2);
-    _mm_storeu_ps(out[3] + e, r3);
-  }
-#endif
 
   const A mse_;
   A loss_[kBins][kBins] = {}, grad_[kBins][kBins] = {};

@@ -44,6 +44,7 @@
 #include "../common/dtype.h"
 #include "../common/macros.h"    // KDK_ALWAYS_INLINE
 #include "../common/parallel.h"  // choose_threads, parallel_for_each
+#include "isa.h"
 
 namespace kdk {
 namespace {
@@ -152,38 +153,6 @@ KDK_ALWAYS_INLINE void gemm_impl(int64_t M, int64_t N, int64_t K, const A* a, in
     if constexpr (NV > 2)
       for (; j < N; j += 2 * VL) gemm_strip<A, VL, MR, 2>(M, kc, ak, lda, bk + j, ldb, c + j, ldc, acc, pf);
   }
-}
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
-
-// The instruction set the kernels use: the widest this CPU supports, or a
-// narrower one named by $KDKERNELS_CPU_ISA (baseline, avx2, avx512; for tests
-// and comparisons). Read at every call.
-Isa isa() {
-  static const Isa hardware = detect_isa();
-  const char* env = std::getenv("KDKERNELS_CPU_ISA");
-  if (env == nullptr || *env == 0) return hardware;
-  const std::string name(env);
-  Isa wanted;
-  if (name == "baseline")
-    wanted = Isa::kBase;
-  else if (name == "avx2")
-    wanted = Isa::kAvx2;
-  else if (name == "avx512")
-    wanted = Isa::kAvx512;
-  else
-    throw std::invalid_argument("KDKERNELS_CPU_ISA=" + name + ": expected baseline, avx2 or avx512");
-  return std::min(wanted, hardware);
 }
 
 // A run of pixels of one block that lie in one sample: block columns

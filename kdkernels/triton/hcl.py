@@ -418,13 +418,6 @@ def level_layout(shape: Sequence[int], npool: int, elem_size: int = 4, aligned: 
                 FB=triton.next_power_of_2(pb * h * w) if flat else 1, TAIL=tail)
 
 
-def level_config(shape: Sequence[int], npool: int, elem_size: int = 4,
-                 aligned: bool = True) -> Tuple[int, int, int, int, int]:
-    """(programs, PB, BLOCK_H, BLOCK_W, ALIGN) of one level (level_layout's first five)."""
-    lay = level_layout(shape, npool, elem_size, aligned)
-    return lay["programs"], lay["PB"], lay["BH"], lay["BW"], lay["ALIGN"]
-
-
 def _ratios(pools: Sequence[int], ratios: Sequence[float]):
     by_size = dict(zip(pools, ratios))
     return by_size.get(4, 0.0), by_size.get(2, 0.0), by_size.get(1, 0.0)
