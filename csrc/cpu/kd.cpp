@@ -219,7 +219,10 @@ KDK_ALWAYS_INLINE RowState<acc_t<T>> fwd_segment_impl(const T* __restrict s, con
   using K = OrderKey<A>;
   using Key = typename K::type;
   alignas(64) A buf_s[kBlock], buf_t[kBlock];
-  alignas(64) A ss[kLanes] = {}, st[kLanes] = {}, w[kLanes] = {};
+  // Each block's sums run in kLanes lanes of A, then add into double totals: over a long row
+  // (25k classes) float lanes alone put a few 1e-7 of relative error on the normalizers.
+  alignas(64) A ss[kLanes], st[kLanes], w[kLanes];
+  double tss = 0.0, tst = 0.0, tw = 0.0;
   A ms = kd_neg_inf<A>(), mt = kd_neg_inf<A>();
   A r = kd_neg_inf<A>(), rho = A(0);
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
@@ -243,16 +246,15 @@ KDK_ALWAYS_INLINE RowState<acc_t<T>> fwd_segment_impl(const T* __restrict s, con
       const A rho_new = gap_reference(r, ms_new);
       const A as = kd_alpha(ms, ms_new, Exp2Scaled<A>{c}), at = kd_alpha(mt, mt_new, Exp2Scaled<A>{c});
       const A dc = (kd_eff(mt_new) - kd_eff(mt)) - (rho_new - rho);
-      for (int64_t l = 0; l < kLanes; ++l) {
-        w[l] = st[l] == A(0) ? A(0) : at * (w[l] - dc * st[l]);
-        ss[l] *= as;
-        st[l] *= at;
-      }
+      tw = tst == 0.0 ? 0.0 : double(at) * (tw - double(dc) * tst);
+      tss *= double(as);
+      tst *= double(at);
       ms = ms_new;
       mt = mt_new;
       rho = rho_new;
     }
     const A es = kd_eff(ms), et = kd_eff(mt);
+    for (int64_t l = 0; l < kLanes; ++l) ss[l] = st[l] = w[l] = A(0);
     for (int64_t j = 0; j < kBlock; j += kLanes)
       for (int64_t l = 0; l < kLanes; ++l) {
         const A d_s = xs[j + l] - es, d_t = xt[j + l] - et;
@@ -261,8 +263,11 @@ KDK_ALWAYS_INLINE RowState<acc_t<T>> fwd_segment_impl(const T* __restrict s, con
         st[l] += e_t;
         w[l] += e_t * keep_if(e_t > A(0), d_t - (xs[j + l] - rho));  // kd_gap
       }
+    tss += double(lane_sum(ss));
+    tst += double(lane_sum(st));
+    tw += double(lane_sum(w));
   }
-  return RowState<A>{KdState<A>{ms, mt, lane_sum(ss), lane_sum(st), lane_sum(w)}, r, rho};
+  return RowState<A>{KdState<A>{ms, mt, A(tss), A(tst), A(tw)}, r, rho};
 }
 
 // A row's stats from its raw-unit state (the CPU layout, see kd_fwd_cpu):
