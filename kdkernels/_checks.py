@@ -85,7 +85,13 @@ def check_feature_pairs(fs: List[torch.Tensor], ft: List[torch.Tensor], op: str)
         raise ValueError(f"{op}: fstudent is an empty list")
     if len(fs) != len(ft):
         raise ValueError(f"{op}: fstudent has {len(fs)} levels but fteacher has {len(ft)}")
+    dtype, device = fs[0].dtype, fs[0].device
     for k, (s, t) in enumerate(zip(fs, ft)):
+        # every condition below at once (this runs on each training step); a level that fails
+        # goes through them one by one, which word the error
+        if (s.dim() == 4 and s.shape == t.shape and s.dtype == dtype and t.dtype == dtype and dtype in FLOAT_DTYPES
+                and s.device == device and t.device == device and s.numel() > 0):
+            continue
         check_float_tensor(s, op, f"fstudent[{k}]", 4)
         check_float_tensor(t, op, f"fteacher[{k}]", 4)
         if s.shape != t.shape:

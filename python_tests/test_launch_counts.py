@@ -115,6 +115,29 @@ def test_hcl_cpp_makes_one_native_call_each_way(case, dtype, monkeypatch):
     assert counting.calls == ["hcl_loss_backward_cpu"], f"backward of {len(fs)} levels: native calls {counting.calls}"
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"] if DEVICE.type == "cpu" else ["triton"])
+def test_hcl_step_does_not_rebuild_the_level_lists(backend, monkeypatch):
+    """A step's host work does not grow with pytree passes over the level lists: torch.library's
+    autograd wrapper of an op with tensor-list arguments flattens and rebuilds them on every call,
+    forward and backward (about a third of a CIFAR step's host time on the development CPU);
+    kdkernels.hcl_loss's autograd node passes the tensors flat (ops/hcl.py, _HCL)."""
+    if backend not in kdkernels.backends.available_backends("hcl_loss", DEVICE):
+        pytest.skip(f"the {backend} backend cannot run on {DEVICE.type} here")
+    from torch.utils import _pytree
+
+    calls = []
+    for name in ("tree_flatten", "tree_unflatten"):
+        real = getattr(_pytree, name)
+        monkeypatch.setattr(_pytree, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    fs, ft = _hcl_inputs(HCL_LEVELS["cifar 4 levels"], torch.float32)
+    ft = [t.detach().requires_grad_() for t in ft]
+    loss = kdkernels.hcl_loss(fs, ft, backend=backend)
+    fwd, calls[:] = list(calls), []
+    grads = torch.autograd.grad(loss, fs + ft, torch.full_like(loss, 1.7))
+    assert fwd == [] and calls == [], f"pytree calls: forward {fwd}, backward {calls}"
+    assert all(torch.equal(a, -b) for a, b in zip(grads[:4], grads[4:]))
+
+
 # ---------------------------------------------------------------- ABF
 ABF_SHAPES = [((2, 8, 8, 8), (4, 4)), ((1, 16, 7, 7), (4, 4)), ((2, 5, 6, 10), (3, 5))]
 

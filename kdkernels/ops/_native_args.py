@@ -201,8 +201,18 @@ def _check_levels(entry: str, spec: Entry, named) -> list:
             raise ValueError(f"{entry}: {name} has {len(v)} items, but {spec.sizes[0]} has {count} (one per level)")
     for name in spec.sizes:
         for k, v in enumerate(named[name]):
-            _check_size(entry, f"{name}[{k}]", v)
+            if type(v) is not int or v < 0:  # the common case in one test; _check_size words the error
+                _check_size(entry, f"{name}[{k}]", v)
     return [{name: named[name][k] for name in spec.sizes} for k in range(count or 0)]
+
+
+def _address(t, want: torch.dtype, device: Optional[torch.device], need: int) -> int:
+    """``t``'s data pointer when it passes every check of a plain (not strided) pointer at once;
+    0 when any check fails (or it is None, or empty), and :func:`_pointer` then says which."""
+    if (isinstance(t, Tensor) and t.dtype == want and (device is None or t.device == device)
+            and t.numel() >= need and t.is_contiguous()):
+        return t.data_ptr() or 0
+    return 0
 
 
 _NAMES = {name: frozenset(e.ptrs) | frozenset(e.sizes) | frozenset(e.scalars) for name, e in ENTRIES.items()}
@@ -214,6 +224,10 @@ def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, *
 
     CPU entry points get ``num_threads`` (default ``torch.get_num_threads()``), CUDA ones the
     current stream of the tensors' device, inside that device's guard.
+
+    Every pointer first takes one combined test (:func:`_address`); only a tensor that fails it
+    goes through the step-by-step checks that word the error, so a valid call pays a few
+    attribute reads per tensor (this runs on every step of every op).
     """
     spec = ENTRIES[entry]
     if dtype not in DTYPE_CODE:
@@ -238,14 +252,25 @@ def call(entry: str, dtype: torch.dtype, *, num_threads: Optional[int] = None, *
     kwargs = {name: named[name] for name in spec.sizes}
     kwargs.update((name, named[name]) for name in spec.scalars)
     sizes = kwargs  # extents read the sizes (and kd's reduce flag) from here
+    wants = {IN: dtype, ACC: acc_dtype(dtype)}
     ptr_args = {"dtype": DTYPE_CODE[dtype]}
     for name, ptr in spec.ptrs.items():
+        want = wants[ptr.dtype]
         if ptr.per_level:
-            ptr_args[ptr.arg or name + "_ptrs"] = [
-                _pointer(entry, f"{name}[{k}]", ptr, t, dtype, device, level)[0]
-                for k, (t, level) in enumerate(zip(named[name], levels))]
+            addresses = []
+            for k, (t, level) in enumerate(zip(named[name], levels)):
+                address = _address(t, want, device, ptr.extent(level))
+                if not address:
+                    address = _pointer(entry, f"{name}[{k}]", ptr, t, dtype, device, level)[0]
+                addresses.append(address)
+            ptr_args[ptr.arg or name + "_ptrs"] = addresses
             continue
-        address, stride = _pointer(entry, name, ptr, named[name], dtype, device, sizes)
+        t = named[name]
+        address = 0 if ptr.strided else _address(t, want, device, ptr.extent(sizes))
+        if address:
+            ptr_args[ptr.arg or name + "_ptr"] = address
+            continue
+        address, stride = _pointer(entry, name, ptr, t, dtype, device, sizes)
         ptr_args[ptr.arg or name + "_ptr"] = address
         if ptr.strided:
             ptr_args[ptr.strided] = stride

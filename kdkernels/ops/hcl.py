@@ -132,6 +132,13 @@ def _(grad, fstudent, fteacher, backend):
     return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fstudent]
 
 
+def _level_grads(ctx, grad: Tensor, saved: Sequence[Tensor], need_teacher: Sequence[bool]):
+    """(student gradients, teacher gradients or None per level) of the saved (fs..., ft...)."""
+    fs, ft = list(saved[: ctx.levels]), list(saved[ctx.levels:])
+    grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, ctx.backend)
+    return list(grads), [-g if need else None for g, need in zip(grads, need_teacher)]
+
+
 def _setup_context(ctx, inputs, output):
     fstudent, fteacher, backend = inputs
     ctx.levels = len(fstudent)
@@ -140,15 +147,37 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    saved = ctx.saved_tensors
-    fs, ft = list(saved[: ctx.levels]), list(saved[ctx.levels:])
-    grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, ctx.backend)
     # needs_input_grad[1] is a list with one flag per teacher level
-    grads_t = [-g if need else None for g, need in zip(grads, ctx.needs_input_grad[1])]
-    return list(grads), grads_t, None
+    grads_s, grads_t = _level_grads(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[1])
+    return grads_s, grads_t, None
 
 
+# For callers of torch.ops.kdkernels.hcl_loss (and opcheck); kdkernels.hcl_loss goes through _HCL.
 hcl_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _HCL(torch.autograd.Function):
+    """``kdkernels.hcl_loss``'s autograd node, in eager mode and under torch.compile alike: the
+    forward custom op over the levels' tensors passed flat, ``(levels, backend, *fs, *ft)``,
+    and the backward custom op (the same formula as the op's own registration above).
+
+    Why not the op's own registration: for tensor-list arguments torch.library wraps it so that
+    every call flattens and rebuilds the lists with pytree, forward and backward; inside this
+    function's forward grad mode is off, and the op takes its plain path. Measured on the
+    development CPU, one whole step of four 1-element levels (host work only): 316-385 us
+    through the op's registration, 241-272 us through this node.
+    """
+
+    @staticmethod
+    def forward(ctx, levels: int, backend: str, *tensors: Tensor) -> Tensor:
+        ctx.levels, ctx.backend = levels, backend
+        ctx.save_for_backward(*tensors)
+        return torch.ops.kdkernels.hcl_loss(list(tensors[:levels]), list(tensors[levels:]), backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads_s, grads_t = _level_grads(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[2 + ctx.levels:])
+        return (None, None, *grads_s, *grads_t)
 
 
 def _check(fstudent, fteacher) -> tuple:
@@ -159,7 +188,7 @@ def _check(fstudent, fteacher) -> tuple:
 
 
 _PUBLIC = PublicOp(OP, check=_check, reference=reference.hcl_loss, autocast="promote",
-                   kernel=lambda backend, fs, ft: torch.ops.kdkernels.hcl_loss(fs, ft, backend))
+                   kernel=lambda backend, fs, ft: _HCL.apply(len(fs), backend, *fs, *ft))
 
 
 def hcl_loss(fstudent, fteacher, backend: Optional[str] = None) -> Tensor:
