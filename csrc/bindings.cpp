@@ -38,10 +38,11 @@ const char* hint_cpu_isa();
 
 namespace kdk {  // HCL, every level in one call (docs/spec.md §1, csrc/cpu/hcl.cpp)
 void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out,
-                  const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                  uintptr_t sums, const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                   const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads);
 void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
-                           uintptr_t gout, const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes,
+                           uintptr_t gout, uintptr_t sums, const std::vector<uintptr_t>& grad,
+                           const std::vector<int64_t>& planes,
                            const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                            const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads);
 }  // namespace kdk
@@ -146,31 +147,34 @@ PYBIND11_MODULE(_C, m) {
   // ---- HCL (docs/spec.md §1, csrc/common/hcl.h) ----
   m.def(
       "hcl_loss_cpu",
-      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out,
+      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out, uintptr_t sums,
          const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
          const std::vector<double>& coef_mse, const std::vector<std::vector<int64_t>>& pools,
          const std::vector<std::vector<double>>& coefs, const std::vector<double>& scale, int64_t num_threads) {
-        kdk::hcl_loss_cpu(dtype, fs, ft, out, planes, H, W, hcl_level_coefs("hcl_loss_cpu", fs.size(), coef_mse, pools, coefs),
-                          scale, num_threads);
+        kdk::hcl_loss_cpu(dtype, fs, ft, out, sums, planes, H, W,
+                          hcl_level_coefs("hcl_loss_cpu", fs.size(), coef_mse, pools, coefs), scale, num_threads);
       },
-      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("out_ptr"), py::arg("planes"), py::arg("H"),
-      py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"), py::arg("scale"), py::arg("num_threads"),
-      release(), "*out (acc dtype) = sum over levels l of scale[l] * sum of level l's plane partials (one call)");
+      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("out_ptr"), py::arg("sums_ptr"),
+      py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
+      py::arg("scale"), py::arg("num_threads"), release(),
+      "*out (acc dtype) = sum over levels l of scale[l] * sum of level l's plane partials (one call); "
+      "sums (acc dtype) = every plane's bin sums, level by level, for the backward");
   m.def(
       "hcl_loss_backward_cpu",
-      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t gout,
+      [](int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t gout, uintptr_t sums,
          const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes, const std::vector<int64_t>& H,
          const std::vector<int64_t>& W, const std::vector<double>& coef_mse,
          const std::vector<std::vector<int64_t>>& pools, const std::vector<std::vector<double>>& coefs,
          const std::vector<double>& scale, int64_t num_threads) {
-        kdk::hcl_loss_backward_cpu(dtype, fs, ft, gout, grad, planes, H, W,
+        kdk::hcl_loss_backward_cpu(dtype, fs, ft, gout, sums, grad, planes, H, W,
                                    hcl_level_coefs("hcl_loss_backward_cpu", fs.size(), coef_mse, pools, coefs), scale,
                                    num_threads);
       },
-      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("gout_ptr"), py::arg("grad_ptrs"),
-      py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"), py::arg("coefs"),
-      py::arg("scale"), py::arg("num_threads"), release(),
-      "grad[l] (input dtype) = (*gout * scale[l]) * d partial / d fs of every level (one call)");
+      py::arg("dtype"), py::arg("fs_ptrs"), py::arg("ft_ptrs"), py::arg("gout_ptr"), py::arg("sums_ptr"),
+      py::arg("grad_ptrs"), py::arg("planes"), py::arg("H"), py::arg("W"), py::arg("coef_mse"), py::arg("pools"),
+      py::arg("coefs"), py::arg("scale"), py::arg("num_threads"), release(),
+      "grad[l] (input dtype) = (*gout * scale[l]) * d partial / d fs of every level (one call), "
+      "from the bin sums hcl_loss_cpu saved");
   m.def(
       "hcl_fwd_cuda",
       [](int dtype, uintptr_t fs, uintptr_t ft, uintptr_t partial, int64_t planes, int64_t H, int64_t W,

@@ -172,8 +172,9 @@ def test_opcheck(backend):
     ft_grad = [f.detach().clone().requires_grad_() for f in ft]
     torch.library.opcheck(torch.ops.kdkernels.hcl_loss.default, (fs, ft_grad, backend))
     grad = torch.tensor(1.3, device=DEVICE)
-    torch.library.opcheck(torch.ops.kdkernels.hcl_loss_backward.default,
-                          (grad, [f.detach() for f in fs], [f.detach() for f in ft], backend))
+    fs_d, ft_d = [f.detach() for f in fs], [f.detach() for f in ft]
+    _, sums = torch.ops.kdkernels.hcl_loss(fs_d, ft_d, backend)
+    torch.library.opcheck(torch.ops.kdkernels.hcl_loss_backward.default, (grad, fs_d, ft_d, sums, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -189,13 +190,35 @@ def test_compile_fullgraph(backend):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_saves_only_inputs(backend):
-    fs, ft = _features([(2, 3, 7, 7)], torch.float32, seed=5)
+def test_saves_inputs_and_bin_sums(backend):
+    """The graph keeps the inputs and, on CPU, every plane's bin sums (21 per 7 x 7 plane,
+    4 + 1 per 4 x 4 plane, none for 1 x 1; csrc/cpu/hcl.cpp gives the layout): the backward
+    reads them instead of summing the planes again. The GPU backends recompute them (an
+    empty tensor is saved)."""
+    fs, ft = _features([(2, 3, 7, 7), (1, 2, 4, 4), (2, 2, 1, 1)], torch.float32, seed=5)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kdkernels.hcl_loss(fs, ft, backend=backend)
-    assert len(saved) == 2
-    assert {t.data_ptr() for t in saved} == {fs[0].data_ptr(), ft[0].data_ptr()}
+        loss = kdkernels.hcl_loss(fs, ft, backend=backend)
+    assert len(saved) == 7
+    assert [t.data_ptr() for t in saved[:6]] == [t.data_ptr() for t in fs + ft]
+    sums = saved[6]
+    assert sums.dtype == torch.float32 and sums.dim() == 1
+    if backend != "cpp":
+        assert sums.numel() == 0
+        return
+    assert sums.numel() == 2 * 3 * 21 + 2 * 5
+
+    def bins(level, n, c, h):  # plane (n, c)'s bin sums of d, pool by pool, row-major
+        d = (fs[level] - ft[level]).detach().double()[n, c]
+        return torch.stack([d[(i * h) // l:-((-(i + 1) * h) // l), (k * h) // l:-((-(k + 1) * h) // l)].sum()
+                            for l in (4, 2, 1) if l < h for i in range(l) for k in range(l)])
+
+    # 7 x 7: one batch of 6 planes, bin-major (bin b of plane p at 6 b + p)
+    assert_rel_close(sums[0:126:6].double(), bins(0, 0, 0, 7), 1e-6, "7 x 7 plane 0")
+    assert_rel_close(sums[5:126:6].double(), bins(0, 1, 2, 7), 1e-6, "7 x 7 plane 5")
+    # 4 x 4: plane after plane, 5 bins each
+    assert_rel_close(sums[126 + 5:126 + 10].double(), bins(1, 0, 1, 4), 1e-6, "4 x 4 plane 1")
+    loss.backward()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

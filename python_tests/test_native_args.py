@@ -160,7 +160,8 @@ def test_a_right_call_runs():
 def _hcl_levels(shapes=((2, 3, 4, 4), (2, 5, 1, 1)), dtype=torch.float32):
     fs = [torch.randn(s, dtype=dtype) for s in shapes]
     ft = [torch.randn(s, dtype=dtype) for s in shapes]
-    return dict(fs=fs, ft=ft, out=torch.empty((), dtype=torch.float64 if dtype == torch.float64 else torch.float32),
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return dict(fs=fs, ft=ft, out=torch.empty((), dtype=acc), sums=torch.empty(6 * 5, dtype=acc),
                 planes=[n * c for n, c, _, _ in shapes], H=[s[2] for s in shapes], W=[s[3] for s in shapes],
                 coef_mse=[1.0] * len(shapes), pools=[[2, 1], []], coefs=[[1.0, 1.0], []], scale=[1.0, 1.0])
 
@@ -184,5 +185,14 @@ def test_hcl_every_level_call_checks_each_level(no_native):
     grads = [torch.empty_like(f) for f in args["fs"]]
     with pytest.raises(ValueError, match=re.escape("hcl_loss_backward_cpu: grad[0] (2, 3, 4, 3) holds 72 elements, but the kernel touches 96")):
         call("hcl_loss_backward_cpu", torch.float32, fs=args["fs"], ft=args["ft"], gout=torch.ones(1),
-             grad=[grads[0][..., :3].contiguous(), grads[1]],
+             sums=args["sums"],              grad=[grads[0][..., :3].contiguous(), grads[1]],
              **{k: args[k] for k in ("planes", "H", "W", "coef_mse", "pools", "coefs", "scale")})
+    # the bin sums: 6 planes x (2 x 2 + 1 x 1) bins of the 4 x 4 level, none of the 1 x 1 level
+    with pytest.raises(ValueError, match=re.escape("hcl_loss_cpu: sums (29,) holds 29 elements, but the kernel "
+                                                   "touches 30")):
+        call("hcl_loss_cpu", torch.float32, **dict(args, sums=torch.empty(29)))
+    with pytest.raises(TypeError, match=re.escape("hcl_loss_backward_cpu: sums (30,) has dtype torch.float16")):
+        call("hcl_loss_backward_cpu", torch.float16, fs=[f.half() for f in args["fs"]],
+             ft=[f.half() for f in args["ft"]], gout=torch.ones(1), sums=args["sums"].half(),
+             grad=[g.half() for g in grads], **{k: args[k] for k in ("planes", "H", "W", "coef_mse", "pools", "coefs",
+                                                                     "scale")})

@@ -23,6 +23,14 @@ struct HclCoefs {
 
 inline int hcl_pool_size(int npools, int j) { return 1 << (npools - 1 - j); }
 
+// Bins of all pools of a plane (pool by pool, each row-major): 21 for (4, 2, 1), 5 for (2, 1),
+// 1 for (1), 0 for none. The CPU forward saves each plane's bin sums in this order for its backward.
+inline int64_t hcl_bins(int npools) {
+  int64_t n = 0;
+  for (int j = 0; j < npools; ++j) n += int64_t(hcl_pool_size(npools, j)) * hcl_pool_size(npools, j);
+  return n;
+}
+
 // Validates the Python-side lists; throws std::invalid_argument (ValueError in Python).
 inline HclCoefs make_hcl_coefs(double coef_mse, const int64_t* pools, int64_t npools, const double* coefs,
                                int64_t ncoefs) {

@@ -11,8 +11,8 @@
 //     another's, but cell sums serve them all). Per plane: cell sums of d and
 //     sum d^2, then the bins' sums from the cells, then
 //       forward   partial = coef_mse sum d^2 + sum_b coef_j / area_b^2 * S_b^2
-//       backward  one gradient term per cell (the bins covering it), then
-//                 grad = g (2 coef_mse d + term) over the plane again (from cache).
+//       backward  one gradient term per cell (the bins covering it, from the
+//                 bin sums the forward saved), then grad = g (2 coef_mse d + term).
 //     - BatchKernel: rows shorter than 32 except rows of exactly 16, while the
 //       plane has at most 16,384 elements: 8 planes at a time, one per vector
 //       lane, so the per-plane bookkeeping runs 8-wide instead of in short
@@ -31,6 +31,14 @@
 // items in order. A plane's result never depends on the thread count or on
 // which item, batch or lane it fell in, nor on which copy of the kernels runs
 // (baseline or AVX2, see use_avx2).
+// The forward saves every plane's bin sums (hcl_bins(npools) of them, pool by pool,
+// row-major) in the accumulation dtype, and the backward reads them instead of summing the
+// plane again: one pass over fs and ft each way. A level's planes [p, p + n) keep their
+// n x bins sums at its offset p x bins: plane after plane (TileKernel, PlaneKernel), or bin
+// after bin within one batch of n <= 8 planes (the batch kernels: a vector per bin); only the
+// kernel that wrote them reads them.
+// The sums are exactly those the backward would compute (the same code, the same order),
+// so the gradient is the same either way.
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -180,7 +188,8 @@ class PlaneKernel {
         bin_loss_(plan.bin_loss.begin(), plan.bin_loss.end()),
         bin_grad_(plan.bin_grad.begin(), plan.bin_grad.end()) {}
 
-  A forward(const T* fs, const T* ft) {
+  // The plane's partial; sums[b] = S_b for every bin (the plan's order: pool by pool, row-major).
+  A forward(const T* fs, const T* ft, A* __restrict sums) {
     const A sq = cell_sums<true>(fs, ft);
     const A* cells = cells_.data();
     const int32_t* list = plan_.bin_cells.data();
@@ -188,21 +197,18 @@ class PlaneKernel {
     for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
       A s = A(0);
       for (int32_t t = plan_.bin_begin[b]; t < plan_.bin_begin[b + 1]; ++t) s += cells[list[t]];
+      sums[b] = s;
       pooled += bin_loss_[b] * (s * s);
     }
     return mse_ * sq + pooled;
   }
 
-  void backward(const T* fs, const T* ft, A g, T* __restrict grad) {
-    cell_sums<false>(fs, ft);
+  // grad of the plane from its saved bin sums.
+  void backward(const T* fs, const T* ft, const A* __restrict sums, A g, T* __restrict grad) {
     // bin b adds g * bin_grad * S_b to every pixel it covers: gather that per cell.
     A* cells = cells_.data();
     A* terms = terms_.data();
-    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
-      A s = A(0);
-      for (int32_t t = plan_.bin_begin[b]; t < plan_.bin_begin[b + 1]; ++t) s += cells[plan_.bin_cells[t]];
-      terms[b] = bin_grad_[b] * s;
-    }
+    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) terms[b] = bin_grad_[b] * sums[b];
     for (int64_t cell = 0, n = nr_ * nc_; cell < n; ++cell) {
       A s = A(0);
       for (int32_t t = plan_.cell_begin[cell]; t < plan_.cell_begin[cell + 1]; ++t) s += terms[plan_.cell_bins[t]];
@@ -310,30 +316,30 @@ class BatchKernel {
             cell_of_[r * plan.W + c] = int32_t(rs * nc + cs);
   }
 
-  // partial[l] for the n <= P planes starting at fs, ft.
-  void forward(const T* fs, const T* ft, int64_t n, A* partial) {
+  // partial[l] for the n <= P planes starting at fs, ft; their bin sums to sums, bin-major
+  // (bin b of plane l at sums[b n + l]).
+  void forward(const T* fs, const T* ft, int64_t n, A* partial, A* sums) {
     load(fs, ft, n);
     A sq[P] = {};
     for (int64_t e = 0; e < HW_; ++e) lanes_add_sq<A, P>(sq, &d_[e * P]);
     cell_sums();
     A pooled[P] = {};
-    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
+    const int64_t nb = plan_.bins();
+    for (int64_t b = 0; b < nb; ++b) {
       A s[P];
       bin_sum(b, s);
+      for (int64_t l = 0; l < n; ++l) sums[b * n + l] = s[l];
       for (int64_t l = 0; l < P; ++l) pooled[l] += bin_loss_[b] * (s[l] * s[l]);
     }
     for (int64_t l = 0; l < n; ++l) partial[l] = mse_ * sq[l] + pooled[l];
   }
 
-  // grad of the n <= P planes starting at fs, ft.
-  void backward(const T* fs, const T* ft, int64_t n, A g, T* grad) {
+  // grad of the n <= P planes starting at fs, ft, from their saved bin sums.
+  void backward(const T* fs, const T* ft, const A* sums, int64_t n, A g, T* grad) {
     load(fs, ft, n);
-    cell_sums();
-    for (int64_t b = 0, nb = plan_.bins(); b < nb; ++b) {
-      A s[P];
-      bin_sum(b, s);
-      for (int64_t l = 0; l < P; ++l) terms_[b * P + l] = bin_grad_[b] * s[l];
-    }
+    const int64_t nb = plan_.bins();
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t l = 0; l < P; ++l) terms_[b * P + l] = bin_grad_[b] * (l < n ? sums[b * n + l] : A(0));
     for (int64_t cell = 0, nc = plan_.cells(); cell < nc; ++cell) {
       A s[P] = {};
       for (int32_t t = plan_.cell_begin[cell]; t < plan_.cell_begin[cell + 1]; ++t)
@@ -475,7 +481,10 @@ void with_fixed_kernel(int64_t H, const HclCoefs& coefs, F&& f) {
 // One level of a call: its tensors, shape, coefficients and the data-independent plan.
 struct Level {
   uintptr_t fs = 0, ft = 0, grad = 0;
+  uintptr_t sums = 0;       // the call's bin-sum buffer (accumulation dtype), every level's in order
   int64_t planes = 0, H = 0, W = 0;
+  int64_t bins = 0;         // bin sums per plane: hcl_bins(coefs.npools)
+  int64_t first_sum = 0;    // index of the level's first bin sum in the buffer
   HclCoefs coefs;
   Plan plan;
   double scale = 1.0;       // c0 of the level (multi-level entry points): loss = scale * sum of partials
@@ -484,16 +493,21 @@ struct Level {
   int64_t first_plane = 0;  // index of the level's first plane among all the call's planes
   int64_t items() const { return (planes + chunk - 1) / chunk; }
   int64_t HW() const { return H * W; }
+  template <typename A>
+  A* plane_sums(int64_t p) const {
+    return reinterpret_cast<A*>(sums) + first_sum + p * bins;
+  }
 };
 
-// partial[p - p0] for planes [p0, p1) of level lv (HW > 0).
+// partial[p - p0] and the bin sums of planes [p0, p1) of level lv (HW > 0).
 template <typename T>
 inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __restrict partial) {
   using A = acc_t<T>;
-  const int64_t H = lv.H, W = lv.W, HW = H * W;
+  const int64_t H = lv.H, W = lv.W, HW = H * W, nb = lv.bins;
   const HclCoefs& coefs = lv.coefs;
   const T* fs = reinterpret_cast<const T*>(lv.fs) + p0 * HW;
   const T* ft = reinterpret_cast<const T*>(lv.ft) + p0 * HW;
+  A* sums = lv.plane_sums<A>(p0);
   const int64_t n = p1 - p0;
   if (coefs.npools == 0) {  // plain MSE: no bins to track
     const A mse = A(coefs.mse);
@@ -509,7 +523,7 @@ inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __
   }
   if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
     with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
-      for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+      for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW, sums + p * nb);
     });
     return;
   }
@@ -517,7 +531,7 @@ inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __
     if (hcl_small::fixed_size(H, W, coefs)) {  // 7 x 7, 14 x 14: bins known at compile time
       with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
         for (int64_t p = 0; p < n; p += kernel.P)
-          kernel.forward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), partial + p);
+          kernel.forward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), partial + p, sums + p * nb);
       });
       return;
     }
@@ -525,19 +539,21 @@ inline void forward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T>* __
   if (use_batches(H, W)) {
     BatchKernel<T> kernel(lv.plan, coefs);
     for (int64_t p = 0; p < n; p += BatchKernel<T>::P)
-      kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, n - p), partial + p);
+      kernel.forward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, n - p), partial + p, sums + p * nb);
     return;
   }
   with_plane_kernel<T>(lv.plan, coefs, [&](auto kernel) {
-    for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW);
+    for (int64_t p = 0; p < n; ++p) partial[p] = kernel.forward(fs + p * HW, ft + p * HW, sums + p * nb);
   });
 }
 
-// grad of planes [p0, p1) of level lv (HW > 0); g = grad_output * the level's scale.
+// grad of planes [p0, p1) of level lv (HW > 0) from their saved bin sums; g = grad_output * the
+// level's scale.
 template <typename T>
 inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g) {
   using A = acc_t<T>;
-  const int64_t H = lv.H, W = lv.W, HW = H * W;
+  const int64_t H = lv.H, W = lv.W, HW = H * W, nb = lv.bins;
+  const A* sums = lv.plane_sums<A>(p0);
   const HclCoefs& coefs = lv.coefs;
   const T* fs = reinterpret_cast<const T*>(lv.fs) + p0 * HW;
   const T* ft = reinterpret_cast<const T*>(lv.ft) + p0 * HW;
@@ -554,7 +570,7 @@ inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g)
   }
   if (const int64_t L = hcl_nested::tile_pool(H, W, coefs)) {
     with_tile_kernel<T>(H, W, L, coefs, [&](auto kernel) {
-      for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+      for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, sums + p * nb, g, grad + p * HW);
     });
     return;
   }
@@ -562,7 +578,8 @@ inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g)
     if (hcl_small::fixed_size(H, W, coefs)) {
       with_fixed_kernel<T>(H, coefs, [&](auto& kernel) {
         for (int64_t p = 0; p < n; p += kernel.P)
-          kernel.backward(fs + p * HW, ft + p * HW, std::min<int64_t>(kernel.P, n - p), g, grad + p * HW);
+          kernel.backward(fs + p * HW, ft + p * HW, sums + p * nb, std::min<int64_t>(kernel.P, n - p), g,
+                          grad + p * HW);
       });
       return;
     }
@@ -570,11 +587,11 @@ inline void backward_planes(const Level& lv, int64_t p0, int64_t p1, acc_t<T> g)
   if (use_batches(H, W)) {
     BatchKernel<T> kernel(lv.plan, coefs);
     for (int64_t p = 0; p < n; p += BatchKernel<T>::P)
-      kernel.backward(fs + p * HW, ft + p * HW, std::min(BatchKernel<T>::P, n - p), g, grad + p * HW);
+      kernel.backward(fs + p * HW, ft + p * HW, sums + p * nb, std::min(BatchKernel<T>::P, n - p), g, grad + p * HW);
     return;
   }
   with_plane_kernel<T>(lv.plan, coefs, [&](auto kernel) {
-    for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, g, grad + p * HW);
+    for (int64_t p = 0; p < n; ++p) kernel.backward(fs + p * HW, ft + p * HW, sums + p * nb, g, grad + p * HW);
   });
 }
 
@@ -656,11 +673,13 @@ int64_t chunk_planes(int64_t planes, int64_t HW) {
 
 // The levels' work items, numbered level by level; returns the total number.
 int64_t assign_items(std::vector<Level>& levels) {
-  int64_t items = 0, planes = 0;
+  int64_t items = 0, planes = 0, sums = 0;
   for (Level& lv : levels) {
     lv.chunk = chunk_planes(lv.planes, lv.HW());
     lv.first_item = items;
     lv.first_plane = planes;
+    lv.first_sum = sums;
+    sums += lv.planes * lv.bins;
     planes += lv.planes;
     items += lv.planes > 0 && lv.HW() > 0 ? lv.items() : 0;
   }
@@ -698,24 +717,27 @@ double sum_double(const A* x, int64_t n) {
   return (lane[0] + lane[1]) + (lane[2] + lane[3]);
 }
 
-Level make_level(const char* where, uintptr_t fs, uintptr_t ft, uintptr_t grad, int64_t planes, int64_t H,
-                 int64_t W, const HclCoefs& coefs, double scale) {
+Level make_level(const char* where, uintptr_t fs, uintptr_t ft, uintptr_t grad, uintptr_t sums, int64_t planes,
+                 int64_t H, int64_t W, const HclCoefs& coefs, double scale) {
   hcl_check_sizes(where, planes, H, W);
   Level lv;
-  lv.fs = fs, lv.ft = ft, lv.grad = grad;
+  lv.fs = fs, lv.ft = ft, lv.grad = grad, lv.sums = sums;
   lv.planes = planes, lv.H = H, lv.W = W;
+  lv.bins = hcl_bins(coefs.npools);
   lv.coefs = coefs;
   lv.scale = scale;
   if (planes > 0 && H * W > 0) {
     check_pointers(where, {fs, ft});
+    if (lv.bins > 0) check_pointers(where, {sums});
     if (coefs.npools > 0 && !hcl_nested::tile_pool(H, W, coefs)) lv.plan = make_plan(H, W, coefs);
   }
   return lv;
 }
 
-// One Level per entry of a call's per-level lists; grad is null for the forward.
+// One Level per entry of a call's per-level lists; grad is null for the forward; sums is the
+// call's bin-sum buffer (written by the forward, read by the backward).
 std::vector<Level> make_levels(const char* where, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
-                               const std::vector<uintptr_t>* grad, const std::vector<int64_t>& planes,
+                               const std::vector<uintptr_t>* grad, uintptr_t sums, const std::vector<int64_t>& planes,
                                const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                                const std::vector<HclCoefs>& coefs, const std::vector<double>& scale) {
   const size_t n = fs.size();
@@ -726,7 +748,7 @@ std::vector<Level> make_levels(const char* where, const std::vector<uintptr_t>& 
   levels.reserve(n);
   for (size_t l = 0; l < n; ++l) {
     const uintptr_t g = grad ? (*grad)[l] : 0;
-    levels.push_back(make_level(where, fs[l], ft[l], g, planes[l], H[l], W[l], coefs[l], scale[l]));
+    levels.push_back(make_level(where, fs[l], ft[l], g, sums, planes[l], H[l], W[l], coefs[l], scale[l]));
     if (grad && planes[l] > 0 && H[l] * W[l] > 0) check_pointers(where, {g});
   }
   return levels;
@@ -735,13 +757,13 @@ std::vector<Level> make_levels(const char* where, const std::vector<uintptr_t>& 
 }  // namespace
 
 void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft, uintptr_t out_ptr,
-                  const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
+                  uintptr_t sums_ptr, const std::vector<int64_t>& planes, const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                   const std::vector<HclCoefs>& coefs, const std::vector<double>& scale, int64_t num_threads) {
   check_pointers("hcl_loss_cpu", {out_ptr});
   dispatch_dtype(dtype, "hcl_loss_cpu", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
-    std::vector<Level> levels = make_levels("hcl_loss_cpu", fs, ft, nullptr, planes, H, W, coefs, scale);
+    std::vector<Level> levels = make_levels("hcl_loss_cpu", fs, ft, nullptr, sums_ptr, planes, H, W, coefs, scale);
     const int64_t items = assign_items(levels);
     // Each item writes its planes' partials (the acc dtype, as the per-level entry point
     // does) into its slice of a scratch buffer and sums them in double into its own
@@ -767,7 +789,8 @@ void hcl_loss_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector
 }
 
 void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const std::vector<uintptr_t>& ft,
-                           uintptr_t gout_ptr, const std::vector<uintptr_t>& grad, const std::vector<int64_t>& planes,
+                           uintptr_t gout_ptr, uintptr_t sums_ptr, const std::vector<uintptr_t>& grad,
+                           const std::vector<int64_t>& planes,
                            const std::vector<int64_t>& H, const std::vector<int64_t>& W,
                            const std::vector<HclCoefs>& coefs, const std::vector<double>& scale,
                            int64_t num_threads) {
@@ -776,7 +799,7 @@ void hcl_loss_backward_cpu(int dtype, const std::vector<uintptr_t>& fs, const st
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
     std::vector<Level> levels =
-        make_levels("hcl_loss_backward_cpu", fs, ft, &grad, planes, H, W, coefs, scale);
+        make_levels("hcl_loss_backward_cpu", fs, ft, &grad, sums_ptr, planes, H, W, coefs, scale);
     const size_t n = levels.size();
     const int64_t items = assign_items(levels);
     // g of a level = grad_output * c0, rounded to the acc dtype as the per-level path did

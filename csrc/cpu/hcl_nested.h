@@ -5,10 +5,11 @@
 // when L = 4, the 1 x 1 bin all of them. One streaming pass per plane builds
 // the tile sums S (and, for rows of 32 or more, sum d^2 in the forward); the
 // pools' sums are then sums of tile sums.
-//   forward   partial = coef_mse sum d^2 + sum_l coef_l / area_l^2 sum_bins S_l^2
-//   backward  term[tile] = g sum_l 2 coef_l / area_l^2 S_l(bin covering the tile),
-//             then grad = g 2 coef_mse d + term[tile of the pixel] in a second
-//             pass over the plane (from L1/L2: it was just read).
+//   forward   partial = coef_mse sum d^2 + sum_l coef_l / area_l^2 sum_bins S_l^2;
+//             every bin sum S_l is saved (pool by pool, row-major) for the backward,
+//   backward  term[tile] = g sum_l 2 coef_l / area_l^2 S_l(bin covering the tile)
+//             from the saved sums, then grad = g 2 coef_mse d + term[tile of the
+//             pixel] in one pass over the plane.
 // Each tile row adds d into a per-column array (elementwise: vectorises
 // without reassociating anything) that is folded into the L tile sums once per
 // tile row; WC > 0 is the row length known at compile time, so that the short
@@ -124,12 +125,16 @@ class TileKernel {
     }
   }
 
-  A forward(const T* fs, const T* ft) {
+  // The plane's loss partial; sums[0 .. hcl_bins) = its bin sums, pool by pool, row-major.
+  A forward(const T* fs, const T* ft, A* __restrict sums) {
     if constexpr (kVec8x8) {
       v8x8::v4 row[4], S2;
       const float sq = v8x8::tiles<true>(fs, ft, row, S2);
       const v8x8::v4 p4 = (row[0] * row[0] + row[1] * row[1]) + (row[2] * row[2] + row[3] * row[3]);
       const float S1 = v8x8::hsum(S2);
+      for (int i = 0; i < 4; ++i) v8x8::store(sums + 4 * i, row[i]);
+      v8x8::store(sums + 16, S2);
+      sums[20] = S1;
       return mse_ * sq + ((loss_[0] * v8x8::hsum(p4) + loss_[1] * v8x8::hsum(S2 * S2)) + loss_[2] * (S1 * S1));
     }
     A S[16] = {};
@@ -148,19 +153,23 @@ class TileKernel {
     int j = 0;
     for (int64_t l = pool(); l >= 1; l /= 2, ++j) {
       A p = A(0);
-      for (int64_t t = 0; t < l * l; ++t) p += S[t] * S[t];
+      for (int64_t t = 0; t < l * l; ++t) {
+        p += S[t] * S[t];
+        *sums++ = S[t];
+      }
       pooled += loss_[j] * p;
       if (l > 1) coarsen(S, l);
     }
     return mse_ * sq + pooled;
   }
 
-  void backward(const T* fs, const T* ft, A g, T* __restrict grad) {
+  // grad of the plane from its saved bin sums (forward's order); g = grad_output * c0.
+  void backward(const T* fs, const T* ft, const A* __restrict sums, A g, T* __restrict grad) {
     if constexpr (kVec8x8) {
       using v8x8::v4;
-      v4 row[4], S2;
-      v8x8::tiles<false>(fs, ft, row, S2);
-      const v4 common = v8x8::splat(grad_[2] * v8x8::hsum(S2));
+      const v4 row[4] = {v8x8::load(sums), v8x8::load(sums + 4), v8x8::load(sums + 8), v8x8::load(sums + 12)};
+      const v4 S2 = v8x8::load(sums + 16);
+      const v4 common = v8x8::splat(grad_[2] * sums[20]);
       const v4 half[2] = {KDK_HCL_SHUF(S2, S2, 0, 0, 1, 1), KDK_HCL_SHUF(S2, S2, 2, 2, 3, 3)};
       const v4 a = v8x8::splat(g * (mse_ + mse_));
       for (int i = 0; i < 4; ++i) {
@@ -175,23 +184,18 @@ class TileKernel {
       }
       return;
     }
-    A S4[16] = {};
-    tile_sums<false>(fs, ft, S4);
     // term of tile (i, k) = g * sum over pools of grad_l * S of the bin holding it
     const int64_t L = pool(), BH = tile_rows(), BW = tile_cols();
+    const A* S4 = sums;  // pool L: L x L
     A term[16];
     for (int64_t t = 0; t < L * L; ++t) term[t] = grad_[0] * S4[t];
     if (L >= 2) {
-      A S2[4];
-      copy_coarsened(S4, L, S2);
+      const A* S2 = sums + L * L;  // pool L / 2
       const int64_t h = L / 2;
       for (int64_t i = 0; i < L; ++i)
         for (int64_t k = 0; k < L; ++k) term[i * L + k] += grad_[1] * S2[(i / 2) * h + k / 2];
-      if (L == 4) {
-        A S1[1];
-        copy_coarsened(S2, 2, S1);
-        for (int64_t t = 0; t < 16; ++t) term[t] += grad_[2] * S1[0];
-      }
+      if (L == 4)
+        for (int64_t t = 0; t < 16; ++t) term[t] += grad_[2] * sums[20];
     }
     for (int64_t t = 0; t < L * L; ++t) term[t] *= g;
     const A a = g * (mse_ + mse_);

@@ -9,8 +9,8 @@
 //   cb[r][j]  = sum of d over row r's columns in column bin j (the 4 + 2 + 1 column bins
 //               of the three pools, pool by pool),
 //   S(i, j)   = sum over the rows of row bin i of cb[r][j] (i, j bins of the same pool),
-//   forward   partial = coef_mse sum d^2 + sum_bins coef_l / area^2 S^2,
-//   backward  G(i, j) = g 2 coef_l / area^2 S(i, j);  u[r][j] = sum over the row bins i
+//   forward   partial = coef_mse sum d^2 + sum_bins coef_l / area^2 S^2; every S saved,
+//   backward  G(i, j) = g 2 coef_l / area^2 S(i, j) (the saved S);  u[r][j] = sum over the row bins i
 //             of j's pool that hold row r of G(i, j);  grad[r, c] = g 2 coef_mse d[r, c]
 //             + sum over the column bins j holding c of u[r][j].
 // Every sum has a fixed order (lanes never mix): a plane's result depends on its data only.
@@ -40,6 +40,11 @@ constexpr int index_in_pool(int j) { return j < 4 ? j : (j < 6 ? j - 4 : 0); }
 constexpr int pool_index(int j) { return j < 4 ? 0 : (j < 6 ? 1 : 2); }  // coefs.pool[] of bin j's pool
 constexpr int bin_start(int j, int n) { return (index_in_pool(j) * n) / pool_of(j); }
 constexpr int bin_end(int j, int n) { return ((index_in_pool(j) + 1) * n + pool_of(j) - 1) / pool_of(j); }
+// Index of bin (row bin i, column bin j) of one pool among a plane's 21 saved bin sums
+// (pool by pool, row-major: hcl.cpp's order).
+constexpr int saved_index(int i, int j) {
+  return pool_of(i) == 4 ? i * 4 + j : (pool_of(i) == 2 ? 16 + (i - 4) * 2 + (j - 4) : 20);
+}
 
 // f(std::integral_constant<int, i>()) for i = 0 .. N-1: loop indices that are constants, so
 // that every bin bound below is one and nothing is left to compute per plane.
@@ -77,8 +82,9 @@ class FixedBatchKernel {
       }
   }
 
-  // partial[l] for the n <= P planes starting at fs, ft.
-  void forward(const T* fs, const T* ft, int64_t n, A* partial) {
+  // partial[l] for the n <= P planes starting at fs, ft; their 21 n bin sums to sums, bin-major
+  // (bin b of plane l at sums[b n + l]: one vector store per bin in a whole batch).
+  void forward(const T* fs, const T* ft, int64_t n, A* partial, A* sums) {
     load(fs, ft, n);
     column_bins();
     V pooled = splat(0.f);
@@ -86,6 +92,7 @@ class FixedBatchKernel {
       static_for<kBins>([&](auto J) {
         if constexpr (pool_of(I) == pool_of(J)) {
           const V s = bin_sum<I, J>();
+          std::memcpy(sums + saved_index(I, J) * n, &s, sizeof(float) * n);
           pooled += splat(loss_[I][J]) * (s * s);
         }
       });
@@ -112,14 +119,17 @@ class FixedBatchKernel {
     for (int64_t l = 0; l < n; ++l) partial[l] = total[l];
   }
 
-  // grad of the n <= P planes starting at fs, ft; g = grad_output * c0.
-  void backward(const T* fs, const T* ft, int64_t n, A g, T* grad) {
+  // grad of the n <= P planes starting at fs, ft, from their saved bin sums; g = grad_output * c0.
+  void backward(const T* fs, const T* ft, const A* sums, int64_t n, A g, T* grad) {
     load(fs, ft, n);
-    column_bins();
     V G[kBins][kBins];
     static_for<kBins>([&](auto I) {
       static_for<kBins>([&](auto J) {
-        if constexpr (pool_of(I) == pool_of(J)) G[I][J] = splat(g * grad_[I][J]) * bin_sum<I, J>();
+        if constexpr (pool_of(I) == pool_of(J)) {
+          V s = splat(0.f);  // lanes past n stay 0
+          std::memcpy(&s, sums + saved_index(I, J) * n, sizeof(float) * n);
+          G[I][J] = splat(g * grad_[I][J]) * s;
+        }
       });
     });
     const V a = splat(g * (mse_ + mse_));

@@ -74,11 +74,19 @@ def _hcl(device: str, backward: bool) -> Entry:
     return Entry(device, ptrs, ("planes", "H", "W"), ("coef_mse", "pools", "coefs"))
 
 
+def hcl_saved_sums(planes, pools) -> int:
+    """Bin sums the CPU forward saves for its backward: per level, planes x the bins of its
+    pools (pool l has l x l; 21 for (4, 2, 1)); ``planes``, ``pools``: one entry per level."""
+    return sum(p * sum(l * l for l in ls) for p, ls in zip(planes, pools))
+
+
 def _hcl_levels(backward: bool) -> Entry:
     """The CPU entry points that take every level in one call: per level its fs, ft (and grad)
-    tensors and its sizes; per level coef_mse, pools, coefs and scale (c0) as lists."""
+    tensors and its sizes; per level coef_mse, pools, coefs and scale (c0) as lists; one
+    buffer of every plane's bin sums (the forward writes it, the backward reads it)."""
     plane = lambda s: s["planes"] * s["H"] * s["W"]  # noqa: E731
-    ptrs = {"fs": Ptr(IN, plane, arg="fs_ptrs", per_level=True), "ft": Ptr(IN, plane, arg="ft_ptrs", per_level=True)}
+    ptrs = {"fs": Ptr(IN, plane, arg="fs_ptrs", per_level=True), "ft": Ptr(IN, plane, arg="ft_ptrs", per_level=True),
+            "sums": Ptr(ACC, lambda s: hcl_saved_sums(s["planes"], s["pools"]))}
     if backward:
         ptrs.update(gout=Ptr(ACC, lambda s: 1), grad=Ptr(IN, plane, arg="grad_ptrs", per_level=True))
     else:

@@ -8,12 +8,19 @@ r_l = w_l*H*W/l^2 of :func:`level_plan` (exact in any float format)::
 
 The C++ kernels take every level in one call each way (``hcl_loss_cpu`` /
 ``hcl_loss_backward_cpu``): the forward sums the planes' partials and applies
-each level's c0 in float64 inside the call (in an order fixed by the shapes), the
-backward writes every level's gradient. The CUDA kernels write one partial per
+each level's c0 in float64 inside the call (in an order fixed by the shapes) and
+saves every plane's bin sums S_l (:func:`_native_args.hcl_saved_sums` of them, in the
+accumulation dtype: 21 per plane of H >= 5, a few % of the features' size); the
+backward reads them and writes every level's gradient in one pass over fs and ft
+(it summed each plane again before: on CPU, where the features stay in the last-level
+cache between forward and backward, that pass was compute, not memory).
+The CUDA kernels write one partial per
 (n, c) plane, in the accumulation dtype, and the host sums them
 (deterministically) and applies c0, level by level. The Triton path takes every level in one launch (a level table)
 plus one fixed-order sum, and one backward launch (kdkernels/triton/hcl.py).
-The forward saves only its inputs; the backward recomputes the bin sums.
+On the GPU backends the forward saves only its inputs (its ``sums`` output is empty)
+and the backward recomputes the bin sums: a second read of a plane, in the same
+program, costs less there than a round trip of the sums through memory.
 """
 from __future__ import annotations
 
@@ -69,21 +76,34 @@ def _bwd_level_cuda(fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, rati
                       grad=grad, planes=n * c, H=h, W=w, coef_mse=1.0, pools=list(pools), coefs=list(ratios))
 
 
+def _saved_sums(shapes, backend: str) -> int:
+    """Length of the forward's ``sums`` output for levels of these (N, C, H, W) shapes."""
+    if backend != "cpp":
+        return 0
+    return _native_args.hcl_saved_sums([n * c for n, c, _, _ in shapes],
+                                       [level_plan(shape)[0] for shape in shapes])
+
+
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
-def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tensor:
-    """Fused HCL forward: lists of (N, C, H, W) -> 0-dim loss in the accumulation dtype."""
+def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    """Fused HCL forward: lists of (N, C, H, W) -> (0-dim loss in the accumulation dtype, sums).
+
+    ``sums``: 1-D, accumulation dtype, what the backward op needs besides the inputs: with
+    ``cpp`` every plane's bin sums (``_saved_sums`` of them), else empty."""
     if backend == "triton":  # every level in one launch (kdkernels/triton/hcl.py)
         from ..triton import hcl as tri
 
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
-        return tri.hcl_fwd(fs, ft, [level_plan(f.shape) for f in fs])
+        loss = tri.hcl_fwd(fs, ft, [level_plan(f.shape) for f in fs])
+        return loss, loss.new_empty(0)
     acc = acc_dtype(fstudent[0].dtype)
     if backend == "cpp":  # every level in one native call, the sum included
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
+        shapes = tuple(tuple(f.shape) for f in fs)
         out = torch.empty((), dtype=acc)
-        _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out,
-                          **_cpu_plan(tuple(tuple(f.shape) for f in fs)))
-        return out
+        sums = torch.empty(_saved_sums(shapes, backend), dtype=acc)
+        _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out, sums=sums, **_cpu_plan(shapes))
+        return out, sums
     total = None
     for fs, ft in zip(fstudent, fteacher):
         fs, ft = fs.contiguous(), ft.contiguous()
@@ -92,18 +112,21 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
         _fwd_level_cuda(fs, ft, partial, pools, ratios)
         level = partial.sum() * c0
         total = level if total is None else total + level
-    return total
+    return total, total.new_empty(0)
 
 
 @hcl_loss_op.register_fake
 def _(fstudent, fteacher, backend):
-    return fstudent[0].new_empty((), dtype=acc_dtype(fstudent[0].dtype))
+    acc = acc_dtype(fstudent[0].dtype)
+    return (fstudent[0].new_empty((), dtype=acc),
+            fstudent[0].new_empty(_saved_sums([f.shape for f in fstudent], backend), dtype=acc))
 
 
 @torch.library.custom_op("kdkernels::hcl_loss_backward", mutates_args=())
-def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Tensor],
+def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Tensor], sums: Tensor,
                          backend: str) -> List[Tensor]:
-    """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output (accumulation dtype)."""
+    """d(loss)/d(fstudent[k]) * grad for every level; grad is the 0-dim grad_output (accumulation
+    dtype), sums the forward's second output."""
     if backend == "triton":
         from ..triton import hcl as tri
 
@@ -114,7 +137,7 @@ def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Te
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
         grads = [torch.empty_like(f) for f in fs]
         _native_args.call("hcl_loss_backward_cpu", fs[0].dtype, fs=fs, ft=ft, gout=grad.to(acc).reshape(1),
-                          grad=grads, **_cpu_plan(tuple(tuple(f.shape) for f in fs)))
+                          sums=sums, grad=grads, **_cpu_plan(tuple(tuple(f.shape) for f in fs)))
         return grads
     g_acc = grad.to(acc).reshape(1)
     grads = []
@@ -128,14 +151,15 @@ def hcl_loss_backward_op(grad: Tensor, fstudent: List[Tensor], fteacher: List[Te
 
 
 @hcl_loss_backward_op.register_fake
-def _(grad, fstudent, fteacher, backend):
+def _(grad, fstudent, fteacher, sums, backend):
     return [torch.empty_like(f, memory_format=torch.contiguous_format) for f in fstudent]
 
 
 def _level_grads(ctx, grad: Tensor, saved: Sequence[Tensor], need_teacher: Sequence[bool]):
-    """(student gradients, teacher gradients or None per level) of the saved (fs..., ft...)."""
-    fs, ft = list(saved[: ctx.levels]), list(saved[ctx.levels:])
-    grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, ctx.backend)
+    """(student gradients, teacher gradients or None per level) of the saved (fs..., ft..., sums)."""
+    n = ctx.levels
+    fs, ft, sums = list(saved[:n]), list(saved[n:2 * n]), saved[2 * n]
+    grads = torch.ops.kdkernels.hcl_loss_backward(grad, fs, ft, sums, ctx.backend)
     return list(grads), [-g if need else None for g, need in zip(grads, need_teacher)]
 
 
@@ -143,10 +167,11 @@ def _setup_context(ctx, inputs, output):
     fstudent, fteacher, backend = inputs
     ctx.levels = len(fstudent)
     ctx.backend = backend
-    ctx.save_for_backward(*fstudent, *fteacher)
+    ctx.save_for_backward(*fstudent, *fteacher, output[1])
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, _grad_sums):
     # needs_input_grad[1] is a list with one flag per teacher level
     grads_s, grads_t = _level_grads(ctx, grad, ctx.saved_tensors, ctx.needs_input_grad[1])
     return grads_s, grads_t, None
@@ -171,8 +196,9 @@ class _HCL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, levels: int, backend: str, *tensors: Tensor) -> Tensor:
         ctx.levels, ctx.backend = levels, backend
-        ctx.save_for_backward(*tensors)
-        return torch.ops.kdkernels.hcl_loss(list(tensors[:levels]), list(tensors[levels:]), backend)
+        loss, sums = torch.ops.kdkernels.hcl_loss(list(tensors[:levels]), list(tensors[levels:]), backend)
+        ctx.save_for_backward(*tensors, sums)
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
