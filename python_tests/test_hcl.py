@@ -87,11 +87,13 @@ def test_cpp_plane_kernel_on_planes_over_16384_elements(shape, dtype):
 
 
 # The C++ tile path (csrc/cpu/hcl_nested.h) serves planes whose largest pool divides H and W:
-# 8 x 8 float has its own vector code, 8 / 16 / 32 square their compiled sizes, the rest the
-# generic loops (L = 4, 2 and 1); the "miss" shapes are one row or column off and take the
-# overlapping-bin kernels instead.
+# 8 x 8 float has its own vector code, 8 / 16 / 32 square and 28 x 28 their compiled sizes, rows of
+# 16, 32 and 56 theirs (float: as register vectors, of 4 floats at 28, else 8), the rest the generic
+# loops (L = 4, 2 and 1); the "miss" shapes are one row or column off and take the overlapping-bin
+# kernels instead.
 TILE_HIT = [(3, 5, 8, 8), (2, 3, 16, 16), (1, 2, 32, 32), (2, 3, 8, 12), (2, 3, 12, 8), (1, 3, 28, 28),
-            (2, 3, 4, 6), (2, 3, 2, 5), (1, 2, 8, 32)]
+            (2, 3, 4, 6), (2, 3, 2, 5), (1, 2, 8, 32), (1, 2, 56, 56), (2, 3, 4, 56), (1, 2, 20, 16),
+            (2, 1, 12, 32)]
 TILE_MISS = [(2, 3, 8, 10), (2, 3, 10, 8), (2, 3, 9, 8), (2, 3, 3, 4), (2, 3, 6, 6), (2, 3, 8, 7)]
 
 
@@ -386,9 +388,10 @@ def test_triton_misaligned_view_falls_back_to_rows(monkeypatch):
 
 
 # Levels of several work items each (csrc/cpu/hcl.cpp splits a call into items of about 16K
-# elements, by shape), in every kernel family: tiles (32, 8), overlapping bins batched (14,
+# elements, by shape), in every kernel family: tiles (32, 8; rows of 16, 28, 56 as vectors), overlapping bins batched (14,
 # 7, 5 x 3) and plain MSE (1 x 1).
-MANY_ITEMS = [(2, 40, 32, 32), (3, 50, 14, 14), (1, 700, 7, 7), (2, 17, 5, 3), (4, 130, 8, 8), (1, 9000, 1, 1)]
+MANY_ITEMS = [(2, 40, 32, 32), (3, 50, 14, 14), (1, 700, 7, 7), (2, 17, 5, 3), (4, 130, 8, 8), (1, 9000, 1, 1),
+              (2, 70, 16, 16), (1, 25, 28, 28), (1, 8, 56, 56)]
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpp backend serves CPU tensors")

@@ -458,6 +458,8 @@ void with_tile_kernel(int64_t H, int64_t W, int64_t L, const HclCoefs& coefs, F&
   // ImageNet's 28 x 28 level: rows of 7-column tiles, fully unrolled (the generic loops'
   // per-tile bookkeeping was most of its time)
   if (L == 4 && H == 28 && W == 28) return f(TileKernel<T, 28, 28, 4>(H, W, L, coefs));
+  // ImageNet's 56 x 56 level: rows of seven 8-float vectors (hcl_nested.h, tile_sums_vec)
+  if (W == 56) return f(TileKernel<T, 56>(H, W, L, coefs));
   if (W == 8) return f(TileKernel<T, 8>(H, W, L, coefs));
   if (W == 16) return f(TileKernel<T, 16>(H, W, L, coefs));
   if (W == 32) return f(TileKernel<T, 32>(H, W, L, coefs));

@@ -92,7 +92,7 @@ class FixedBatchKernel {
       static_for<kBins>([&](auto J) {
         if constexpr (pool_of(I) == pool_of(J)) {
           const V s = bin_sum<I, J>();
-          std::memcpy(sums + saved_index(I, J) * n, &s, sizeof(float) * n);
+          save_lanes(sums + saved_index(I, J) * n, s, n);
           pooled += splat(loss_[I][J]) * (s * s);
         }
       });
@@ -126,9 +126,7 @@ class FixedBatchKernel {
     static_for<kBins>([&](auto I) {
       static_for<kBins>([&](auto J) {
         if constexpr (pool_of(I) == pool_of(J)) {
-          V s = splat(0.f);  // lanes past n stay 0
-          std::memcpy(&s, sums + saved_index(I, J) * n, sizeof(float) * n);
-          G[I][J] = splat(g * grad_[I][J]) * s;
+          G[I][J] = splat(g * grad_[I][J]) * saved_lanes(sums + saved_index(I, J) * n, n);
         }
       });
     });
@@ -154,6 +152,29 @@ class FixedBatchKernel {
 
  private:
   static V splat(float x) { return V{x, x, x, x, x, x, x, x}; }
+
+  // The first n <= P lanes of v to p[0 .. n), and back (lanes past n read as 0). A whole batch
+  // (n = P) takes one vector store or load: a copy of run-time length is a call to memcpy.
+  static void save_lanes(float* p, V v, int64_t n) {
+    if (n == P) {
+      std::memcpy(p, &v, sizeof v);
+      return;
+    }
+    alignas(32) float lanes[P];
+    std::memcpy(lanes, &v, sizeof v);
+    for (int64_t l = 0; l < n; ++l) p[l] = lanes[l];
+  }
+  static V saved_lanes(const float* p, int64_t n) {
+    V v;
+    if (n == P) {
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    }
+    alignas(32) float lanes[P] = {};
+    for (int64_t l = 0; l < n; ++l) lanes[l] = p[l];
+    std::memcpy(&v, lanes, sizeof v);
+    return v;
+  }
 
   // cb_[r][j] = sum of d over row r, columns of column bin j.
   void column_bins() {
