@@ -14,21 +14,31 @@ teacher is very peaked and is then the less accurate of the two.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
-
-pytest.importorskip("hypothesis", reason="hypothesis is not installed (pip install -e '.[test]')")
-from hypothesis import HealthCheck, Phase, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 import kdkernels
 from kdkernels.reference import kd as ref
 
 from _util import DEVICE, backends_for, rel_error
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                    phases=(Phase.explicit, Phase.generate), suppress_health_check=[HealthCheck.too_slow])
+# Cases (n, log2 of the classes, temperature, logit scale, seed): the chosen ones first, then 25
+# drawn from a fixed seed over the whole domain. Hypothesis drew them before (derandomized), but
+# its draws lean on constants it collects from whatever modules are imported, so an unrelated
+# change to the package, or another split of the tests between xdist workers, changed the cases
+# run, and CI once met a failing one that no local run had tried (the last case below).
+CHOSEN = [
+    (1, 2.33, 0.5, 5.0, 3),  # C = 5
+    (1, 9.97, 0.5, 5.0, 67),  # C = 1000, peaked
+    (1, 14.29, 2.0, 20.0, 50),  # C = 20000, peaked
+    (2, 7.3494803346443245, 0.5, 20.0, 470232521),  # eager's is NaN
+    (1, math.log2(25830), 14.66, 20.0, 5511),  # C = 25,830: float32 row totals were not enough
+]
+_draw = random.Random(20261204)
+DRAWN = [(_draw.randint(1, 2), _draw.uniform(1.0, 16.61), _draw.uniform(0.5, 20.0),
+          _draw.choice([0.1, 1.0, 5.0, 20.0]), _draw.randint(0, 2**31 - 1)) for _ in range(25)]
 # float32 cannot be asked for better than its own resolution: an error of one eps of the
 # gradient's norm counts as as-good-as-eager even where eager happens to be closer
 FLOOR = torch.finfo(torch.float32).eps
@@ -50,13 +60,7 @@ def _teacher_grad(fn, s, t):
     return t.grad
 
 
-@SETTINGS
-@given(n=st.integers(1, 2), log2_classes=st.floats(1.0, 16.61), temperature=st.floats(0.5, 20.0),
-       scale=st.sampled_from([0.1, 1.0, 5.0, 20.0]), seed=st.integers(0, 2**31 - 1))
-@example(n=1, log2_classes=2.33, temperature=0.5, scale=5.0, seed=3)  # C = 5
-@example(n=1, log2_classes=9.97, temperature=0.5, scale=5.0, seed=67)  # C = 1000, peaked
-@example(n=1, log2_classes=14.29, temperature=2.0, scale=20.0, seed=50)  # C = 20000, peaked
-@example(n=2, log2_classes=7.3494803346443245, temperature=0.5, scale=20.0, seed=470232521)  # eager's is NaN
+@pytest.mark.parametrize("n, log2_classes, temperature, scale, seed", CHOSEN + DRAWN)
 def test_teacher_gradient_within_twice_eager_error(n, log2_classes, temperature, scale, seed):
     """C from 2 to 100k, T from 0.5 to 20, flat (scale 0.1) to peaked (scale 20) logits."""
     classes = max(2, round(2 ** log2_classes))

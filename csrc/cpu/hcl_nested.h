@@ -224,35 +224,47 @@ class TileKernel {
   int64_t tile_cols() const { return WC > 0 && LC > 0 ? WC / LC : BW_; }
 
   // Float rows of a compile-time width from 16 to 56, a multiple of 4: tile_sums with the
-  // column sums (and squares) as 8-float (4-float when the width is not a multiple of 8)
-  // vectors in registers. GCC kept the generic loop's unrolled per-column arrays on the
-  // stack, so that every add waited on a store (half of the 32 x 32 forward's time). The
-  // same operations in the same order as the generic loop: the same bits.
+  // column sums (and squares) as 8-float vectors (and one 4-float vector for a width of
+  // 8k + 4) in registers. GCC kept the generic loop's unrolled per-column arrays on the stack,
+  // so that every add waited on a store (half of the 32 x 32 forward's time). The same
+  // operations in the same order as the generic loop: the same bits.
   static constexpr bool kVecRows = std::is_same<T, float>::value && WC >= 16 && WC <= 56 && WC % 4 == 0;
-  static constexpr int kLanes = WC % 8 == 0 ? 8 : 4;
 
   template <bool WITH_SQ>
   A tile_sums_vec(const T* fs, const T* ft, A* S) {
-    typedef float v8 __attribute__((vector_size(4 * kLanes)));
-    constexpr int NV = WC / kLanes;
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    constexpr int N8 = WC / 8;
+    constexpr bool kTail = WC % 8 == 4;
     const int64_t L = pool(), BH = tile_rows(), BW = tile_cols();
-    v8 cq[NV] = {};
+    v8 cq[N8] = {};
+    v4 cq_tail = {};
     float col[WC];
     for (int64_t i = 0; i < L; ++i) {
-      v8 cs[NV] = {};
+      v8 cs[N8] = {};
+      v4 cs_tail = {};
       for (int64_t r = i * BH; r < (i + 1) * BH; ++r) {
         const float* x = fs + r * WC;
         const float* y = ft + r * WC;
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < N8; ++v) {
           v8 a, b;
-          std::memcpy(&a, x + kLanes * v, sizeof a);
-          std::memcpy(&b, y + kLanes * v, sizeof b);
+          std::memcpy(&a, x + 8 * v, sizeof a);
+          std::memcpy(&b, y + 8 * v, sizeof b);
           const v8 d = a - b;
           cs[v] += d;
           if (WITH_SQ) cq[v] += d * d;
         }
+        if (kTail) {
+          v4 a, b;
+          std::memcpy(&a, x + 8 * N8, sizeof a);
+          std::memcpy(&b, y + 8 * N8, sizeof b);
+          const v4 d = a - b;
+          cs_tail += d;
+          if (WITH_SQ) cq_tail += d * d;
+        }
       }
-      std::memcpy(col, cs, sizeof col);
+      std::memcpy(col, cs, sizeof cs);
+      if (kTail) std::memcpy(col + 8 * N8, &cs_tail, sizeof cs_tail);
       for (int64_t k = 0; k < L; ++k) {
         A s = A(0);
         for (int64_t c = k * BW; c < (k + 1) * BW; ++c) s += col[c];
@@ -261,7 +273,8 @@ class TileKernel {
     }
     A sq = A(0);
     if (WITH_SQ) {
-      std::memcpy(col, cq, sizeof col);
+      std::memcpy(col, cq, sizeof cq);
+      if (kTail) std::memcpy(col + 8 * N8, &cq_tail, sizeof cq_tail);
       for (int64_t c = 0; c < WC; ++c) sq += col[c];
     }
     return sq;

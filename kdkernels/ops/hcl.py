@@ -77,11 +77,18 @@ def _bwd_level_cuda(fs: Tensor, ft: Tensor, g: Tensor, grad: Tensor, pools, rati
 
 
 def _saved_sums(shapes, backend: str) -> int:
-    """Length of the forward's ``sums`` output for levels of these (N, C, H, W) shapes."""
+    """Length of the forward's ``sums`` output for levels of these (N, C, H, W) shapes (ints,
+    or symbolic sizes in the fake kernel)."""
     if backend != "cpp":
         return 0
     return _native_args.hcl_saved_sums([n * c for n, c, _, _ in shapes],
                                        [level_plan(shape)[0] for shape in shapes])
+
+
+@functools.lru_cache(maxsize=256)
+def _cpu_saved_sums(shapes: Tuple[Tuple[int, int, int, int], ...]) -> int:
+    """:func:`_saved_sums` of the cpp backend, once per set of shapes (as :func:`_cpu_plan`)."""
+    return _saved_sums(shapes, "cpp")
 
 
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
@@ -101,7 +108,7 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
         shapes = tuple(tuple(f.shape) for f in fs)
         out = torch.empty((), dtype=acc)
-        sums = torch.empty(_saved_sums(shapes, backend), dtype=acc)
+        sums = torch.empty(_cpu_saved_sums(shapes), dtype=acc)
         _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out, sums=sums, **_cpu_plan(shapes))
         return out, sums
     total = None
