@@ -354,11 +354,11 @@ class BatchKernel {
 #if KDK_HCL_SSE
     if constexpr (std::is_same<T, float>::value) {
       for (; l + 4 <= n; l += 4) {  // whole groups of four planes: 4 x 4 register transposes
-        float* out[4] = {grad + l * HW_, grad + (l + 1) * HW_, grad + (l + 2) * HW_, grad + (l + 3) * HW_};
+        float* out = grad + l * HW_;
         int64_t e = 0;
-        for (; e + 4 <= HW_; e += 4) transpose4_store(x + e * P + l, P, out, e);
+        for (; e + 4 <= HW_; e += 4) transpose4_store(x + e * P + l, P, out, HW_, e);
         for (; e < HW_; ++e)
-          for (int64_t k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
+          for (int64_t k = 0; k < 4; ++k) out[k * HW_ + e] = x[e * P + l + k];
       }
     }
 #endif
@@ -376,8 +376,8 @@ class BatchKernel {
 #if KDK_HCL_SSE
     if constexpr (std::is_same<T, float>::value) {
       for (; l + 4 <= n; l += 4) {  // whole groups of four planes: 4 x 4 register transposes
-        const float* a[4] = {fs + l * HW_, fs + (l + 1) * HW_, fs + (l + 2) * HW_, fs + (l + 3) * HW_};
-        const float* b[4] = {ft + l * HW_, ft + (l + 1) * HW_, ft + (l + 2) * HW_, ft + (l + 3) * HW_};
+        const float* a = fs + l * HW_;
+        const float* b = ft + l * HW_;
         // Reading 2 x 4 short planes at once defeats the hardware prefetcher at
         // 16 x 16 (1 KB planes); fetch the next batch's planes (P planes on) early.
         const int64_t ahead = P * HW_;
@@ -385,13 +385,13 @@ class BatchKernel {
         for (; e + 4 <= HW_; e += 4) {
           if ((e & 15) == 0)
             for (int k = 0; k < 4; ++k) {
-              __builtin_prefetch(a[k] + e + ahead);
-              __builtin_prefetch(b[k] + e + ahead);
+              __builtin_prefetch(a + k * HW_ + e + ahead);
+              __builtin_prefetch(b + k * HW_ + e + ahead);
             }
-          sub_transpose4(a, b, e, d + e * P + l, P);
+          sub_transpose4(a, b, HW_, e, d + e * P + l, P);
         }
         for (; e < HW_; ++e)
-          for (int64_t k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e] - b[k][e];
+          for (int64_t k = 0; k < 4; ++k) d[e * P + l + k] = a[k * HW_ + e] - b[k * HW_ + e];
       }
     }
 #endif

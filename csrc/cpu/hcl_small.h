@@ -210,23 +210,23 @@ class FixedBatchKernel {
         float* flat = &flat_[0][0];
         for (int64_t i = 0; i < P * HW; ++i) flat[i] = fs[i] - ft[i];
         for (; l < P; l += 4) {
-          const float* a[4] = {flat_[l], flat_[l + 1], flat_[l + 2], flat_[l + 3]};
+          const float* a = flat_[l];
           int e = 0;
-          for (; e + 4 <= HW; e += 4) transpose4(a, e, d + e * P + l, P);
+          for (; e + 4 <= HW; e += 4) transpose4(a, HW, e, d + e * P + l, P);
           for (; e < HW; ++e)
-            for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e];
+            for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k * HW + e];
         }
         return;
       }
     }
     if constexpr (std::is_same<T, float>::value) {
       for (; l + 4 <= n; l += 4) {  // whole groups of four planes: 4 x 4 register transposes
-        const float* a[4] = {fs + l * HW, fs + (l + 1) * HW, fs + (l + 2) * HW, fs + (l + 3) * HW};
-        const float* b[4] = {ft + l * HW, ft + (l + 1) * HW, ft + (l + 2) * HW, ft + (l + 3) * HW};
+        const float* a = fs + l * HW;
+        const float* b = ft + l * HW;
         int e = 0;
-        for (; e + 4 <= HW; e += 4) sub_transpose4(a, b, e, d + e * P + l, P);
+        for (; e + 4 <= HW; e += 4) sub_transpose4(a, b, HW, e, d + e * P + l, P);
         for (; e < HW; ++e)
-          for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k][e] - b[k][e];
+          for (int k = 0; k < 4; ++k) d[e * P + l + k] = a[k * HW + e] - b[k * HW + e];
       }
     }
 #endif
@@ -249,11 +249,11 @@ class FixedBatchKernel {
     if constexpr (std::is_same<T, float>::value && (HW > 64)) {
       if (n == P) {  // as load(): transposes into L1, then one in-order pass over the block
         for (; l < P; l += 4) {
-          float* out[4] = {flat_[l], flat_[l + 1], flat_[l + 2], flat_[l + 3]};
+          float* out = flat_[l];
           int e = 0;
-          for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, e);
+          for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, HW, e);
           for (; e < HW; ++e)
-            for (int k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
+            for (int k = 0; k < 4; ++k) out[k * HW + e] = x[e * P + l + k];
         }
         std::memcpy(grad, &flat_[0][0], sizeof(float) * P * HW);
         return;
@@ -261,11 +261,11 @@ class FixedBatchKernel {
     }
     if constexpr (std::is_same<T, float>::value) {
       for (; l + 4 <= n; l += 4) {
-        float* out[4] = {grad + l * HW, grad + (l + 1) * HW, grad + (l + 2) * HW, grad + (l + 3) * HW};
+        float* out = grad + l * HW;
         int e = 0;
-        for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, e);
+        for (; e + 4 <= HW; e += 4) transpose4_store(x + e * P + l, P, out, HW, e);
         for (; e < HW; ++e)
-          for (int k = 0; k < 4; ++k) out[k][e] = x[e * P + l + k];
+          for (int k = 0; k < 4; ++k) out[k * HW + e] = x[e * P + l + k];
       }
     }
 #endif
