@@ -388,8 +388,8 @@ def test_triton_misaligned_view_falls_back_to_rows(monkeypatch):
 
 
 # Levels of several work items each (csrc/cpu/hcl.cpp splits a call into items of about 16K
-# elements, by shape), in every kernel family: tiles (32, 8; rows of 16, 28, 56 as vectors), overlapping bins batched (14,
-# 7, 5 x 3) and plain MSE (1 x 1).
+# elements, by shape), in every kernel family: tiles (32, 8; rows of 16, 28 and 56 as register
+# vectors), overlapping bins batched (14, 7, 5 x 3) and plain MSE (1 x 1).
 MANY_ITEMS = [(2, 40, 32, 32), (3, 50, 14, 14), (1, 700, 7, 7), (2, 17, 5, 3), (4, 130, 8, 8), (1, 9000, 1, 1),
               (2, 70, 16, 16), (1, 25, 28, 28), (1, 8, 56, 56)]
 

@@ -219,7 +219,7 @@ def _address(t, want: torch.dtype, device: Optional[torch.device], need: int) ->
     0 when any check fails (or it is None, or empty), and :func:`_pointer` then says which."""
     if (isinstance(t, Tensor) and t.dtype == want and (device is None or t.device == device)
             and t.numel() >= need and t.is_contiguous()):
-        return t.data_ptr() or 0
+        return t.data_ptr()
     return 0
 
 

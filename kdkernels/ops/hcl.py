@@ -85,12 +85,6 @@ def _saved_sums(shapes, backend: str) -> int:
                                        [level_plan(shape)[0] for shape in shapes])
 
 
-@functools.lru_cache(maxsize=256)
-def _cpu_saved_sums(shapes: Tuple[Tuple[int, int, int, int], ...]) -> int:
-    """:func:`_saved_sums` of the cpp backend, once per set of shapes (as :func:`_cpu_plan`)."""
-    return _saved_sums(shapes, "cpp")
-
-
 @torch.library.custom_op("kdkernels::hcl_loss", mutates_args=())
 def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """Fused HCL forward: lists of (N, C, H, W) -> (0-dim loss in the accumulation dtype, sums).
@@ -107,9 +101,10 @@ def hcl_loss_op(fstudent: List[Tensor], fteacher: List[Tensor], backend: str) ->
     if backend == "cpp":  # every level in one native call, the sum included
         fs, ft = [f.contiguous() for f in fstudent], [f.contiguous() for f in fteacher]
         shapes = tuple(tuple(f.shape) for f in fs)
+        plan = _cpu_plan(shapes)
         out = torch.empty((), dtype=acc)
-        sums = torch.empty(_cpu_saved_sums(shapes), dtype=acc)
-        _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out, sums=sums, **_cpu_plan(shapes))
+        sums = torch.empty(_native_args.hcl_saved_sums(plan["planes"], plan["pools"]), dtype=acc)
+        _native_args.call("hcl_loss_cpu", fs[0].dtype, fs=fs, ft=ft, out=out, sums=sums, **plan)
         return out, sums
     total = None
     for fs, ft in zip(fstudent, fteacher):
